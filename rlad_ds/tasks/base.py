@@ -1,0 +1,24 @@
+"""What a task is: a prompt source, a prompt template and a verifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Task:
+    """A verifiable task, registered by name in `rlad_ds.tasks`.
+
+    - `generate(split, n, seed)` makes `n` raw examples (dicts) for "train" or "test" deterministically
+      from `seed`; None for tasks that only read user datasets.
+    - `prompt(example)` is the user-message text the model sees (the chat template is applied elsewhere).
+    - `score(completion, example)` is accuracy in [0, 1]: 1.0 only for a fully correct answer.
+    - `subset(example)` names the evaluation subset an example belongs to (e.g. "PPL4" for K&K).
+    """
+
+    name: str
+    prompt: Callable[[dict], str]
+    score: Callable[[str, dict], float]
+    generate: Callable[[str, int, int], list[dict]] | None = None
+    subset: Callable[[dict], str] = lambda example: "all"

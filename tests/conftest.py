@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny models and tokenizers built on the spot, and the real deepspeed launcher."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_finish(session):
+    # DeepSpeed JIT-compiles its CPU shared-memory comm op on first distributed init (~25 s once, cached).
+    # Build it here, outside every test's timeout, when a multi-rank test is about to run.
+    if any(item.get_closest_marker("slow") for item in session.items):
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            builder.load(verbose=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rlad_ds.tiny import char_tokenizer
+
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer):
+    """HF dirs on disk: a tiny Qwen3 student, a larger Qwen3 teacher, and a tiny Llama."""
+    from rlad_ds.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "student": save_tiny_model(root / "student", "qwen3", tiny_tokenizer, seed=0, hidden=32, layers=2),
+        "teacher": save_tiny_model(root / "teacher", "qwen3", tiny_tokenizer, seed=1, hidden=64, layers=2),
+        "llama": save_tiny_model(root / "llama", "llama", tiny_tokenizer, seed=2, hidden=32, layers=2),
+    }
+
+
+def run_deepspeed(args, nprocs=2, timeout=240, cwd=ROOT, env=None):
+    """Run `deepspeed --hostfile <localhost slots=nprocs> ARGS` with a hard timeout; a hang fails the test."""
+    hostfile = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"hostfile_{os.getpid()}_{nprocs}"
+    hostfile.write_text(f"localhost slots={nprocs}\n")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    # Own session so that a hang kills the launcher *and* every rank it started.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"deepspeed run hung for {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+@pytest.fixture
+def deepspeed_run():
+    return run_deepspeed
