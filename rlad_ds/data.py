@@ -1,0 +1,285 @@
+"""Prompt data: records from a file, a saved dataset, the hub, or the task's own generator, rendered as prompts.
+
+`load_examples` returns `Examples`: a list of `Example(text, record)`, where `record` is the raw row (after
+column mapping) that the task's verifier reads, and `text` is the prompt the model sees: the task's
+user message put through the student tokenizer's chat template (optionally after a system prompt), or
+through a raw template string containing `{prompt}`, or left bare.
+
+Sources:
+- `None`: `task.generate(split, n, seed)`.
+- `.jsonl` / `.json`: parsed here, line by line, so that a bad row is reported as `file.jsonl:17: ...`
+  (a `.json` file holds a list of objects, or is JSON lines under another name).
+- `.parquet` / `.csv`: read through `datasets`; rows are reported as `file.csv row 17`.
+- a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`datasets.load_from_disk`).
+- anything else that is not a path: a hub dataset name, passed to `datasets.load_dataset` (needs network).
+
+`load_train_examples` / `load_eval_examples` read a `rlad_ds.config.DataConfig` and return the trainer's
+form (records with a "prompt_text" key).
+
+A row is usable when every mapped column exists and the task accepts it: `task.prompt(record)` and
+`task.score("", record)` do not raise (tasks raise ValueError/KeyError naming the bad field). A bad row is
+an error naming its place, or with `skip_bad_rows=True` is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from rlad_ds.errors import ConfigError
+from rlad_ds.tasks.base import Task
+
+JSON_SUFFIXES = (".jsonl", ".json")
+DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+MAX_KEPT_MESSAGES = 20
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str  # the rendered prompt
+    record: dict  # the raw row, after column mapping
+
+
+class Examples(list):
+    """A list of `Example`, plus how many bad rows were skipped and the first messages about them."""
+
+    def __init__(self, items: Iterable[Example] = (), skipped: int = 0, messages: list[str] | None = None):
+        super().__init__(items)
+        self.skipped = skipped
+        self.messages = messages or []
+
+
+def parse_columns(columns: str | dict | None) -> dict[str, str]:
+    """`"prompt=question,answer=answer"` (or a dict) -> {task column: source column}."""
+    if columns is None:
+        return {}
+    if isinstance(columns, dict):
+        return dict(columns)
+    mapping = {}
+    for pair in filter(None, (p.strip() for p in columns.split(","))):
+        target, sep, source = (part.strip() for part in pair.partition("="))
+        if not sep or not target or not source:
+            raise ConfigError(f"bad column mapping {pair!r}; write task_column=dataset_column, e.g. prompt=question")
+        mapping[target] = source
+    return mapping
+
+
+def apply_columns(record: dict, mapping: dict[str, str]) -> dict:
+    """A copy of `record` with each mapped task column set from its source column; KeyError if one is absent."""
+    missing = [source for source in mapping.values() if source not in record]
+    if missing:
+        raise KeyError(f"missing column {missing[0]!r} (row has: {', '.join(map(str, record)) or 'nothing'})")
+    return {**record, **{target: record[source] for target, source in mapping.items()}}
+
+
+class Renderer:
+    """Turns a task's user message into the prompt text: chat template, raw `{prompt}` template, or bare."""
+
+    def __init__(self, tokenizer=None, template: str | None = None, system_prompt: str | None = None):
+        if tokenizer is not None and template is not None:
+            raise ConfigError("give either a tokenizer (chat template) or a raw template, not both")
+        if template is not None and "{prompt}" not in template:
+            raise ConfigError(f"raw template {template!r} has no {{prompt}} placeholder; add one")
+        if system_prompt is not None and tokenizer is None:
+            raise ConfigError("a system prompt needs the tokenizer's chat template; pass the tokenizer "
+                              "or put the system text in the raw template")
+        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the tokenizer has no chat template; pass a raw template with {prompt} instead")
+        self.tokenizer, self.template, self.system_prompt = tokenizer, template, system_prompt
+
+    def __call__(self, user_text: str) -> str:
+        if self.tokenizer is not None:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            messages.append({"role": "user", "content": user_text})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.template is not None:
+            return self.template.replace("{prompt}", user_text)  # not str.format: prompts hold LaTeX braces
+        return user_text
+
+
+def load_examples(task: Task, source: str | Path | None = None, *, split: str = "train", n: int | None = None,
+                  seed: int = 0, columns: str | dict | None = None, tokenizer=None, template: str | None = None,
+                  system_prompt: str | None = None, skip_bad_rows: bool = False) -> Examples:
+    """Examples for `task` from `source` (see the module doc); `n` caps file rows or sets the generated count."""
+    render = Renderer(tokenizer, template, system_prompt)
+    mapping = parse_columns(columns)
+    if n is not None and n < 1:
+        raise ConfigError(f"need n >= 1 examples, got {n}")
+    if source is None:
+        return _generated(task, split, n, seed, render)
+    examples = Examples()
+    for place, row in read_rows(source, split):
+        try:
+            record = _checked(task, row, mapping)
+        except (ValueError, KeyError, TypeError) as error:
+            _bad_row(examples, f"{place}: {_message(error)}", skip_bad_rows)
+            continue
+        examples.append(Example(render(task.prompt(record)), record))
+        if n is not None and len(examples) == n:
+            break
+    if not examples:
+        detail = f" ({examples.skipped} bad rows skipped; first: {examples.messages[0]})" if examples.skipped else ""
+        raise ConfigError(f"{source}: no usable rows{detail}")
+    return examples
+
+
+def as_records(examples: Iterable[Example]) -> list[dict]:
+    """The trainer's form: each raw record plus its rendered prompt under "prompt_text"."""
+    return [{**example.record, "prompt_text": example.text} for example in examples]
+
+
+def _options(data_cfg, tokenizer) -> dict:
+    # A raw template replaces the chat template, so the tokenizer is not used for rendering then.
+    return {"columns": data_cfg.columns, "system_prompt": data_cfg.system_prompt,
+            "template": data_cfg.prompt_template,
+            "tokenizer": None if data_cfg.prompt_template is not None else tokenizer,
+            "skip_bad_rows": data_cfg.skip_bad_rows}
+
+
+def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> list[dict]:
+    """Training prompts for `rlad_ds.config.DataConfig`: every row of `dataset`, else `train_size` generated."""
+    from rlad_ds.tasks import get_task
+
+    task = get_task(data_cfg.task or "kk")
+    n = data_cfg.train_size if data_cfg.dataset is None else None
+    return as_records(load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed,
+                                    **_options(data_cfg, tokenizer)))
+
+
+def load_eval_examples(data_cfg, tokenizer, size: int, seed: int = 0) -> list[dict]:
+    """`size` held-out prompts: the task's generated "test" split (disjoint from its "train" split), else the
+    "test" split of a saved dataset dict; [] when neither exists (a single file has no held-out part)."""
+    from rlad_ds.tasks import get_task
+
+    task = get_task(data_cfg.task or "kk")
+    if size <= 0:
+        return []
+    if task.generate is not None:
+        return as_records(load_examples(task, None, split="test", n=size, seed=seed, **_options(data_cfg, tokenizer)))
+    if data_cfg.dataset is not None and "test" in _saved_splits(Path(data_cfg.dataset).expanduser()):
+        return as_records(load_examples(task, data_cfg.dataset, split="test", n=size,
+                                        **_options(data_cfg, tokenizer)))
+    return []
+
+
+def _saved_splits(path: Path) -> list[str]:
+    index = path / "dataset_dict.json"
+    return json.loads(index.read_text()).get("splits", []) if index.is_file() else []
+
+
+def _generated(task: Task, split: str, n: int | None, seed: int, render: Renderer) -> Examples:
+    if task.generate is None:
+        raise ConfigError(f"task {task.name!r} has no built-in data; give a dataset file or name")
+    if n is None:
+        raise ConfigError(f"say how many {task.name!r} examples to generate (n)")
+    return Examples(Example(render(task.prompt(record)), record) for record in task.generate(split, n, seed))
+
+
+def _checked(task: Task, row, mapping: dict[str, str]) -> dict:
+    if isinstance(row, Unparsable):
+        raise ValueError(row.message)
+    if not isinstance(row, dict):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    record = apply_columns(row, mapping)
+    task.prompt(record)
+    task.score("", record)
+    return record
+
+
+def _message(error: Exception) -> str:
+    # KeyError's str() is the repr of its argument; show the text instead.
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _bad_row(examples: Examples, message: str, skip: bool) -> None:
+    if not skip:
+        raise ConfigError(f"{message} (pass skip_bad_rows to skip and count bad rows)")
+    examples.skipped += 1
+    if len(examples.messages) < MAX_KEPT_MESSAGES:
+        examples.messages.append(message)
+
+
+def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
+    """(place, row) pairs of a source, e.g. ("data.jsonl:17", {...}); a line that is not JSON is `Unparsable`."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        yield from _dataset_rows(str(path), _load_from_disk(path, split))
+    elif path.is_file():
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{path}: the file is empty")
+        if path.suffix in JSON_SUFFIXES:
+            yield from _json_rows(path)
+        elif path.suffix in DATASETS_SUFFIXES:
+            yield from _dataset_rows(str(path), _load_file(path))
+        else:
+            raise ConfigError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+    elif _looks_local(str(source)):
+        raise ConfigError(f"{source}: no such file or directory")
+    else:
+        yield from _dataset_rows(str(source), _load_hub(str(source), split))
+
+
+def _looks_local(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or Path(source).suffix in (*JSON_SUFFIXES, *DATASETS_SUFFIXES)
+            or source.count("/") > 1)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            row = Unparsable(f"invalid JSON ({error.msg} at column {error.colno})")
+        yield f"{path}:{number}", row
+
+
+@dataclass(frozen=True)
+class Unparsable:
+    """A line that is not JSON; kept as a row so it is reported (or skipped) in order like any bad row."""
+
+    message: str
+
+
+def _dataset_rows(name: str, dataset) -> Iterator[tuple[str, object]]:
+    return ((f"{name} row {i + 1}", row) for i, row in enumerate(dataset))
+
+
+def _load_file(path: Path):
+    import datasets
+
+    try:
+        return datasets.load_dataset(DATASETS_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps arrow / pandas errors in several types
+        raise ConfigError(f"{path}: cannot read as {DATASETS_SUFFIXES[path.suffix]} ({error})") from None
+
+
+def _load_from_disk(path: Path, split: str):
+    import datasets
+
+    if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        raise ConfigError(f"{path}: not a saved dataset (no dataset_info.json or dataset_dict.json); "
+                          "point at a data file or a save_to_disk directory")
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ConfigError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def _load_hub(name: str, split: str):
+    import datasets
+
+    return datasets.load_dataset(name, split=split)

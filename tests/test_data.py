@@ -1,0 +1,246 @@
+"""Loading prompt data: every file format, column mapping, rendering, file:line errors, skipping bad rows."""
+
+import json
+
+import pytest
+
+from rlad_ds import data
+from rlad_ds.data import Example, load_examples
+from rlad_ds.errors import ConfigError
+from rlad_ds.tasks import get_task
+
+MATH = get_task("math")
+KK = get_task("kk")
+ROWS = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 5)]
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def assert_math_rows(examples, rows=ROWS):
+    assert [e.record["question"] for e in examples] == [r["question"] for r in rows]
+    assert all(isinstance(e, Example) and e.text == MATH.prompt(e.record) for e in examples)
+    assert MATH.score("\\boxed{2}", examples[0].record) == 1.0
+
+
+def test_jsonl(tmp_path):
+    path = write_jsonl(tmp_path / "gsm.jsonl", ROWS[:2] + [""] + ROWS[2:])  # blank lines are fine
+    examples = load_examples(MATH, path)
+    assert_math_rows(examples)
+    assert examples.skipped == 0
+
+
+def test_json_array_and_json_lines_named_json(tmp_path):
+    (tmp_path / "array.json").write_text(json.dumps(ROWS, indent=1))
+    assert_math_rows(load_examples(MATH, tmp_path / "array.json"))
+    write_jsonl(tmp_path / "lines.json", ROWS)
+    assert_math_rows(load_examples(MATH, str(tmp_path / "lines.json")))
+
+
+def test_parquet_and_csv(tmp_path):
+    import datasets
+
+    dataset = datasets.Dataset.from_list(ROWS)
+    dataset.to_parquet(str(tmp_path / "gsm.parquet"))
+    dataset.to_csv(str(tmp_path / "gsm.csv"), index=False)
+    assert_math_rows(load_examples(MATH, tmp_path / "gsm.parquet"))
+    assert_math_rows(load_examples(MATH, tmp_path / "gsm.csv"))
+
+
+def test_saved_dataset_dirs(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "single"))
+    assert_math_rows(load_examples(MATH, tmp_path / "single"))
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                                   "test": datasets.Dataset.from_list(ROWS)})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert_math_rows(load_examples(MATH, tmp_path / "dict", split="test"))
+    assert len(load_examples(MATH, tmp_path / "dict")) == 1
+    with pytest.raises(ConfigError, match="no split 'validation'; it has train, test"):
+        load_examples(MATH, tmp_path / "dict", split="validation")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="not a saved dataset"):
+        load_examples(MATH, tmp_path / "plain")
+
+
+def test_hub_names_pass_through_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append((name, split)) or ROWS)
+    assert_math_rows(load_examples(MATH, "openai/gsm8k", split="test"))
+    assert calls == [("openai/gsm8k", "test")]
+
+
+def test_column_mapping(tmp_path):
+    rows = [{"q": r["question"], "final": str(2 * i)} for i, r in enumerate(ROWS, 1)]
+    path = write_jsonl(tmp_path / "custom.jsonl", rows)
+    for columns in ("prompt=q, answer=final", {"prompt": "q", "answer": "final"}):
+        examples = load_examples(MATH, path, columns=columns)
+        assert examples[1].record["prompt"] == ROWS[1]["question"] and examples[1].record["q"] == ROWS[1]["question"]
+        assert MATH.score("\\boxed{4}", examples[1].record) == 1.0
+    with pytest.raises(ConfigError, match=r"custom.jsonl:1: missing column 'question' \(row has: q, final\)"):
+        load_examples(MATH, path, columns="prompt=question,answer=final")
+
+
+@pytest.mark.parametrize("columns", ["prompt", "prompt=", "=q", "prompt=q,answer"])
+def test_bad_column_mapping(columns):
+    with pytest.raises(ConfigError, match="task_column=dataset_column"):
+        data.parse_columns(columns)
+
+
+BAD_LINES = [ROWS[0], "{not json", ROWS[1], "[1, 2]", {"question": "no answer"}, ROWS[2]]
+
+
+def test_bad_rows_are_reported_with_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: invalid JSON .* \(pass skip_bad_rows") as error:
+        load_examples(MATH, path)
+    assert "\n" not in str(error.value)
+    write_jsonl(path, [ROWS[0], ROWS[1], "[1, 2]"])
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:3: expected a JSON object, got list"):
+        load_examples(MATH, path)
+    write_jsonl(path, [ROWS[0], {"question": "no answer"}])
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: math record needs 'answer'"):
+        load_examples(MATH, path)
+
+
+def test_skip_bad_rows_counts_them(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
+    examples = load_examples(MATH, path, skip_bad_rows=True)
+    assert_math_rows(examples, ROWS[:3])
+    assert examples.skipped == 3
+    assert [m.split(": ")[0].rsplit("/", 1)[-1] for m in examples.messages] == \
+        ["bad.jsonl:2", "bad.jsonl:4", "bad.jsonl:5"]
+
+
+def test_bad_rows_in_other_formats_name_the_row(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([ROWS[0], {"question": "q", "answer": ""}]).to_csv(str(tmp_path / "x.csv"), index=False)
+    with pytest.raises(ConfigError, match=r"x\.csv row 2: math record needs 'answer'"):
+        load_examples(MATH, tmp_path / "x.csv")
+    (tmp_path / "x.json").write_text(json.dumps([ROWS[0], "text"]))
+    with pytest.raises(ConfigError, match=r"x\.json\[1\]: expected a JSON object, got str"):
+        load_examples(MATH, tmp_path / "x.json")
+    (tmp_path / "y.json").write_text('[\n{"question": "q",\n "answer": }]')
+    with pytest.raises(ConfigError, match=r"y\.json:3: invalid JSON"):
+        load_examples(MATH, tmp_path / "y.json")
+    (tmp_path / "z.parquet").write_text("not parquet")
+    with pytest.raises(ConfigError, match=r"z\.parquet: cannot read as parquet"):
+        load_examples(MATH, tmp_path / "z.parquet")
+
+
+def test_missing_empty_and_unusable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        load_examples(MATH, tmp_path / "absent.jsonl")
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        load_examples(MATH, "./data/absent")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_examples(MATH, tmp_path / "empty.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ConfigError, match="no usable rows$"):
+        load_examples(MATH, tmp_path / "blank.jsonl")
+    write_jsonl(tmp_path / "allbad.jsonl", ["{", "{"])
+    with pytest.raises(ConfigError, match=r"no usable rows \(2 bad rows skipped; first: .*allbad.jsonl:1: invalid"):
+        load_examples(MATH, tmp_path / "allbad.jsonl", skip_bad_rows=True)
+    (tmp_path / "rows.txt").write_text("hello")
+    with pytest.raises(ConfigError, match="unknown file type '.txt'"):
+        load_examples(MATH, tmp_path / "rows.txt")
+
+
+def test_n_caps_rows(tmp_path):
+    path = write_jsonl(tmp_path / "gsm.jsonl", ROWS)
+    assert len(load_examples(MATH, path, n=2)) == 2
+    with pytest.raises(ConfigError, match="n >= 1"):
+        load_examples(MATH, path, n=0)
+
+
+def test_chat_template_with_system_prompt(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "gsm.jsonl", ROWS[:1])
+    example = load_examples(MATH, path, tokenizer=tiny_tokenizer, system_prompt="Be brief.")[0]
+    user = MATH.prompt(example.record)
+    assert example.text == (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                            "<|im_start|>assistant\n")
+    bare = load_examples(MATH, path, tokenizer=tiny_tokenizer)[0]
+    assert bare.text == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_raw_template_keeps_latex_braces(tmp_path):
+    path = write_jsonl(tmp_path / "gsm.jsonl", ROWS[:1])
+    example = load_examples(MATH, path, template="Q: {prompt}\nA:")[0]
+    assert example.text == f"Q: {MATH.prompt(example.record)}\nA:" and "\\boxed{}" in example.text
+
+
+def test_rendering_option_errors(tiny_tokenizer):
+    from rlad_ds.tiny import char_tokenizer
+
+    with pytest.raises(ConfigError, match="no {prompt} placeholder"):
+        data.Renderer(template="Question:")
+    with pytest.raises(ConfigError, match="not both"):
+        data.Renderer(tiny_tokenizer, template="{prompt}")
+    with pytest.raises(ConfigError, match="system prompt needs"):
+        data.Renderer(system_prompt="Be brief.")
+    no_template = char_tokenizer()
+    no_template.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        data.Renderer(no_template)
+
+
+def test_generated_data_when_no_source(tiny_tokenizer):
+    examples = load_examples(KK, None, split="test", n=3, seed=1, tokenizer=tiny_tokenizer)
+    assert [len(e.record["names"]) for e in examples] == [2, 3, 4]
+    assert examples[0].text.startswith("<|im_start|>user\nA very special island")
+    assert [e.record for e in examples] == KK.generate("test", 3, 1)
+    with pytest.raises(ConfigError, match="say how many"):
+        load_examples(KK)
+    with pytest.raises(ConfigError, match="task 'math' has no built-in data"):
+        load_examples(MATH, n=3)
+
+
+def test_published_kk_jsonl(tmp_path):
+    rows = [{"quiz": "Q", "names": ["Ann", "Bob"], "solution": [True, False], "solution_text": "x"},
+            {"quiz": "Q", "names": ["Ann", "Bob"], "solution": [True]}]
+    examples = load_examples(KK, write_jsonl(tmp_path / "kk.jsonl", rows), skip_bad_rows=True)
+    assert len(examples) == 1 and examples.skipped == 1
+    assert "kk.jsonl:2: K&K record has 1 solution" in examples.messages[0]
+
+
+def test_trainer_adapters_read_a_data_config(tmp_path, tiny_tokenizer):
+    import datasets
+
+    from rlad_ds.config import DataConfig
+
+    generated = data.load_train_examples(DataConfig(task="kk", train_size=3), tiny_tokenizer, seed=2)
+    assert [r["names"] for r in generated] == [r["names"] for r in KK.generate("train", 3, 2)]
+    assert generated[0]["prompt_text"].startswith("<|im_start|>user\n")
+    held_out = data.load_eval_examples(DataConfig(task="kk"), tiny_tokenizer, size=2, seed=2)
+    assert [r["quiz"] for r in held_out] == [r["quiz"] for r in KK.generate("test", 2, 2)]
+    assert data.load_eval_examples(DataConfig(task="kk"), tiny_tokenizer, size=0) == []
+
+    path = write_jsonl(tmp_path / "q.jsonl", [{"q": r["question"], "answer": r["answer"]} for r in ROWS] + ["{"])
+    cfg = DataConfig(task="math", dataset=str(path), columns="prompt=q", prompt_template="Q: {prompt}",
+                     skip_bad_rows=True)
+    rows = data.load_train_examples(cfg, tiny_tokenizer)
+    assert len(rows) == 4 and rows[0]["prompt_text"] == "Q: " + MATH.prompt(rows[0])
+    assert data.load_eval_examples(cfg, tiny_tokenizer, size=2) == []  # one file: nothing held out
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                                   "test": datasets.Dataset.from_list(ROWS)})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    cfg = DataConfig(task="math", dataset=str(tmp_path / "dict"), system_prompt="Be brief.")
+    assert len(data.load_train_examples(cfg, tiny_tokenizer)) == 1
+    held_out = data.load_eval_examples(cfg, tiny_tokenizer, size=3)
+    assert [r["question"] for r in held_out] == [r["question"] for r in ROWS[:3]]
+    assert "Be brief." in held_out[0]["prompt_text"]
