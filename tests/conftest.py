@@ -57,7 +57,7 @@ def run_deepspeed(args, nprocs=2, timeout=240, cwd=ROOT, env=None):
     hostfile.write_text(f"localhost slots={nprocs}\n")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
     # Own session so that a hang kills the launcher *and* every rank it started.
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -1,0 +1,140 @@
+"""The one place that builds DeepSpeed JSON.
+
+Config files under `ds_configs/` leave the values the trainer knows as "auto"; the functions here fill
+them from plain keyword arguments, pick the precision from the device (bf16 on GPU, fp32 on CPU, where
+DeepSpeed's CPU accelerator trains in fp32) and check what the engines rely on (ZeRO stage 3).
+Every function returns a new dict and leaves its input untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from rlad_ds.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+AUTO = "auto"
+
+
+def load_ds_config(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON file; a missing file, bad JSON or a non-object raise one-line ConfigErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass an existing JSON file "
+                          f"(templates are in {CONFIG_DIR})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+                          f"{error.msg}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def _as_dict(config: str | Path | dict) -> dict:
+    return copy.deepcopy(config) if isinstance(config, dict) else load_ds_config(config)
+
+
+def _fill(section: dict, key: str, value, where: str) -> None:
+    """Set an "auto" (or absent) field; a fixed value that disagrees with the trainer's is an error."""
+    current = section.get(key, AUTO)
+    if current == AUTO:
+        section[key] = value
+    elif current != value:
+        raise ConfigError(f"DeepSpeed config sets {where}{key}={current!r} but the trainer needs {value!r}; "
+                          f"set it to \"auto\" or to {value!r}")
+
+
+def zero_stage(config: dict) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def require_zero_stage(config: dict, stage: int = 3, role: str = "student") -> None:
+    """Refuse a config whose ZeRO stage is not `stage` (the engines here partition with ZeRO-3)."""
+    found = zero_stage(config)
+    if found != stage:
+        raise ConfigError(f"the {role} DeepSpeed config uses ZeRO stage {found}; set "
+                          f"zero_optimization.stage to {stage}")
+
+
+def _fill_precision(config: dict, device: str) -> None:
+    """bf16 on accelerators, fp32 on CPU; fp16 is not supported by this trainer."""
+    use_bf16 = device != "cpu"
+    bf16 = config.setdefault("bf16", {})
+    _fill(bf16, "enabled", use_bf16, "bf16.")
+    if config.get("fp16", {}).get("enabled", False) is True:
+        raise ConfigError("DeepSpeed config enables fp16; this trainer uses bf16 on GPU and fp32 on CPU: "
+                          "remove the fp16 section")
+
+
+def _fill_zero(config: dict, device: str, persistence_threshold: int | None) -> None:
+    zero = config.setdefault("zero_optimization", {})
+    if persistence_threshold is not None:
+        # Overrides the file: tests set 0 so that tiny models really partition.
+        zero["stage3_param_persistence_threshold"] = int(persistence_threshold)
+    if device == "cpu":
+        # Pinned host memory needs an accelerator; on CPU it is meaningless.
+        for key in ("offload_param", "offload_optimizer"):
+            if isinstance(zero.get(key), dict):
+                zero[key]["pin_memory"] = False
+
+
+def dtype_of(config: dict):
+    """The torch dtype a filled config trains and stores parameters in."""
+    import torch
+
+    return torch.bfloat16 if config.get("bf16", {}).get("enabled") is True else torch.float32
+
+
+def fill_train_config(config: str | Path | dict, *, world_size: int, micro_batch_size: int,
+                      gradient_accumulation_steps: int, lr: float, gradient_clipping: float, device: str,
+                      persistence_threshold: int | None = None, require_stage3: bool = True) -> dict:
+    """The student's training config with every "auto" filled (batch sizes, lr, clipping, precision)."""
+    config = _as_dict(config)
+    if require_stage3:
+        require_zero_stage(config, 3, "student")
+    _fill(config, "train_micro_batch_size_per_gpu", int(micro_batch_size), "")
+    _fill(config, "gradient_accumulation_steps", int(gradient_accumulation_steps), "")
+    _fill(config, "train_batch_size", int(micro_batch_size * gradient_accumulation_steps * world_size), "")
+    _fill(config, "gradient_clipping", float(gradient_clipping), "")
+    optimizer_params = config.get("optimizer", {}).get("params")
+    if isinstance(optimizer_params, dict):
+        _fill(optimizer_params, "lr", float(lr), "optimizer.params.")
+    scheduler_params = config.get("scheduler", {}).get("params")
+    if isinstance(scheduler_params, dict):
+        for key in ("warmup_max_lr", "cos_min_lr"):
+            if scheduler_params.get(key) == AUTO:
+                scheduler_params[key] = float(lr) if key == "warmup_max_lr" else 0.0
+    _fill_precision(config, device)
+    _fill_zero(config, device, persistence_threshold)
+    return config
+
+
+def teacher_config(config: str | Path | dict | None = None, *, offload: bool = True, world_size: int,
+                   micro_batch_size: int, device: str, persistence_threshold: int | None = None) -> dict:
+    """The frozen teacher's inference config: ZeRO-3, no optimizer, parameters offloaded to CPU if `offload`.
+
+    `config` defaults to ds_configs/teacher_offload.json or teacher.json; `offload` then also adds or
+    removes `offload_param` so one file serves both.
+    """
+    if config is None:
+        config = CONFIG_DIR / ("teacher_offload.json" if offload else "teacher.json")
+    config = _as_dict(config)
+    require_zero_stage(config, 3, "teacher")
+    if "optimizer" in config or "scheduler" in config:
+        raise ConfigError("the teacher DeepSpeed config has an optimizer or scheduler; the teacher is frozen: "
+                          "remove them")
+    zero = config["zero_optimization"]
+    if offload:
+        zero.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
+    else:
+        zero.pop("offload_param", None)
+    _fill(config, "train_micro_batch_size_per_gpu", int(micro_batch_size), "")
+    _fill(config, "gradient_accumulation_steps", 1, "")
+    _fill(config, "train_batch_size", int(micro_batch_size * world_size), "")
+    _fill_precision(config, device)
+    _fill_zero(config, device, persistence_threshold)
+    return config

@@ -1,0 +1,232 @@
+"""Per-token log-probs that never hold [B, T, V] fp32 logits, packing helpers and token-budget micro-batches.
+
+`token_logprobs` runs the model as usual but swaps the lm-head's forward for a chunked one: the lm-head
+module is still *called*, so ZeRO-3's module hooks gather its (possibly tied) weight before the chunked
+computation and gather it again before backward, and its gradient is reduce-scattered like any other.
+The custom autograd function keeps only the hidden states and one fp32 log-sum-exp per token and
+recomputes each chunk's logits in backward, so memory is bounded by one [chunk, V] block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy
+
+
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log p(target) and entropy of softmax(hidden @ weight.T / temperature), one row chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, with_entropy):
+        rows = hidden.shape[0]
+        logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        log_sum_exp = torch.empty_like(logp)
+        entropy = torch.zeros_like(logp)
+        for start in range(0, rows, chunk_size):
+            end = min(start + chunk_size, rows)
+            logits = _chunk_logits(hidden[start:end], weight, temperature)
+            target = targets[start:end]
+            # DeepSpeed's chunked CE gives -log p without an fp32 copy of the whole [chunk, V] block.
+            neg_logp = chunked_cross_entropy(logits, target, reduction="none")
+            logp[start:end] = -neg_logp
+            log_sum_exp[start:end] = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1).float() + neg_logp
+            if with_entropy:
+                log_probs = logits.float() - log_sum_exp[start:end, None]
+                entropy[start:end] = -(log_probs.exp() * log_probs).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, log_sum_exp, entropy)
+        ctx.chunk_size, ctx.temperature, ctx.with_entropy = chunk_size, temperature, with_entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, log_sum_exp, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        use_entropy = ctx.with_entropy and grad_entropy is not None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden[start:end], weight, ctx.temperature).float()
+            log_probs = logits - log_sum_exp[start:end, None]
+            probs = log_probs.exp()
+            # d log p_t / d z = onehot(t) - p ;  d H / d z = -p * (log p + H)
+            grad_logits = probs * (-grad_logp[start:end, None])
+            grad_logits.scatter_add_(-1, targets[start:end, None], grad_logp[start:end, None])
+            if use_entropy:
+                grad_logits -= grad_entropy[start:end, None] * probs * (log_probs + entropy[start:end, None])
+            grad_logits = (grad_logits / ctx.temperature).to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.t() @ hidden[start:end]).float()
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunk_logits(hidden, weight, temperature):
+    logits = hidden @ weight.t()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           chunk_size: int = 1024, temperature: float = 1.0, with_entropy: bool = False):
+    """(log p(targets) [..., ], entropy [...] or None) from hidden [..., H] and an lm-head weight [V, H]."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    shape = targets.shape
+    logp, entropy = _ChunkedTokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                targets.reshape(-1).long(), int(chunk_size), float(temperature),
+                                                bool(with_entropy))
+    return logp.view(shape), (entropy.view(shape) if with_entropy else None)
+
+
+@dataclass
+class TokenLogProbs:
+    """logprobs[b, t] = log p(input_ids[b, t + 1] | input_ids[b, :t + 1]); entropy of that distribution if asked."""
+
+    logprobs: torch.Tensor  # [B, T-1] fp32
+    entropy: torch.Tensor | None = None  # [B, T-1] fp32
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting real tokens only, as HF generate computes them for left-padded prompts."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   position_ids: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024,
+                   with_entropy: bool = False) -> TokenLogProbs:
+    """Per-token log-probs of `input_ids` under `model` (an HF causal LM or a DeepSpeed engine around one).
+
+    Positions follow the attention mask (left padding is skipped) unless `position_ids` is given; for a
+    packed row (see `pack_rows`) pass its position_ids and no attention mask. Runs under the caller's
+    grad mode: inside `torch.no_grad()` it is a pure scoring pass.
+    """
+    module = getattr(model, "module", model)
+    lm_head = module.get_output_embeddings()
+    targets = input_ids[:, 1:]
+    if position_ids is None and attention_mask is not None:
+        position_ids = positions_from_mask(attention_mask)
+
+    def chunked_head(hidden):
+        logp, entropy = chunked_token_logprobs(hidden[:, :-1], lm_head.weight, targets, chunk_size=chunk_size,
+                                               temperature=temperature, with_entropy=with_entropy)
+        return torch.stack([logp, entropy], dim=-1) if with_entropy else logp
+
+    # An instance attribute shadows the class's forward for this one call; nn.Module.__call__ still runs
+    # ZeRO-3's pre/post hooks around it.
+    lm_head.forward = chunked_head
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        del lm_head.forward
+    if with_entropy:
+        return TokenLogProbs(out.logits[..., 0], out.logits[..., 1])
+    return TokenLogProbs(out.logits)
+
+
+@dataclass
+class PackedRows:
+    """Rows of a padded batch packed padding-free into one row; position ids restart at 0 per sequence."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    starts: list[int]  # where each sequence's real tokens begin in its padded row
+    lengths: list[int]  # real tokens per sequence
+    seq_len: int  # T of the padded batch
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
+    """Pack the real tokens of each row (one contiguous span: left and/or right padding) into one row."""
+    starts, lengths, pieces, positions = [], [], [], []
+    for row, mask in zip(input_ids, attention_mask.bool()):
+        real = mask.nonzero().flatten()
+        length = real.numel()
+        start = int(real[0]) if length else 0
+        if length and int(real[-1]) - start + 1 != length:
+            raise ValueError("pack_rows needs each row's real tokens to be contiguous (padding only at the ends)")
+        starts.append(start)
+        lengths.append(length)
+        pieces.append(row[start:start + length])
+        positions.append(torch.arange(length, device=input_ids.device))
+    return PackedRows(torch.cat(pieces)[None], torch.cat(positions)[None], starts, lengths, input_ids.shape[1])
+
+
+def unpack_logprobs(packed_values: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """Spread [1, N-1] per-token values of a packed row back to the padded [B, T-1] layout (zeros elsewhere).
+
+    Values whose target is the first token of the next sequence cross a boundary and are dropped.
+    """
+    values = packed_values.reshape(-1)
+    out = values.new_zeros(len(packed.lengths), packed.seq_len - 1)
+    offset = 0
+    for row, (start, length) in enumerate(zip(packed.starts, packed.lengths)):
+        if length > 1:
+            out[row, start:start + length - 1] = values[offset:offset + length - 1]
+        offset += length
+    return out
+
+
+def token_budget_microbatches(lengths: Sequence[int], max_tokens: int, padded: bool = True) -> list[list[int]]:
+    """Split row indices into micro-batches whose token cost stays within `max_tokens`.
+
+    Rows are taken longest first, so a padded micro-batch costs rows x its first row's length; packed
+    (`padded=False`) costs the sum of lengths. A row longer than the budget gets a micro-batch to itself.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    batches: list[list[int]] = []
+    cost = 0
+    for index in order:
+        length = int(lengths[index])
+        new_cost = (len(batches[-1]) + 1) * int(lengths[batches[-1][0]]) if padded and batches else cost + length
+        if batches and new_cost <= max_tokens:
+            batches[-1].append(index)
+            cost = new_cost
+        else:
+            batches.append([index])
+            cost = length
+    return batches
+
+
+def microbatch_slices(attention_mask: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, slice]]:
+    """Token-budget micro-batches of a padded batch as (rows, cols), trimmed of all-padding columns.
+
+    `cols` indexes [B, T-1] next-token-aligned tensors (log-probs, loss masks); the inputs that produce
+    them are columns `cols.start : cols.stop + 1` of the [B, T] batch. Every slice spans at least two input
+    columns, so that a forward always has a target.
+    """
+    seq_len = attention_mask.shape[1]
+    slices = []
+    for rows in token_budget_microbatches(attention_mask.sum(-1).tolist(), max_tokens):
+        rows = torch.tensor(sorted(rows), device=attention_mask.device)
+        real = attention_mask[rows].any(0).nonzero().flatten()
+        first, last = (int(real[0]), int(real[-1]) + 1) if real.numel() else (0, 0)
+        first = min(first, max(seq_len - 2, 0))
+        last = min(max(last, first + 2), seq_len)
+        slices.append((rows, slice(first, last - 1)))
+    return slices
+
+
+def synced_microbatch_count(count: int) -> int:
+    """The largest micro-batch count over all ranks: under ZeRO-3 every rank must run as many forwards.
+
+    Call it before the first forward of the phase: it is a collective itself, and must not meet another
+    rank's parameter gathers.
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.long, device=get_accelerator().current_device_name())
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())

@@ -1,0 +1,115 @@
+"""Student (ZeRO-3 + rollouts) and teacher engines: one process, and 2 ranks through the real launcher.
+
+The checks themselves live in tests/dist/engines_check.py (one launch covers them all, a launch costs
+8-12 s); see its sections: partitioning, gathered and per-layer rollouts equal plain generation, unequal
+lengths across ranks finish, hooks survive an exception, training after rollouts equals training
+without, chunked log-prob gradients under ZeRO-3 (tied and untied), teacher log-probs equal plain HF.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, run_deepspeed
+from rlad_ds.errors import ConfigError
+from rlad_ds.rollout import (RolloutOutput, finish_rollout, generation_config, hybrid_engine_unavailable_reason,
+                             resolve_rollout_kind)
+
+SCRIPT = ROOT / "tests" / "dist" / "engines_check.py"
+
+
+@pytest.fixture(scope="module")
+def small_vocab_models(tmp_path_factory):
+    """A 7-token vocabulary makes EOS frequent, so rows and ranks stop at different lengths."""
+    from rlad_ds.tiny import char_tokenizer, save_tiny_model
+
+    root = tmp_path_factory.mktemp("small_vocab")
+    tokenizer = char_tokenizer("abcd")
+    return [save_tiny_model(root / "student", "qwen3", tokenizer, seed=0, hidden=32, layers=2),
+            save_tiny_model(root / "tied", "qwen3", tokenizer, seed=3, hidden=32, layers=2, tie_embeddings=True),
+            save_tiny_model(root / "teacher", "qwen3", tokenizer, seed=1, hidden=64, layers=2)]
+
+
+def read_results(out_dir, world):
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def test_engines_single_process(small_vocab_models, tmp_path):
+    # A subprocess, so the distributed environment deepspeed.initialize needs never leaks into other tests.
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *small_vocab_models, tmp_path], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (result,) = read_results(tmp_path, 1)
+    assert result["partition_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_engines_two_ranks(small_vocab_models, tmp_path):
+    proc = run_deepspeed([SCRIPT, *small_vocab_models, tmp_path], nprocs=2, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    results = read_results(tmp_path, 2)
+    for result in results:
+        assert abs(result["partition_fraction"] - 0.5) < 0.05
+        assert result["teacher_max_abs_err"] < 1e-5
+    # The ranks really stopped at different lengths (rank 0 budget 3 tokens, rank 1 budget 30).
+    assert max(results[0]["gathered_response_lengths"]) < max(results[1]["gathered_response_lengths"])
+
+
+def test_finish_rollout_masks_and_flags():
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    eos, pad = 2, 0
+    # n=2 samples per prompt; generated part: EOS then junk / no EOS / EOS first / EOS last.
+    output = torch.tensor([[0, 5, 6, 7, 2, 9],
+                           [0, 5, 6, 7, 8, 9],
+                           [4, 5, 6, 2, 8, 8],
+                           [4, 5, 6, 7, 8, 2]])
+    batch = finish_rollout(prompt_mask, output, 2, eos, pad)
+    assert isinstance(batch, RolloutOutput)
+    assert batch.input_ids.tolist() == [[0, 5, 6, 7, 2, 0], [0, 5, 6, 7, 8, 9], [4, 5, 6, 2, 0, 0],
+                                        [4, 5, 6, 7, 8, 2]]
+    assert batch.eos.tolist() == [True, False, True, True]
+    assert batch.truncated.tolist() == [False, True, False, False]
+    assert batch.response_lengths.tolist() == [2, 3, 1, 3]
+    assert batch.response_mask[:, :3].sum() == 0
+    assert batch.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0],
+                                             [1, 1, 1, 1, 1, 1]]
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1]
+    assert batch.response_start_idx.tolist() == [3, 3, 3, 3]
+
+
+def test_generation_config_overrides_every_sampling_knob(tiny_tokenizer):
+    from deepspeed.runtime.rollout import SamplingConfig
+
+    config = generation_config(SamplingConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=-1),
+                               tiny_tokenizer)
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k) == (True, 0.7, 0.9, 0)
+    greedy = generation_config(SamplingConfig(max_new_tokens=5, temperature=0.0), tiny_tokenizer)
+    assert greedy.do_sample is False and greedy.eos_token_id == tiny_tokenizer.eos_token_id
+
+
+def test_hybrid_engine_choice(tiny_tokenizer, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from rlad_ds.tiny import tiny_config
+
+    qwen = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tiny_tokenizer), hidden=16, layers=1))
+    llama = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_tokenizer), hidden=16, layers=1))
+    assert "no inference policy for Qwen3ForCausalLM" in hybrid_engine_unavailable_reason(qwen, "cuda")
+    assert hybrid_engine_unavailable_reason(llama, "cuda") is None
+    assert "no hybrid-engine inference kernels for the cpu" in hybrid_engine_unavailable_reason(llama, "cpu")
+    assert resolve_rollout_kind("hybrid_engine", llama, "cuda") == "hybrid_engine"
+    assert resolve_rollout_kind("auto", llama, "cuda") == "hybrid_engine"
+    with caplog.at_level("INFO", logger="rlad_ds.rollout"):
+        assert resolve_rollout_kind("auto", qwen, "cuda") == "gathered"
+        assert resolve_rollout_kind("hybrid_engine", llama, "cpu") == "gathered"
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0, 0]
+    assert "no inference policy" in caplog.records[0].getMessage()
+    assert resolve_rollout_kind("per_layer", llama, "cuda") == "per_layer"
+    with pytest.raises(ConfigError, match="unknown"):
+        resolve_rollout_kind("vllm", llama, "cpu")

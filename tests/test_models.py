@@ -1,0 +1,74 @@
+"""Model dirs, tokenizers and their match check, attention backend choice."""
+
+import pytest
+
+from rlad_ds.errors import ConfigError
+from rlad_ds.models import (TokenizerMismatchError, check_model_dir, check_tokenizers_match, choose_attention,
+                            flash_attention_available, load_tokenizer, param_bytes)
+from rlad_ds.tiny import char_tokenizer
+
+
+def test_model_dir_errors(tmp_path, tiny_models):
+    assert check_model_dir(tiny_models["student"]) == tiny_models["student"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_model_dir(tmp_path / "missing", "teacher")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_model_dir(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"no weights \(\*.safetensors"):
+        check_model_dir(tmp_path / "empty")
+
+
+def test_load_tokenizer_and_match(tiny_models):
+    student = load_tokenizer(tiny_models["student"])
+    teacher = load_tokenizer(tiny_models["teacher"])
+    assert student.pad_token_id == 0 and student.eos_token_id == 2
+    check_tokenizers_match(student, teacher)
+
+
+@pytest.mark.parametrize("other", [
+    char_tokenizer("abc"),  # different size
+    char_tokenizer("".join(reversed(char_tokenizer().convert_ids_to_tokens(list(range(3, 98)))))),  # same size, ids moved
+])
+def test_tokenizer_mismatch_refused(tiny_tokenizer, other):
+    with pytest.raises(TokenizerMismatchError, match="use a teacher that shares the student's tokenizer") as error:
+        check_tokenizers_match(tiny_tokenizer, other)
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+
+
+def test_special_token_mismatch_refused(tiny_tokenizer):
+    other = char_tokenizer()
+    other.eos_token = other.pad_token  # same vocabulary, different EOS id
+    with pytest.raises(TokenizerMismatchError, match="eos_token_id"):
+        check_tokenizers_match(tiny_tokenizer, other)
+
+
+def test_teacher_load_refuses_other_tokenizer(tmp_path):
+    from rlad_ds.teacher import Teacher
+    from rlad_ds.tiny import save_tiny_model
+
+    teacher_dir = save_tiny_model(tmp_path / "teacher", "qwen3", char_tokenizer("xyz"), hidden=16, layers=1)
+    with pytest.raises(TokenizerMismatchError):  # refused before any DeepSpeed or distributed set-up
+        Teacher.load(teacher_dir, {}, student_tokenizer=char_tokenizer())
+
+
+def test_attention_choice():
+    assert choose_attention("cpu") == "sdpa"
+    assert choose_attention("cuda") == ("flash_attention_2" if flash_attention_available() else "sdpa")
+    assert choose_attention("cpu", "eager") == "eager"
+    with pytest.raises(ConfigError, match="unknown"):
+        choose_attention("cpu", "xformers")
+    if not flash_attention_available():
+        with pytest.raises(ConfigError, match="install flash-attn or choose sdpa"):
+            choose_attention("cuda", "flash_attention_2")
+
+
+def test_param_bytes_counts_tied_weights_once(tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from rlad_ds.tiny import tiny_config
+
+    tied = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tiny_tokenizer), hidden=16, layers=1,
+                                                        tie_embeddings=True))
+    assert param_bytes(tied) == 4 * sum(p.numel() for p in tied.parameters())
