@@ -1,0 +1,11 @@
+"""RLAD training: `deepspeed launchers/train.py --deepspeed ds_configs/zero3.json [--student DIR --teacher DIR ...]`.
+
+With no --student/--teacher it runs the built-in demo. `--help` lists every option with its default.
+"""
+
+import sys
+
+from rlad_ds.main import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,116 @@
+"""End-to-end runs of launchers/train.py through the real deepspeed launcher (tiny models made here)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, run_deepspeed
+
+TINY_RUN = ["--task", "toy_task:task", "--max_new_tokens", "12", "--group_size", "4", "--prompts_per_step", "4",
+            "--eval_size", "4", "--micro_batch_tokens", "256", "--report_to", "none", "--lr", "1e-3"]
+ENV = {"RLAD_PERSISTENCE_THRESHOLD": "0"}
+
+
+def train_args(models, out, *extra):
+    return ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", models["student"],
+            "--teacher", models["teacher"], "--output_dir", out, *TINY_RUN, *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, proc.stdout[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rlad", "grpo", "kdrl", "sft"])
+def test_each_method_two_ranks(tiny_models, tmp_path, method):
+    out = tmp_path / method
+    proc = run_deepspeed(train_args(tiny_models, out, "--method", method, "--max_steps", "2", "--ppo_epochs",
+                                    "2" if method == "rlad" else "1"), nprocs=2, env=ENV)
+    check_ok(proc)
+    records = read_metrics(out)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for key in ("loss", "reward_mean", "reward_std", "accuracy", "response_len", "grad_norm", "lr", "entropy",
+                    "time/rollout", "time/reward", "tokens_per_s", "clip_frac_low", "clip_frac_high"):
+            if method == "sft" and key.startswith("clip_frac"):
+                continue
+            assert key in r, (key, r)
+        if method in ("rlad", "kdrl"):
+            assert "time/teacher" in r and "kl_teacher" in r
+        if method == "rlad":
+            assert "teacher_log_ratio_mean" in r and "teacher_clamp_frac" in r and "time/old_logprobs" in r
+        if method == "grpo":
+            assert "time/teacher" not in r
+    assert records[-1].get("eval_accuracy") is not None
+    export = out / "student_hf"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_one_rank_run_exports_a_plain_transformers_model(tiny_models, tmp_path):
+    out = tmp_path / "one"
+    check_ok(run_deepspeed(train_args(tiny_models, out, "--max_steps", "2"), nprocs=1, env=ENV))
+    # The export loads and generates with plain transformers, in a process that never imports rlad_ds.
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "ids = t('12+34=', return_tensors='pt').input_ids; "
+            "out = m.generate(ids, max_new_tokens=5, do_sample=False); assert out.shape[1] == ids.shape[1] + 5 or "
+            "out[0, -1] == t.eos_token_id; print('rlad_ds' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out / "student_hf")], capture_output=True, text=True,
+                          cwd="/")
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-3000:]
+    # The exported weights are the trained ones, not the initial student.
+    from safetensors.torch import load_file
+
+    trained, initial = load_file(out / "student_hf" / "model.safetensors"), \
+        load_file(Path(tiny_models["student"]) / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    assert any(not (trained[k] == initial[k]).all() for k in trained)
+
+
+def _launch(args, nprocs, log):
+    hostfile = log.with_suffix(".hosts")
+    hostfile.write_text(f"localhost slots={nprocs}\n")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **ENV}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
+    common = ["--max_steps", "4", "--save_steps", "1", "--keep_last", "2", "--eval_size", "0"]
+    check_ok(run_deepspeed(train_args(tiny_models, tmp_path / "straight", *common), nprocs=2, env=ENV))
+    reference = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+
+    out = tmp_path / "killed"
+    proc = _launch(train_args(tiny_models, out, *common), 2, tmp_path / "killed.log")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and sum(1 for _ in metrics.open()) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at an arbitrary point after step 2
+    proc.wait()
+    resumed = run_deepspeed(train_args(tiny_models, out, *common, "--resume", "auto"), nprocs=2, env=ENV)
+    check_ok(resumed)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for key in ("loss", "reward_mean", "response_len", "grad_norm"):
+            assert r[key] == pytest.approx(reference[r["step"]][key], rel=1e-5, abs=1e-7), (r["step"], key)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000003", "step_00000004"]
