@@ -114,3 +114,28 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
             assert r[key] == pytest.approx(reference[r["step"]][key], rel=1e-5, abs=1e-7), (r["step"], key)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_00000003", "step_00000004"]
+
+
+@pytest.mark.slow
+def test_two_emulated_nodes_from_a_hostfile(tiny_models, tmp_path):
+    """Two launchers, one per "node" of a hostfile, as on a cluster (here both on localhost, gloo, no ssh)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port, out = free_port(), tmp_path / "multinode"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **ENV}
+    procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                               "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), *map(str, train_args(tiny_models, out, "--max_steps", "2",
+                                                               "--eval_size", "0"))],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
