@@ -43,14 +43,14 @@ class ModelConfig:
                                   default=True)
     trust_remote_code: bool = _help("allow model code from the model dir (off: only transformers' own code)",
                                     default=False)
-    logprob_chunk_size: int = _help("tokens per lm-head chunk when computing log-probs (bounds logits memory)",
-                                    default=1024)
+    logprob_chunk_size: int = _help("tokens per lm-head chunk when computing log-probs (bounds logits memory); "
+                                    "0 = about 2^26 logits per chunk", default=0)
 
     def __post_init__(self):
         _check(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
                f"--attn_implementation {self.attn_implementation!r} is unknown; use auto, sdpa, eager, "
                "flash_attention_2 or flex_attention")
-        _check(self.logprob_chunk_size > 0, "--logprob_chunk_size must be > 0")
+        _check(self.logprob_chunk_size >= 0, "--logprob_chunk_size must be >= 0 (0 = automatic)")
         _check((self.student is None) == (self.teacher is None),
                "give both --student and --teacher (HF model dirs), or neither to run the built-in demo")
 
@@ -159,6 +159,11 @@ class DataConfig:
                                         default=None)
     skip_bad_rows: bool = _help("skip malformed dataset rows (counted) instead of stopping", default=False)
     train_size: int = _help("generated training prompts when no dataset is given", default=10000)
+    reward_timeout_s: float = _help("seconds one reward call may take; a slower call is stopped, scores 0 and is "
+                                    "counted in reward_errors", default=10.0)
+
+    def __post_init__(self):
+        _check(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0, got {self.reward_timeout_s}")
 
 
 @dataclass

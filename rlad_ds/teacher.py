@@ -17,7 +17,7 @@ from rlad_ds.models import check_tokenizers_match, load_causal_lm, load_tokenize
 class Teacher:
     """A DeepSpeed engine around a frozen causal LM, plus `score`."""
 
-    def __init__(self, engine, tokenizer, *, chunk_size: int = 1024, max_tokens_per_microbatch: int = 16384):
+    def __init__(self, engine, tokenizer, *, chunk_size: int | None = None, max_tokens_per_microbatch: int = 16384):
         self.engine = engine
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size

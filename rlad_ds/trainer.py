@@ -123,7 +123,7 @@ class Trainer:
         self.device_type = get_accelerator().device_name()
         self.tokenizer = student_tokenizer
         self.train_examples, self.eval_examples = train_examples, eval_examples
-        self.rewards = RewardRunner(task_name)
+        self.rewards = RewardRunner(task_name, timeout_s=cfg.data.reward_timeout_s)
         attn = choose_attention(self.device_type,
                                 None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation)
         # Each rank's micro-batch count varies with response lengths (token budget); DeepSpeed only needs a
@@ -148,7 +148,7 @@ class Trainer:
         frozen = teacher_config(offload=cfg.model.teacher_offload, world_size=self.world_size, micro_batch_size=1,
                                 device=self.device_type,
                                 persistence_threshold=_env_int("RLAD_PERSISTENCE_THRESHOLD"))
-        score_options = dict(chunk_size=cfg.model.logprob_chunk_size,
+        score_options = dict(chunk_size=cfg.model.logprob_chunk_size or None,
                              max_tokens_per_microbatch=cfg.train.micro_batch_tokens)
         self.teacher = None
         if cfg.loss.method != "grpo":  # GRPO never reads the teacher: it does not pay for it either
@@ -211,6 +211,9 @@ class Trainer:
             per_sample = [ex for ex in examples for _ in range(G)]
             scored = self.rewards.run(texts, per_sample)
             scores = scored.scores
+            if scored.errors or scored.timeouts:
+                logger.warning("rank %d: %d reward calls raised and %d timed out; they score 0 (first: %s)",
+                               self.rank, scored.errors, scored.timeouts, scored.messages[0])
             rewards = torch.tensor(scores, dtype=torch.float32)
             advantages, adv_stats = group_advantages(rewards, G, scale_by_std=cfg.loss.scale_adv_by_std)
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
@@ -285,7 +288,7 @@ class Trainer:
                     out = token_logprobs(self.engine, batch.input_ids[rows][:, cols.start:cols.stop + 1],
                                          batch.attention_mask[rows][:, cols.start:cols.stop + 1],
                                          temperature=cfg.rollout.temperature,
-                                         chunk_size=cfg.model.logprob_chunk_size, with_entropy=True)
+                                         chunk_size=cfg.model.logprob_chunk_size or None, with_entropy=True)
                     loss, metrics = self.loss_fn(out.logprobs, batch, rows, cols, loss_norm)
                     loss = loss * weight
                 with timer("train_backward"):
@@ -305,9 +308,12 @@ class Trainer:
         tokens = metric_sums.pop("_tokens", 0.0)
         reduced = all_reduce_sum([tokens] + list(metric_sums.values()), device)
         result = {k: v / max(reduced[0], 1.0) for k, v in zip(metric_sums, reduced[1:])}
-        result["loss"] = all_reduce_sum([losses[-1]], device)[0]
+        # Counted over all ranks: a NaN on one rank must make every rank skip and count the step alike, or
+        # they would disagree about stopping at --max_bad_steps and the ones going on would hang.
+        non_finite = sum(not math.isfinite(x) for x in losses + grad_norms)
+        result["loss"], non_finite = all_reduce_sum([losses[-1], float(non_finite)], device)
         result["grad_norm"] = grad_norms[-1]
-        result["finite"] = all(math.isfinite(x) for x in losses + grad_norms)
+        result["finite"] = non_finite == 0
         return result
 
     def train_step(self, step: int) -> dict:
@@ -377,14 +383,16 @@ class Trainer:
             self.step += 1
             if not metrics["finite"]:
                 self.bad_steps += 1
-                logger.warning("step %d: non-finite loss or gradient norm; the update was skipped (%d in a row)",
-                               self.step, self.bad_steps)
-                if self.bad_steps >= self.cfg.train.max_bad_steps:
-                    raise TrainingError(f"{self.bad_steps} consecutive non-finite steps; lower --lr or check the "
-                                        f"data and rewards (see metrics.jsonl)")
+                if self.rank == 0:  # `finite` is the same on every rank
+                    logger.warning("step %d: non-finite loss or gradient norm; the update was skipped (%d in a row)",
+                                   self.step, self.bad_steps)
             else:
                 self.bad_steps = 0
             metrics["skipped_steps"] = self.bad_steps
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                metrics_logger.log(self.step, metrics)  # the failing step's numbers are what the user debugs from
+                raise TrainingError(f"{self.bad_steps} consecutive non-finite steps; lower --lr or check the "
+                                    f"data and rewards (see metrics.jsonl)")
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
                 metrics["eval_accuracy"] = self.evaluate()
             if self.step == cfg.max_steps:
@@ -418,7 +426,11 @@ def check_output_dir(cfg: Config) -> None:
     record = Path(cfg.train.output_dir) / "run_config.json"
     if not record.is_file() or cfg.train.overwrite_output_dir:
         return
-    previous = json.loads(record.read_text())
+    try:
+        previous = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"--output_dir {cfg.train.output_dir} has an unreadable run_config.json; choose another "
+                          f"--output_dir or pass --overwrite_output_dir") from None
     if previous != run_identity(cfg):
         raise ConfigError(f"--output_dir {cfg.train.output_dir} holds a different run (see its run_config.json); "
                           f"choose another --output_dir or pass --overwrite_output_dir")
