@@ -1,0 +1,154 @@
+"""The benchmarks' pure parts: goals and `meets`, the record format, tables, MFU (no heavy runs here)."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_check, run  # noqa: E402
+from benchmarks.common import (RECORD_KEYS, make_record, markdown_table, meets_goal, parse_goal,  # noqa: E402
+                               write_json)
+
+
+@pytest.mark.parametrize("value, goal, expected", [
+    (5.6, ">= 5", True), (4.99, ">= 5", False), (5.0, ">= 5", True),
+    (0.04, "<= 0.10", True), (0.1, "<= 0.10", True), (0.25, "<= 0.10", False),
+    (1.0, "== 1", True), (0.0, "== 1", False), (2.0, "> 1", True), (1.0, "< 1", False),
+    (float("nan"), ">= 5", False), (float("inf"), ">= 5", False), (None, "<= 1", False),
+])
+def test_meets_is_computed_from_value_and_goal(value, goal, expected):
+    assert meets_goal(value, goal) is expected
+    record = make_record("P0 x", value, "x", goal)
+    assert record["meets"] is expected
+
+
+@pytest.mark.parametrize("goal", ["5", ">=5", "at least 5", "=> 5", ">= five"])
+def test_bad_goals_are_refused(goal):
+    with pytest.raises(ValueError):
+        parse_goal(goal)
+
+
+def check_record(record):
+    assert tuple(record) == RECORD_KEYS
+    assert isinstance(record["name"], str) and record["name"][:2] in ("P1", "P2", "P3", "P4")
+    assert isinstance(record["value"], float) and isinstance(record["unit"], str)
+    assert isinstance(record["meets"], bool)
+    assert record["meets"] == meets_goal(record["value"], record["goal"])
+
+
+P1 = {"world_size": 2, "threads": 1, "partitioned": True, "identical_tokens": True, "speedup": 6.0,
+      "gathered": {"tokens_per_s": 600.0, "tokens": 1024.0}, "per_layer": {"tokens_per_s": 100.0, "tokens": 1024.0}}
+P2_FULL = {"tokens": 8192, "vocab": 151936, "hidden": 256, "chunk_size": 0, "peak_growth_bytes": 15 * 2**30,
+           "median_seconds": 40.0, "threads": 2}
+P2_CHUNKED = {**P2_FULL, "chunk_size": 1024, "peak_growth_bytes": 3 * 2**30, "median_seconds": 50.0}
+P3 = {"student_params": 76288, "teacher_params": 2370816, "cost": 1.05, "rlad_median_s": 1.5, "grpo_median_s": 0.7,
+      "teacher_median_s": 0.76, "step_ratio": 2.14, "same_rollouts": True}
+P4_SHORT = {"tokens": 2048, "peak_growth_bytes": 1.0 * 2**30, "seconds": 7.0, "gradient_checkpointing": False}
+P4_LONG = {**P4_SHORT, "tokens": 8192, "peak_growth_bytes": 4.2 * 2**30, "seconds": 25.0}
+
+
+def test_records_from_fake_measurements():
+    p1, details1 = run.p1_records(P1, 7_900_000)
+    assert [r["value"] for r in p1] == [6.0, 1.0] and all(r["meets"] for r in p1)
+    assert "600 tok/s" in details1[p1[0]["name"]]
+    p2, _ = run.p2_records(P2_CHUNKED, P2_FULL)
+    assert p2[0]["value"] == pytest.approx(0.2) and not p2[0]["meets"]  # memory 0.2x > 0.10
+    assert p2[1]["value"] == pytest.approx(1.25) and not p2[1]["meets"]  # time 1.25x > 1.0
+    assert "T=8192" in p2[0]["name"] and "chunk 1024" in p2[0]["name"]
+    p3, details3 = run.p3_records(P3)
+    assert p3[0]["value"] == 1.05 and p3[0]["meets"] and "31x" in p3[0]["name"]
+    assert "2.14x" in details3[p3[0]["name"]]
+    p4, _ = run.p4_records(P4_SHORT, P4_LONG)
+    assert p4[0]["value"] == pytest.approx(4.2) and p4[0]["meets"] and "8K / 2K" in p4[0]["name"]
+    for record in p1 + p2 + p3 + p4:
+        check_record(record)
+    different, _ = run.p1_records({**P1, "identical_tokens": False, "speedup": 4.0}, 7_900_000)
+    assert [r["meets"] for r in different] == [False, False]
+
+
+def test_json_and_table_hold_exactly_the_records(tmp_path):
+    records = run.p1_records(P1, 7_900_000)[0] + [run.failed_record("P3 cost", "x", "<= 1.10")]
+    path = tmp_path / "out" / "bench.json"
+    write_json([{**r, "extra": 1} for r in records], path)
+    loaded = json.loads(path.read_text())
+    assert [tuple(r) for r in loaded] == [RECORD_KEYS] * 3
+    assert math.isnan(loaded[2]["value"]) and loaded[2]["meets"] is False
+    table = markdown_table(records, {records[0]["name"]: "raw numbers"})
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(records) and "raw numbers" in lines[2] and "| failed |" in lines[4]
+    assert "| yes |" in lines[2] and "| NO |" in lines[4]
+
+
+def test_main_writes_records_and_markdown_and_reports_failures(tmp_path, monkeypatch):
+    def fake_p1(settings, work):
+        return (*run.p1_records(P1, 7_900_000), {})
+
+    def broken_p3(settings, work):
+        raise RuntimeError("worker exited 1\nlong log")
+
+    monkeypatch.setitem(run.BENCHMARKS, "P1", (fake_p1, run.BENCHMARKS["P1"][1]))
+    monkeypatch.setitem(run.BENCHMARKS, "P3", (broken_p3, run.BENCHMARKS["P3"][1]))
+    machine = {"nproc": 2, "cpu": "Test CPU", "memory_gib": 8.0, "python": "3", "torch": "t", "deepspeed": "d",
+               "transformers": "x", "load_average": (1.0, 1.0, 1.0)}
+    monkeypatch.setattr(run, "machine_info", lambda: machine)
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = run.main(["--quick", "--only", "P1,P3", "--json", str(out), "--markdown", str(md)])
+    assert rc == 1  # P3 failed
+    records = json.loads(out.read_text())
+    assert [r["name"][:2] for r in records] == ["P1", "P1", "P3"]
+    assert records[2]["meets"] is False and math.isnan(records[2]["value"])
+    text = md.read_text()
+    assert "python benchmarks/run.py --quick --only P1,P3" in text and "Test CPU" in text
+    assert "P3: worker exited 1" in text and "How each number is measured" in text
+    with pytest.raises(SystemExit):
+        run.main(["--only", "P9"])
+
+
+def test_quick_settings_are_smaller_than_full():
+    quick, full = run.settings(True), run.settings(False)
+    assert quick.p2_tokens == full.p2_tokens == 8192 and quick.p2_vocab == 151936
+    assert quick.p4_lengths == (2048, 8192)
+    assert quick.p1_model["hidden"] < full.p1_model["hidden"] and quick.p3_steps < full.p3_steps
+
+
+# ---- gpu_check helpers ------------------------------------------------------------------------------------------
+
+def test_flops_and_mfu():
+    assert gpu_check.matmul_params(1000, vocab=10, hidden=20, tied=True) == 1000
+    assert gpu_check.matmul_params(1000, vocab=10, hidden=20, tied=False) == 800
+    assert gpu_check.train_flops_per_token(100, layers=2, attn_dim=8, seq_len=16) == 6 * 100 + 12 * 2 * 8 * 16
+    flops = gpu_check.train_flops_per_token(596_049_920, 28, 16 * 128, 8192)
+    assert flops == pytest.approx(6 * 596_049_920 + 12 * 28 * 2048 * 8192)
+    assert gpu_check.mfu(10_000, flops, 989.0) == pytest.approx(10_000 * flops / 989e12)
+    assert gpu_check.mfu(10_000, flops, None) is None
+    assert 0 < gpu_check.mfu(50_000, flops, 989.0) < 1
+
+
+def test_peak_lookup():
+    assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.peak_tflops("Some GPU") is None
+    assert gpu_check.peak_tflops("Some GPU", 123) == 123.0
+
+
+def test_gpu_table_formats_values_and_skips():
+    table = gpu_check.format_table([{"name": "train", "value": 12345.6, "unit": "tok/s", "detail": "d"},
+                                    {"name": "MFU", "value": 0.41234, "unit": "fraction"},
+                                    {"name": "flash", "value": None, "unit": "tok/s"}])
+    lines = table.splitlines()
+    assert lines[2] == "| train | 12,346 | tok/s | d |"
+    assert lines[3] == "| MFU | 0.412 | fraction |  |"
+    assert "| skipped |" in lines[4]
+
+
+def test_gpu_check_exits_clearly_without_cuda(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert gpu_check.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
