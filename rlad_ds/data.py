@@ -43,7 +43,8 @@ class Example:
 
 
 class Examples(list):
-    """A list of `Example`, plus how many bad rows were skipped and the first messages about them."""
+    """A list of `Example` (of records, from `load_train_examples`), plus how many bad rows were skipped and
+    the first messages about them."""
 
     def __init__(self, items: Iterable[Example] = (), skipped: int = 0, messages: list[str] | None = None):
         super().__init__(items)
@@ -138,14 +139,18 @@ def _options(data_cfg, tokenizer) -> dict:
             "skip_bad_rows": data_cfg.skip_bad_rows}
 
 
-def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> list[dict]:
-    """Training prompts for `rlad_ds.config.DataConfig`: every row of `dataset`, else `train_size` generated."""
+def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> Examples:
+    """Training prompts for `rlad_ds.config.DataConfig`: every row of `dataset`, else `train_size` generated.
+
+    The items are records (see `as_records`); `.skipped` / `.messages` say what `skip_bad_rows` dropped, so
+    that the caller can report it.
+    """
     from rlad_ds.tasks import get_task
 
     task = get_task(data_cfg.task or "kk")
     n = data_cfg.train_size if data_cfg.dataset is None else None
-    return as_records(load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed,
-                                    **_options(data_cfg, tokenizer)))
+    examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed, **_options(data_cfg, tokenizer))
+    return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
 
 
 def load_eval_examples(data_cfg, tokenizer, size: int, seed: int = 0) -> list[dict]:

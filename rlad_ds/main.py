@@ -20,6 +20,7 @@ from pathlib import Path
 from rlad_ds.errors import ConfigError
 
 logger = logging.getLogger("rlad_ds")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEMO_CACHE = Path(os.environ.get("RLAD_CACHE", Path.home() / ".cache" / "rlad_ds")) / "demo"
 
 
@@ -51,11 +52,36 @@ def _validate(cfg) -> None:
     check_output_dir(cfg)
 
 
-def _load_data(cfg, tokenizer):
+def _tokenizer(path, role: str, cfg):
+    """The tokenizer of a model dir; one that transformers cannot read is a ConfigError naming the dir."""
+    from rlad_ds.models import load_tokenizer
+
+    # Checked first: transformers builds an (almost empty) tokenizer for a dir without these files, which
+    # would surface later as a misleading tokenizer mismatch.
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{role} dir {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save "
+                          f"the tokenizer there with tokenizer.save_pretrained")
+    try:
+        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({str(error).splitlines()[0]}); save it "
+                          f"there with tokenizer.save_pretrained") from None
+
+
+def _load_data(cfg, tokenizer, rank: int = 0):
     from rlad_ds.data import load_eval_examples, load_train_examples
 
-    return load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed), \
-        load_eval_examples(cfg.data, tokenizer, size=cfg.train.eval_size, seed=cfg.train.seed)
+    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed)
+    if train.skipped and rank == 0:
+        logger.warning("--skip_bad_rows: skipped %d bad dataset rows (first: %s)", train.skipped, train.messages[0])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # The same condition as the trainer's sampler (drop_last shards), found here before any model is loaded.
+    if len(train) // world < cfg.train.prompts_per_step // world:
+        raise ConfigError(f"{len(train)} training prompts are fewer than --prompts_per_step "
+                          f"{cfg.train.prompts_per_step}; add data or lower --prompts_per_step")
+    return train, load_eval_examples(cfg.data, tokenizer, size=cfg.train.eval_size, seed=cfg.train.seed)
 
 
 def _model_paths(cfg, rank: int):
@@ -102,13 +128,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(argv) -> int:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    from rlad_ds.checkpoint import export_hf, resolve_resume
+    from rlad_ds.checkpoint import _write_json_atomic, export_hf, resolve_resume
     from rlad_ds.config import parse_config
     from rlad_ds.metrics import MetricsLogger
-    from rlad_ds.models import check_tokenizers_match, load_tokenizer
+    from rlad_ds.models import check_tokenizers_match
     from rlad_ds.tasks import get_task
     from rlad_ds.trainer import Trainer, TrainingError, run_identity
 
@@ -121,12 +144,18 @@ def _train(argv) -> int:
     _validate(cfg)
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     _single_process_env()
-    deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     rank = int(os.environ["RANK"])
+    # Tokenizers and prompts need no process group: a tokenizer mismatch or a bad dataset row stops every
+    # rank here, together, before any rank can wait in a collective for one that has already left.
     student_path, teacher_path = _model_paths(cfg, rank)
-    tokenizer = load_tokenizer(student_path, trust_remote_code=cfg.model.trust_remote_code)
-    check_tokenizers_match(tokenizer, load_tokenizer(teacher_path, trust_remote_code=cfg.model.trust_remote_code))
-    train_examples, eval_examples = _load_data(cfg, tokenizer)
+    tokenizer = _tokenizer(student_path, "student", cfg)
+    check_tokenizers_match(tokenizer, _tokenizer(teacher_path, "teacher", cfg))
+    train_examples, eval_examples = _load_data(cfg, tokenizer, rank)
+    # Imported only now, so that bad input is reported without waiting for DeepSpeed's import.
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     torch_seed(cfg.train.seed + rank)
 
     trainer = Trainer(cfg)
@@ -134,7 +163,8 @@ def _train(argv) -> int:
     output_dir = Path(cfg.train.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.json").write_text(json.dumps(run_identity(cfg), indent=1))
+        # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
+        _write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
     if resume_from is not None:
         trainer.resume(resume_from)
     metrics_logger = MetricsLogger(output_dir, rank=rank, total_steps=cfg.train.max_steps, start_step=trainer.step,
