@@ -139,3 +139,14 @@ def test_two_emulated_nodes_from_a_hostfile(tiny_models, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_demo_defaults_fill_only_what_the_user_left_alone():
+    from rlad_ds.config import parse_config
+    from rlad_ds.main import apply_demo_defaults
+
+    cfg, _ = parse_config(["--max_steps", "7", "--lr", "2e-5"])
+    apply_demo_defaults(cfg)
+    assert cfg.is_demo and cfg.data.task == "arith" and cfg.train.prompts_per_step == 16
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 2e-5  # the user's choices win
+    assert cfg.rollout.max_new_tokens == 48 and cfg.train.output_dir == "outputs/demo"
