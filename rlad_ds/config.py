@@ -39,6 +39,8 @@ class ModelConfig:
     attn_implementation: str = _help("auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager, "
                                      "flash_attention_2, flex_attention", default="auto")
     gradient_checkpointing: bool = _help("recompute activations in backward (long responses)", default=False)
+    pack_sequences: str = _help("auto (on with flash_attention_2), on, off: run micro-batches padding-free, "
+                                "sequences packed into one row", default="auto")
     teacher_offload: bool = _help("teacher parameters on CPU (ZeRO-3 offload_param), gathered per layer",
                                   default=True)
     trust_remote_code: bool = _help("allow model code from the model dir (off: only transformers' own code)",
@@ -50,6 +52,7 @@ class ModelConfig:
         _check(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
                f"--attn_implementation {self.attn_implementation!r} is unknown; use auto, sdpa, eager, "
                "flash_attention_2 or flex_attention")
+        _check(self.pack_sequences in ("auto", "on", "off"), "--pack_sequences must be auto, on or off")
         _check(self.logprob_chunk_size >= 0, "--logprob_chunk_size must be >= 0 (0 = automatic)")
         _check((self.student is None) == (self.teacher is None),
                "give both --student and --teacher (HF model dirs), or neither to run the built-in demo")

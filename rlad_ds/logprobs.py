@@ -231,16 +231,18 @@ def token_budget_microbatches(lengths: Sequence[int], max_tokens: int, padded: b
     return batches
 
 
-def microbatch_slices(attention_mask: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, slice]]:
+def microbatch_slices(attention_mask: torch.Tensor, max_tokens: int,
+                      packed: bool = False) -> list[tuple[torch.Tensor, slice]]:
     """Token-budget micro-batches of a padded batch as (rows, cols), trimmed of all-padding columns.
 
     `cols` indexes [B, T-1] next-token-aligned tensors (log-probs, loss masks); the inputs that produce
     them are columns `cols.start : cols.stop + 1` of the [B, T] batch. Every slice spans at least two input
-    columns, so that a forward always has a target.
+    columns, so that a forward always has a target. `packed` budgets real tokens (see `microbatch_logprobs`)
+    instead of padded rectangles.
     """
     seq_len = attention_mask.shape[1]
     slices = []
-    for rows in token_budget_microbatches(attention_mask.sum(-1).tolist(), max_tokens):
+    for rows in token_budget_microbatches(attention_mask.sum(-1).tolist(), max_tokens, padded=not packed):
         rows = torch.tensor(sorted(rows), device=attention_mask.device)
         real = attention_mask[rows].any(0).nonzero().flatten()
         first, last = (int(real[0]), int(real[-1]) + 1) if real.numel() else (0, 0)
@@ -264,3 +266,19 @@ def synced_microbatch_count(count: int) -> int:
     total = torch.tensor([count], dtype=torch.long, device=get_accelerator().current_device_name())
     dist.all_reduce(total, op=dist.ReduceOp.MAX)
     return int(total.item())
+
+
+def microbatch_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, packed: bool = False,
+                        temperature: float = 1.0, chunk_size: int | None = None,
+                        with_entropy: bool = False) -> TokenLogProbs:
+    """[n, T-1] log-probs of one micro-batch: run as the padded [n, T] block, or `packed` padding-free into
+    one row whose position ids restart per sequence (flash-attention's varlen path, and transformers'
+    packed-sequence masks elsewhere), so long responses of mixed lengths cost only their real tokens."""
+    if not packed:
+        return token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size,
+                              with_entropy=with_entropy)
+    rows = pack_rows(input_ids, attention_mask)
+    out = token_logprobs(model, rows.input_ids, position_ids=rows.position_ids, temperature=temperature,
+                         chunk_size=chunk_size, with_entropy=with_entropy)
+    return TokenLogProbs(unpack_logprobs(out.logprobs, rows),
+                         unpack_logprobs(out.entropy, rows) if with_entropy else None)

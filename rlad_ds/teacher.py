@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from rlad_ds.logprobs import microbatch_slices, synced_microbatch_count, token_logprobs
+from rlad_ds.logprobs import microbatch_logprobs, microbatch_slices, synced_microbatch_count, token_logprobs
 from rlad_ds.models import check_tokenizers_match, load_causal_lm, load_tokenizer
 
 
 class Teacher:
     """A DeepSpeed engine around a frozen causal LM, plus `score`."""
 
-    def __init__(self, engine, tokenizer, *, chunk_size: int | None = None, max_tokens_per_microbatch: int = 16384):
+    def __init__(self, engine, tokenizer, *, chunk_size: int | None = None, max_tokens_per_microbatch: int = 16384,
+                 packed: bool = False):
         self.engine = engine
+        self.packed = packed
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.max_tokens_per_microbatch = max_tokens_per_microbatch
@@ -50,13 +52,14 @@ class Teacher:
         device = self.engine.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         out = torch.zeros(input_ids.shape[0], max(input_ids.shape[1] - 1, 0), dtype=torch.float32, device=device)
-        micro_batches = microbatch_slices(attention_mask, self.max_tokens_per_microbatch)
+        micro_batches = microbatch_slices(attention_mask, self.max_tokens_per_microbatch, self.packed)
         # Agreed before the first forward: a count exchanged between forwards would meet another rank's gathers.
         fillers = synced_microbatch_count(len(micro_batches)) - len(micro_batches)
         for rows, cols in micro_batches:
             inputs = slice(cols.start, cols.stop + 1)
-            out[rows, cols] = token_logprobs(self.engine, input_ids[rows, inputs], attention_mask[rows, inputs],
-                                             temperature=temperature, chunk_size=self.chunk_size).logprobs
+            out[rows, cols] = microbatch_logprobs(self.engine, input_ids[rows, inputs], attention_mask[rows, inputs],
+                                                  packed=self.packed, temperature=temperature,
+                                                  chunk_size=self.chunk_size).logprobs
         for _ in range(fillers):
             filler = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
             token_logprobs(self.engine, filler, torch.ones_like(filler), chunk_size=self.chunk_size)

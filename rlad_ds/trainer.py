@@ -148,7 +148,11 @@ class Trainer:
         frozen = teacher_config(offload=cfg.model.teacher_offload, world_size=self.world_size, micro_batch_size=1,
                                 device=self.device_type,
                                 persistence_threshold=_env_int("RLAD_PERSISTENCE_THRESHOLD"))
-        score_options = dict(chunk_size=cfg.model.logprob_chunk_size or None,
+        # Padding-free packing needs attention that honours per-sequence position ids: flash-attention's
+        # varlen kernels on GPU (transformers' sdpa/eager masks also do, which is how CPU tests cover it).
+        self.packed = cfg.model.pack_sequences == "on" or (cfg.model.pack_sequences == "auto"
+                                                           and attn == "flash_attention_2")
+        score_options = dict(chunk_size=cfg.model.logprob_chunk_size or None, packed=self.packed,
                              max_tokens_per_microbatch=cfg.train.micro_batch_tokens)
         self.teacher = None
         if cfg.loss.method != "grpo":  # GRPO never reads the teacher: it does not pay for it either
@@ -265,7 +269,7 @@ class Trainer:
 
     def train_on(self, batch: Batch, timer: Timer) -> dict:
         """ppo_epochs passes of token-budget micro-batches; one optimizer step per pass."""
-        from rlad_ds.logprobs import microbatch_slices, synced_microbatch_count, token_logprobs
+        from rlad_ds.logprobs import microbatch_logprobs, microbatch_slices, synced_microbatch_count
 
         cfg = self.cfg
         device = self.engine.device
@@ -273,7 +277,7 @@ class Trainer:
         # the micro-batch losses of all ranks then add up to the loss of the whole batch exactly.
         n_rows, n_tokens = all_reduce_sum([batch.loss_mask.shape[0], float(batch.loss_mask.sum())], device)
         loss_norm = (n_tokens if cfg.loss.loss_agg == "token-mean" else n_rows) / self.world_size
-        slices = microbatch_slices(batch.attention_mask, cfg.train.micro_batch_tokens)
+        slices = microbatch_slices(batch.attention_mask, cfg.train.micro_batch_tokens, self.packed)
         n_micro = synced_microbatch_count(len(slices))
         metric_sums: dict[str, float] = {}
         grad_norms, losses = [], []
@@ -285,17 +289,18 @@ class Trainer:
                 weight = 1.0 if i < len(slices) else 0.0
                 self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
                 with timer("train_forward"):
-                    out = token_logprobs(self.engine, batch.input_ids[rows][:, cols.start:cols.stop + 1],
-                                         batch.attention_mask[rows][:, cols.start:cols.stop + 1],
-                                         temperature=cfg.rollout.temperature,
-                                         chunk_size=cfg.model.logprob_chunk_size or None, with_entropy=True)
+                    inputs = slice(cols.start, cols.stop + 1)
+                    out = microbatch_logprobs(self.engine, batch.input_ids[rows, inputs],
+                                              batch.attention_mask[rows, inputs], packed=self.packed,
+                                              temperature=cfg.rollout.temperature,
+                                              chunk_size=cfg.model.logprob_chunk_size or None, with_entropy=True)
                     loss, metrics = self.loss_fn(out.logprobs, batch, rows, cols, loss_norm)
                     loss = loss * weight
                 with timer("train_backward"):
                     self.engine.backward(loss, scale_wrt_gas=False)
                 if weight:
                     loss_total += loss.item()
-                    mask = batch.loss_mask[rows][:, cols]
+                    mask = batch.loss_mask[rows, cols]
                     share = float(mask.sum())
                     metrics["entropy"] = masked_mean(out.entropy.detach(), mask).item()
                     for key, value in metrics.items():

@@ -136,3 +136,24 @@ def test_token_budget_microbatches():
 
 def test_synced_count_without_process_group():
     assert synced_microbatch_count(3) == 3
+
+
+def test_packed_microbatch_equals_padded_in_value_and_gradient(tied_and_untied):
+    from rlad_ds.logprobs import microbatch_logprobs
+
+    model = tied_and_untied[True]
+    torch.manual_seed(4)
+    input_ids = torch.randint(3, 90, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0  # a left-padded prompt
+    attention_mask[1, 6:] = 0  # a response that stopped early
+    valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+    results = {}
+    for packed in (False, True):
+        model.zero_grad()
+        out = microbatch_logprobs(model, input_ids, attention_mask, packed=packed, with_entropy=True)
+        (out.logprobs[valid].sum() + 0.1 * out.entropy[valid].sum()).backward()
+        results[packed] = (out.logprobs[valid].detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for packed_grad, padded_grad in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=1e-4)

@@ -34,8 +34,10 @@ def check_ok(proc):
 @pytest.mark.parametrize("method", ["rlad", "grpo", "kdrl", "sft"])
 def test_each_method_two_ranks(tiny_models, tmp_path, method):
     out = tmp_path / method
-    proc = run_deepspeed(train_args(tiny_models, out, "--method", method, "--max_steps", "2", "--ppo_epochs",
-                                    "2" if method == "rlad" else "1"), nprocs=2, env=ENV)
+    # rlad also covers PPO epochs > 1 (an old-policy pass); kdrl covers padding-free packed micro-batches.
+    extra = {"rlad": ["--ppo_epochs", "2"], "kdrl": ["--pack_sequences", "on"]}.get(method, [])
+    proc = run_deepspeed(train_args(tiny_models, out, "--method", method, "--max_steps", "2", *extra), nprocs=2,
+                         env=ENV)
     check_ok(proc)
     records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
