@@ -36,6 +36,10 @@ _RESUMABLE_FIELDS = {"max_steps", "resume", "save_steps", "keep_last", "overwrit
                      "report_to", "collective_timeout_s", "output_dir"}
 
 
+# Loss metrics computed with the whole batch's normaliser: micro-batch values add up instead of averaging.
+_LOSS_PARTS = ("policy_loss", "kd_loss")
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
 
@@ -282,7 +286,7 @@ class Trainer:
         metric_sums: dict[str, float] = {}
         grad_norms, losses = [], []
         for _ in range(cfg.train.ppo_epochs):
-            loss_total = 0.0
+            loss_total, loss_parts = 0.0, {}
             for i in range(n_micro):
                 # A rank with fewer micro-batches than another repeats its first one with zero weight.
                 rows, cols = slices[min(i, len(slices) - 1)]
@@ -304,19 +308,26 @@ class Trainer:
                     share = float(mask.sum())
                     metrics["entropy"] = masked_mean(out.entropy.detach(), mask).item()
                     for key, value in metrics.items():
-                        metric_sums[key] = metric_sums.get(key, 0.0) + value * share
+                        if key in _LOSS_PARTS:
+                            loss_parts[key] = loss_parts.get(key, 0.0) + value
+                        else:
+                            metric_sums[key] = metric_sums.get(key, 0.0) + value * share
                     metric_sums["_tokens"] = metric_sums.get("_tokens", 0.0) + share
             with timer("optimizer"):
                 self.engine.step()
             grad_norms.append(_grad_norm(self.engine))
             losses.append(loss_total)
         tokens = metric_sums.pop("_tokens", 0.0)
-        reduced = all_reduce_sum([tokens] + list(metric_sums.values()), device)
-        result = {k: v / max(reduced[0], 1.0) for k, v in zip(metric_sums, reduced[1:])}
         # Counted over all ranks: a NaN on one rank must make every rank skip and count the step alike, or
         # they would disagree about stopping at --max_bad_steps and the ones going on would hang.
         non_finite = sum(not math.isfinite(x) for x in losses + grad_norms)
-        result["loss"], non_finite = all_reduce_sum([losses[-1], float(non_finite)], device)
+        # Token-weighted means of the per-token statistics; the loss and its parts (last epoch) are sums of
+        # micro-batch shares of the batch loss, each scaled by the world size (see loss_norm above).
+        *reduced, loss, non_finite = all_reduce_sum([tokens, *metric_sums.values(), *loss_parts.values(),
+                                                     losses[-1], float(non_finite)], device)
+        result = {k: v / max(reduced[0], 1.0) for k, v in zip(metric_sums, reduced[1:])}
+        result.update({k: v / self.world_size for k, v in zip(loss_parts, reduced[1 + len(metric_sums):])})
+        result["loss"] = loss / self.world_size
         result["grad_norm"] = grad_norms[-1]
         result["finite"] = non_finite == 0
         return result

@@ -54,6 +54,10 @@ def test_each_method_two_ranks(tiny_models, tmp_path, method):
             assert "teacher_log_ratio_mean" in r and "teacher_clamp_frac" in r and "time/old_logprobs" in r
         if method == "grpo":
             assert "time/teacher" not in r
+            # One epoch: the ratio is 1 everywhere, and group-normalised advantages average to zero.
+            assert r["loss"] == pytest.approx(r["policy_loss"]) and abs(r["loss"]) < 1e-5
+        if method == "kdrl":  # the batch loss is its parts, summed over micro-batches and ranks
+            assert r["loss"] == pytest.approx(r["policy_loss"] + 0.1 * r["kd_loss"], rel=1e-4, abs=1e-7)
     assert records[-1].get("eval_accuracy") is not None
     export = out / "student_hf"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
