@@ -62,7 +62,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _write_json_atomic(path: Path, data) -> None:
+def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
@@ -79,7 +79,7 @@ def _save_rng(directory: Path, rank: int) -> None:
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(directory / f"rng_rank{rank}.safetensors"))
     version, state, gauss = random.getstate()
-    _write_json_atomic(directory / f"rng_rank{rank}.json", {"python": [version, list(state), gauss]})
+    write_json_atomic(directory / f"rng_rank{rank}.json", {"python": [version, list(state), gauss]})
 
 
 def _load_rng(directory: Path, rank: int) -> None:
@@ -110,8 +110,8 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     _save_rng(directory, rank)
     _barrier()
     if rank == 0:
-        _write_json_atomic(directory / "trainer_state.json", trainer_state)
-        _write_json_atomic(directory / MARKER, {"step": step})
+        write_json_atomic(directory / "trainer_state.json", trainer_state)
+        write_json_atomic(directory / MARKER, {"step": step})
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in root.iterdir():  # leftovers of crashed saves, never resumable

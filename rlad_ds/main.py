@@ -128,7 +128,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(argv) -> int:
-    from rlad_ds.checkpoint import _write_json_atomic, export_hf, resolve_resume
+    from rlad_ds.checkpoint import export_hf, resolve_resume, write_json_atomic
     from rlad_ds.config import parse_config
     from rlad_ds.metrics import MetricsLogger
     from rlad_ds.models import check_tokenizers_match
@@ -164,7 +164,7 @@ def _train(argv) -> int:
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
-        _write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
+        write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
     if resume_from is not None:
         trainer.resume(resume_from)
     metrics_logger = MetricsLogger(output_dir, rank=rank, total_steps=cfg.train.max_steps, start_step=trainer.step,
