@@ -91,8 +91,9 @@ class Timer:
 def adapt_alpha(alpha: float, teacher_agreement: float, lo: float, hi: float) -> float:
     """Adaptive alpha (the paper's "next step"), a documented rule: trust the teacher as far as it agrees.
 
-    `teacher_agreement` = mean over sampled response tokens of exp(-|logp - teacher_logp|), in (0, 1]:
-    1 when the teacher gives the student's tokens the student's own probability. The target alpha is
+    `teacher_agreement` = exp(-KL), KL the k3 estimate of KL(student || teacher) on the sampled response
+    tokens (the `kl_teacher` metric), in (0, 1]: 1 when the teacher gives the student's tokens the student's
+    own probabilities. The target alpha is
     `hi - (hi - lo) * agreement` (strong agreement -> more weight on the teacher, i.e. lower alpha) and
     alpha moves a tenth of the way there each step, so one noisy batch cannot swing it.
     """
@@ -350,8 +351,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         metrics["time/step"] = elapsed
         metrics["tokens_per_s"] = totals["tokens"] / elapsed
-        if self.cfg.loss.adaptive_alpha and "teacher_log_ratio_mean" in metrics:
-            agreement = math.exp(-abs(metrics["teacher_log_ratio_mean"]))
+        if self.cfg.loss.adaptive_alpha and "kl_teacher" in metrics:
+            agreement = math.exp(-max(metrics["kl_teacher"], 0.0))
             self.alpha = adapt_alpha(self.alpha, agreement, self.cfg.loss.alpha_min, self.cfg.loss.alpha_max)
         return metrics
 

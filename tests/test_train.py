@@ -156,3 +156,17 @@ def test_demo_defaults_fill_only_what_the_user_left_alone():
     assert cfg.is_demo and cfg.data.task == "arith" and cfg.train.prompts_per_step == 16
     assert cfg.train.max_steps == 7 and cfg.train.lr == 2e-5  # the user's choices win
     assert cfg.rollout.max_new_tokens == 48 and cfg.train.output_dir == "outputs/demo"
+
+
+def test_adaptive_alpha_rule():
+    from rlad_ds.trainer import adapt_alpha
+
+    # Full agreement pulls alpha towards the lower bound (more weight on the teacher), none towards the upper,
+    # a tenth of the way per step, never past the bounds.
+    assert adapt_alpha(0.5, 1.0, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (0.1 - 0.5))
+    assert adapt_alpha(0.5, 0.0, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (0.9 - 0.5))
+    alpha = 0.5
+    for _ in range(200):
+        alpha = adapt_alpha(alpha, 1.0, 0.1, 0.9)
+    assert alpha == pytest.approx(0.1, abs=1e-6) and alpha >= 0.1
+    assert adapt_alpha(0.95, 0.0, 0.1, 0.9) == 0.9
