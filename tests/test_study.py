@@ -1,0 +1,110 @@
+"""The study's pure pieces: the misaligned solution renderer, aggregation, tables, subsets, the run grid."""
+
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import study  # noqa: E402
+from rlad_ds.tasks import arith  # noqa: E402
+
+
+def test_misaligned_solution_counts_the_units_carry_twice_in_the_tens_column():
+    carry = arith.make_example(347, 285)  # 632: the units column carries
+    assert study.misaligned_solution(carry) == "7+5+0=12|4+8+1=14|3+2+1=06|>0642"
+    assert arith.solution(carry) == "7+5+0=12|4+8+1=13|3+2+1=06|>0632"
+    assert arith.score(study.misaligned_solution(carry), carry) == 0.0
+    no_carry = arith.make_example(341, 285)  # 626: no units carry, even though the tens column carries
+    assert study.misaligned_solution(no_carry) == arith.solution(no_carry)
+    assert arith.score(study.misaligned_solution(no_carry), no_carry) == 1.0
+    ripple = arith.make_example(895, 105)  # 1000: the extra carry ripples into the hundreds column
+    assert study.misaligned_solution(ripple) == "5+5+0=10|9+0+1=11|8+1+1=10|>1010"
+
+
+def test_misaligned_solution_is_wrong_exactly_on_the_carry_subset():
+    for example in arith.generate("train", 300, seed=3):
+        mine, true = study.misaligned_solution(example), arith.solution(example)
+        wrong = arith.score(mine, example) == 0.0
+        assert wrong == (study.carry_subset(example) == "carry")
+        # the units column is always right; only the tens column's sum is where the bug starts
+        assert mine.split("|")[0] == true.split("|")[0]
+        assert mine.split("|")[1].split("=")[0] == true.split("|")[1].split("=")[0]
+
+
+def test_patched_solution_is_restored():
+    original = arith.solution
+    with pytest.raises(RuntimeError):
+        with study._patched_solution(study.misaligned_solution):
+            assert arith.solution is study.misaligned_solution
+            raise RuntimeError
+    assert arith.solution is original
+
+
+def test_aggregate_mean_and_spread():
+    agg = study.aggregate([0.5, 0.7, 0.6])
+    assert agg["mean"] == pytest.approx(0.6)
+    assert agg["std"] == pytest.approx(0.1)  # sample std (ddof 1)
+    assert (agg["min"], agg["max"], agg["n"]) == (0.5, 0.7, 3)
+    one = study.aggregate([0.4])
+    assert one["std"] == 0.0 and one["n"] == 1
+    empty = study.aggregate([])
+    assert empty["n"] == 0 and math.isnan(empty["mean"])
+
+
+def test_format_agg():
+    assert study.format_agg(study.aggregate([0.5, 0.7, 0.6])) == "0.600 ± 0.100 (0.500-0.700)"
+    assert study.format_agg(study.aggregate([0.25])) == "0.250"
+    assert study.format_agg(study.aggregate([])) == "n/a"
+
+
+def test_render_table():
+    text = study.render_table(["a", "b"], [["1", "2"], ["x", "y"]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| x | y |"]
+    with pytest.raises(ValueError):
+        study.render_table(["a", "b"], [["1"]])
+
+
+def test_subset_accuracy():
+    examples = [arith.make_example(847, 285), arith.make_example(341, 285), arith.make_example(999, 999),
+                arith.make_example(100, 100)]
+    out = study.subset_accuracy([1.0, 0.0, 0.0, 1.0], examples)
+    assert out == {"carry": 0.5, "no_carry": 0.5, "all": 0.5}
+    assert study.subset_accuracy([1.0, 1.0, 0.0, 1.0], examples)["no_carry"] == 1.0
+
+
+def test_grid_has_every_method_and_control():
+    jobs = study.build_jobs(seeds=3, sweep_seeds=1)
+    names = {(j.group, j.name) for j in jobs}
+    for name in study.MAIN_ORDER:
+        assert ("main", name) in names
+    assert sum(j.group == "main" and j.name == "rlad a=0.5" for j in jobs) == 3
+    assert {j.alpha for j in jobs if j.group == "sweep"} == set(study.SWEEP_ALPHAS)
+    assert {j.teacher for j in jobs if j.group == "misaligned"} == {"misaligned"}
+    assert {j.control for j in jobs} == {None, "kd_only", "shuffled"}
+    assert any(j.adaptive for j in jobs)
+
+
+def test_summary_and_tables_render_from_fake_results():
+    mode = dict(study.MODES["quick"])
+    examples = [{"a": 847, "b": 285}, {"a": 341, "b": 285}]
+    refs = {"examples": examples, "scores": {"student_before": [0.0, 1.0], "teacher_aligned": [1.0, 1.0],
+                                             "teacher_misaligned": [0.0, 1.0]}}
+    results = []
+    for job in study.build_jobs(seeds=2, sweep_seeds=1):
+        results.append({"job": study.dataclasses.asdict(job), "final": 0.5,
+                        "subsets": {"all": 0.5, "carry": 0.0, "no_carry": 1.0},
+                        "curve": [[3, {"all": 0.4, "carry": 0.2}], [6, {"all": 0.5, "carry": 0.3}]], "train_accuracy": [0.3] * 6, "alpha_trace": [0.5] * 6,
+                        "seconds": 1.0})
+    summary = study.summarise(results, refs, mode)
+    summary["examples"] = examples
+    assert summary["rows"]["main/kdrl"]["final"]["n"] == 2
+    assert summary["rows"]["main/kdrl"]["curve_mean"] == [[3, {"all": 0.4, "carry": 0.2}],
+                                                         [6, {"all": 0.5, "carry": 0.3}]]
+    text = study.tables(summary, mode, eval_size=2)
+    assert "| kdrl | 2 | 0.500 ± 0.000 (0.500-0.500) |" in text
+    assert "| teacher (misaligned, reference) | - | 0.500 | 0.000 | 1.000 |" in text
+    assert "1 of 2 prompts" in text
