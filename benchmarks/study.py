@@ -205,7 +205,7 @@ def prepare_misaligned_teacher(cache_dir: Path, seed: int = 0, progress: bool = 
     return root / "teacher"
 
 
-# ---- a worker process --------------------------------------------------------------------------------------------------
+# ---- a worker process ------------------------------------------------------------------------------------------------
 
 _STATE: dict = {}
 
@@ -375,7 +375,7 @@ def _task(item):
     return run_references(payload) if kind == "refs" else run_job(payload)
 
 
-# ---- the report ----------------------------------------------------------------------------------------------------------
+# ---- the report ------------------------------------------------------------------------------------------------------
 
 def summarise(results: list[dict], refs: dict, mode: dict) -> dict:
     """Per (group, name): per-seed final accuracies, per-subset values, aggregated; curves averaged over seeds."""
@@ -431,16 +431,16 @@ def tables(summary: dict, mode: dict, eval_size: int) -> str:
         sweep.append(["1.0 (= grpo)", str(len(rows["main/grpo"]["seeds"])), format_agg(rows["main/grpo"]["final"])])
     out += ["### RLAD alpha sweep (aligned teacher; alpha = 1 is GRPO)", "",
             render_table(["alpha", "seeds", "held-out accuracy"], sweep), ""]
-    mis = [["student before (initial)", "-"] + [f"{ref['student_before'][k]:.3f}" for k in ("all", "carry", "no_carry")],
-           ["teacher (misaligned, reference)", "-"] + [f"{ref['teacher_misaligned'][k]:.3f}"
-                                                       for k in ("all", "carry", "no_carry")]]
+    parts = ("all", "carry", "no_carry")
+    mis = [["student before (initial)", "-"] + [f"{ref['student_before'][k]:.3f}" for k in parts],
+           ["teacher (misaligned, reference)", "-"] + [f"{ref['teacher_misaligned'][k]:.3f}" for k in parts]]
     for key, label in [("main/grpo", "grpo (no teacher)"), ("misaligned/kd only (kdrl, A=0)", "kd only (kdrl, A=0)"),
                        ("misaligned/kdrl", "kdrl"), ("misaligned/rlad a=0.5", "rlad a=0.5")]:
         row = rows.get(key)
         if row:
             mis.append([label, str(len(row["seeds"]))] + [format_agg(row["subsets"][k]) if k != "all"
                                                           else format_agg(row["final"])
-                                                          for k in ("all", "carry", "no_carry")])
+                                                          for k in parts])
     n_carry = sum(carry_subset(e) == "carry" for e in summary.get("examples", []))
     out += ["### Misaligned teacher (wrong whenever the units column carries)", "",
             f"`carry`: the units digits sum to 10 or more ({n_carry} of {eval_size} prompts; the teacher is wrong "
@@ -484,7 +484,40 @@ def plot(summary: dict, png: Path) -> None:
     plt.close(fig)
 
 
-# ---- main ------------------------------------------------------------------------------------------------------------------
+# ---- where the student is unsure ------------------------------------------------------------------------------------
+
+def token_confidence(student_dir: str, examples: list[dict]) -> list[dict]:
+    """Per position of the worked solution: the student's mean probability of the correct token (teacher forcing).
+
+    On-policy KD on sampled tokens moves a token's log-prob with a gradient scaled by (1 - p): a teacher can
+    only pull the student where the student is unsure, which is where a misaligned teacher has to be wrong.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlad_ds.demo import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    width = len(arith.solution(examples[0]))
+    sums, below = [0.0] * width, [0] * width
+    for example in examples:
+        prompt_ids = tokenizer(render_prompt(tokenizer, arith.prompt(example)), add_special_tokens=False).input_ids
+        target_ids = tokenizer(arith.solution(example), add_special_tokens=False).input_ids
+        if len(target_ids) != width:
+            raise ValueError("token_confidence expects one token per character of the worked solution")
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([prompt_ids + target_ids])).logits[0].float(), -1)
+        for i, token in enumerate(target_ids):
+            p = probs[len(prompt_ids) + i - 1, token].item()
+            sums[i] += p
+            below[i] += p < 0.9
+    sample = arith.solution(examples[0])
+    return [{"position": i, "example_char": sample[i], "mean_p": sums[i] / len(examples),
+             "frac_below_0.9": below[i] / len(examples)} for i in range(width)]
+
+
+# ---- main ------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -494,7 +527,18 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the mode's steps")
     parser.add_argument("--seeds", type=int, default=None, help="override the mode's seeds")
     parser.add_argument("--sweep_seeds", type=int, default=None, help="override the mode's sweep seeds")
+    parser.add_argument("--confidence", action="store_true",
+                        help="only print the initial student's per-position confidence in the correct solution")
     args = parser.parse_args(argv)
+    if args.confidence:
+        from rlad_ds.demo import prepare_demo
+
+        student = prepare_demo(CACHE, seed=0)["student"]
+        rows = token_confidence(str(student), arith.generate("test", 300, 0))
+        cells = [[str(r["position"]), f"`{r['example_char']}`".replace("|", "\\|"), f"{r['mean_p']:.3f}",
+                  f"{r['frac_below_0.9']:.2f}"] for r in rows]
+        print(render_table(["position", "char (first example)", "mean p(correct)", "fraction p < 0.9"], cells))
+        return 0
     mode = dict(MODES["quick" if args.quick else "full"])
     for key in ("steps", "seeds", "sweep_seeds"):
         if getattr(args, key) is not None:

@@ -97,7 +97,8 @@ def test_summary_and_tables_render_from_fake_results():
     for job in study.build_jobs(seeds=2, sweep_seeds=1):
         results.append({"job": study.dataclasses.asdict(job), "final": 0.5,
                         "subsets": {"all": 0.5, "carry": 0.0, "no_carry": 1.0},
-                        "curve": [[3, {"all": 0.4, "carry": 0.2}], [6, {"all": 0.5, "carry": 0.3}]], "train_accuracy": [0.3] * 6, "alpha_trace": [0.5] * 6,
+                        "curve": [[3, {"all": 0.4, "carry": 0.2}], [6, {"all": 0.5, "carry": 0.3}]],
+                        "train_accuracy": [0.3] * 6, "alpha_trace": [0.5] * 6,
                         "seconds": 1.0})
     summary = study.summarise(results, refs, mode)
     summary["examples"] = examples
@@ -108,3 +109,26 @@ def test_summary_and_tables_render_from_fake_results():
     assert "| kdrl | 2 | 0.500 ± 0.000 (0.500-0.500) |" in text
     assert "| teacher (misaligned, reference) | - | 0.500 | 0.000 | 1.000 |" in text
     assert "1 of 2 prompts" in text
+
+
+def test_token_confidence_matches_a_direct_forward(tmp_path):
+    import torch
+
+    from rlad_ds import demo
+
+    tokenizer = demo.demo_tokenizer()
+    model = demo.build_model(demo.DEFAULT_RECIPE.student, tokenizer, seed=0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    examples = [arith.make_example(347, 285), arith.make_example(999, 101)]
+    rows = study.token_confidence(str(tmp_path), examples)
+    assert [r["example_char"] for r in rows] == list(arith.solution(examples[0]))
+    # position 0 by hand: the probability of the first solution character right after the prompt
+    expected = []
+    for example in examples:
+        prompt = tokenizer(demo.render_prompt(tokenizer, arith.prompt(example)), add_special_tokens=False).input_ids
+        first = tokenizer(arith.solution(example), add_special_tokens=False).input_ids[0]
+        with torch.no_grad():
+            expected.append(torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)[first].item())
+    assert rows[0]["mean_p"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert rows[0]["frac_below_0.9"] == sum(p < 0.9 for p in expected) / 2
