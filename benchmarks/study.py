@@ -11,6 +11,8 @@ Controls that tell the mechanisms apart (implemented here, not as package option
 
 - ``kd_only``: KDRL with every advantage set to zero after the batch is built, so only the teacher KL
   term trains the student (on-policy KD, no reward).
+- ``kdrl beta_kd=1``: KDRL with ten times the default KL weight (0.1), with both teachers: how much a
+  stronger additive imitation term gains with a right teacher and loses with a wrong one.
 - ``grpo_shuffled``: GRPO with the batch's rewards permuted at random across all its samples before the
   group advantages are computed (same reward statistics, no link between a response and its reward).
 
@@ -49,7 +51,7 @@ from rlad_ds.tasks import arith  # noqa: E402
 CACHE = Path(os.environ.get("RLAD_CACHE", Path.home() / ".cache" / "rlad_ds")) / "demo"
 MISALIGNED_VERSION = 2
 
-# Run time per mode: the full grid runs the demo recipe's 60 steps (42 runs, about 20 minutes on 2 cores once
+# Run time per mode: the full grid runs the demo recipe's 60 steps (48 runs, about 23 minutes on 2 cores once
 # the models are cached); --quick is a smoke run of the whole pipeline.
 MODES = {
     "full": dict(steps=60, seeds=3, sweep_seeds=3, eval_size=400, curve_size=400, eval_every=10),
@@ -126,20 +128,21 @@ class Job:
     alpha: float = 0.5
     control: str | None = None  # kd_only / shuffled
     adaptive: bool = False
+    beta_kd: float = 0.1  # KDRL's KL weight (the trainer's default)
 
 
 def build_jobs(seeds: int, sweep_seeds: int) -> list[Job]:
     jobs = []
-    main = [("grpo", "grpo", None, False), ("grpo shuffled rewards", "grpo", "shuffled", False),
-            ("kd only (kdrl, A=0)", "kdrl", "kd_only", False), ("kdrl", "kdrl", None, False),
-            ("rlad a=0.5", "rlad", None, False), ("rlad adaptive alpha", "rlad", None, True),
-            ("sft (offline distill)", "sft", None, False)]
+    teacher_runs = [("kd only (kdrl, A=0)", "kdrl", "kd_only", 0.1), ("kdrl", "kdrl", None, 0.1),
+                    ("kdrl beta_kd=1", "kdrl", None, 1.0), ("rlad a=0.5", "rlad", None, 0.1)]
     for seed in range(seeds):
-        for name, method, control, adaptive in main:
-            jobs.append(Job(name, "main", method, seed, control=control, adaptive=adaptive))
-        for name, method, control in [("kd only (kdrl, A=0)", "kdrl", "kd_only"), ("kdrl", "kdrl", None),
-                                      ("rlad a=0.5", "rlad", None)]:
-            jobs.append(Job(name, "misaligned", method, seed, teacher="misaligned", control=control))
+        jobs += [Job("grpo", "main", "grpo", seed),
+                 Job("grpo shuffled rewards", "main", "grpo", seed, control="shuffled"),
+                 Job("rlad adaptive alpha", "main", "rlad", seed, adaptive=True),
+                 Job("sft (offline distill)", "main", "sft", seed)]
+        for group, teacher in (("main", "aligned"), ("misaligned", "misaligned")):
+            jobs += [Job(name, group, method, seed, teacher=teacher, control=control, beta_kd=beta)
+                     for name, method, control, beta in teacher_runs]
     for seed in range(sweep_seeds):
         for alpha in SWEEP_ALPHAS:
             jobs.append(Job(f"rlad a={alpha}", "sweep", "rlad", seed, alpha=alpha))
@@ -285,6 +288,7 @@ def _config(job: Job, mode: dict):
     cfg.train.eval_steps, cfg.train.save_steps = 0, 0
     cfg.data.train_size = 4000
     cfg.loss.method, cfg.loss.alpha, cfg.loss.adaptive_alpha = job.method, job.alpha, job.adaptive
+    cfg.loss.beta_kd = job.beta_kd
     return cfg
 
 
@@ -404,8 +408,8 @@ def summarise(results: list[dict], refs: dict, mode: dict) -> dict:
     return {"reference": reference, "rows": summary}
 
 
-MAIN_ORDER = ["grpo", "grpo shuffled rewards", "kd only (kdrl, A=0)", "kdrl", "rlad a=0.5", "rlad adaptive alpha",
-              "sft (offline distill)"]
+MAIN_ORDER = ["grpo", "grpo shuffled rewards", "kd only (kdrl, A=0)", "kdrl", "kdrl beta_kd=1", "rlad a=0.5",
+              "rlad adaptive alpha", "sft (offline distill)"]
 
 
 def tables(summary: dict, mode: dict, eval_size: int) -> str:
@@ -435,7 +439,8 @@ def tables(summary: dict, mode: dict, eval_size: int) -> str:
     mis = [["student before (initial)", "-"] + [f"{ref['student_before'][k]:.3f}" for k in parts],
            ["teacher (misaligned, reference)", "-"] + [f"{ref['teacher_misaligned'][k]:.3f}" for k in parts]]
     for key, label in [("main/grpo", "grpo (no teacher)"), ("misaligned/kd only (kdrl, A=0)", "kd only (kdrl, A=0)"),
-                       ("misaligned/kdrl", "kdrl"), ("misaligned/rlad a=0.5", "rlad a=0.5")]:
+                       ("misaligned/kdrl", "kdrl"), ("misaligned/kdrl beta_kd=1", "kdrl beta_kd=1"),
+                       ("misaligned/rlad a=0.5", "rlad a=0.5")]:
         row = rows.get(key)
         if row:
             mis.append([label, str(len(row["seeds"]))] + [format_agg(row["subsets"][k]) if k != "all"
@@ -457,7 +462,8 @@ def plot(summary: dict, png: Path) -> None:
 
     ref, rows = summary["reference"], summary["rows"]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    misaligned = ["main/grpo", "misaligned/kd only (kdrl, A=0)", "misaligned/kdrl", "misaligned/rlad a=0.5"]
+    misaligned = ["main/grpo", "misaligned/kd only (kdrl, A=0)", "misaligned/kdrl", "misaligned/kdrl beta_kd=1",
+                  "misaligned/rlad a=0.5"]
     panels = [("aligned teacher: held-out accuracy (greedy), all prompts", [f"main/{n}" for n in MAIN_ORDER], "all"),
               ("alpha sweep (aligned teacher), all prompts",
                [f"sweep/rlad a={a}" for a in SWEEP_ALPHAS[:2]] + ["main/rlad a=0.5"]

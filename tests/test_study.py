@@ -86,6 +86,8 @@ def test_grid_has_every_method_and_control():
     assert {j.teacher for j in jobs if j.group == "misaligned"} == {"misaligned"}
     assert {j.control for j in jobs} == {None, "kd_only", "shuffled"}
     assert any(j.adaptive for j in jobs)
+    assert {j.beta_kd for j in jobs if j.name == "kdrl beta_kd=1"} == {1.0}
+    assert {j.group for j in jobs if j.name == "kdrl beta_kd=1"} == {"main", "misaligned"}
 
 
 def test_summary_and_tables_render_from_fake_results():
