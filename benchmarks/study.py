@@ -32,13 +32,11 @@ Outputs: ``<out>.json`` (every run: per-seed final accuracies, per-subset scores
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -152,16 +150,6 @@ def build_jobs(seeds: int, sweep_seeds: int) -> list[Job]:
 
 # ---- the misaligned teacher ------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _patched_solution(render):
-    original = arith.solution
-    arith.solution = render
-    try:
-        yield
-    finally:
-        arith.solution = original
-
-
 def prepare_misaligned_teacher(cache_dir: Path, seed: int = 0, progress: bool = True) -> Path:
     """The misaligned teacher's HF dir: demo teacher architecture + SFT recipe on `misaligned_solution` targets."""
     from rlad_ds import demo
@@ -171,41 +159,31 @@ def prepare_misaligned_teacher(cache_dir: Path, seed: int = 0, progress: bool = 
                        "seed": seed, "version": MISALIGNED_VERSION, "demo_version": demo.FORMAT_VERSION,
                        "rule": "tens column counts the units carry twice", "alphabet": arith.ALPHABET,
                        "template": demo.DEMO_CHAT_TEMPLATE}, sort_keys=True)
-    root = Path(cache_dir) / f"arith-misaligned-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-    if (root / "info.json").is_file() and (root / "teacher" / "config.json").is_file():
-        return root / "teacher"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with demo._locked(root.parent / f".{root.name}.lock"):
-        if (root / "info.json").is_file():
-            return root / "teacher"
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            tokenizer = demo.demo_tokenizer()
-            model = demo.build_model(recipe.teacher, tokenizer, seed * 1000 + 7)
-            start = time.perf_counter()
-            with demo._threads(1), _patched_solution(misaligned_solution):
-                losses = demo.train_sft(model, tokenizer, recipe.teacher_sft, seed * 1000 + 7, progress,
-                                        desc="misaligned teacher SFT")
-            info = {"rule": "when the units column carries, the tens column counts the carry twice",
-                    "sft_steps": len(losses), "sft_seconds": round(time.perf_counter() - start, 1),
-                    "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4)}
-            test = arith.generate("test", 256, seed)
-            for name in ("carry", "no_carry"):
-                part = [e for e in test if carry_subset(e) == name]
-                info[f"heldout_greedy_{name}"] = demo.evaluate_accuracy(model, tokenizer, part, greedy=True)
-                info[f"heldout_examples_{name}"] = len(part)
-            model.save_pretrained(tmp / "teacher", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "teacher")
-            (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-            if root.exists():
-                shutil.rmtree(root)
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root / "teacher"
+
+    def complete(root: Path) -> bool:
+        return (root / "info.json").is_file() and (root / "teacher" / "config.json").is_file()
+
+    def build(tmp: Path) -> None:
+        tokenizer = demo.demo_tokenizer()
+        model = demo.build_model(recipe.teacher, tokenizer, seed * 1000 + 7)
+        start = time.perf_counter()
+        with demo._threads(1):
+            losses = demo.train_sft(model, tokenizer, recipe.teacher_sft, seed * 1000 + 7, progress,
+                                    desc="misaligned teacher SFT", solution=misaligned_solution)
+        info = {"rule": "when the units column carries, the tens column counts the carry twice",
+                "sft_steps": len(losses), "sft_seconds": round(time.perf_counter() - start, 1),
+                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4)}
+        test = arith.generate("test", 256, seed)
+        for name in ("carry", "no_carry"):
+            part = [e for e in test if carry_subset(e) == name]
+            info[f"heldout_greedy_{name}"] = demo.evaluate_accuracy(model, tokenizer, part, greedy=True)
+            info[f"heldout_examples_{name}"] = len(part)
+        model.save_pretrained(tmp / "teacher", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "teacher")
+        (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    name = f"arith-misaligned-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return demo.build_cached(Path(cache_dir), name, complete, build) / "teacher"
 
 
 # ---- a worker process ------------------------------------------------------------------------------------------------
@@ -550,12 +528,12 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             mode[key] = getattr(args, key)
     wall = time.perf_counter()
-    from rlad_ds.demo import prepare_demo
+    from rlad_ds.demo import demo_info, prepare_demo
 
-    paths = {k: str(v) for k, v in prepare_demo(CACHE, seed=0).items()}
+    demo_paths = prepare_demo(CACHE, seed=0)
+    paths = {k: str(v) for k, v in demo_paths.items()}
     paths["misaligned_teacher"] = str(prepare_misaligned_teacher(CACHE))
     misaligned_info = json.loads((Path(paths["misaligned_teacher"]).parent / "info.json").read_text())
-    demo_info = json.loads((Path(paths["teacher"]).parent / "demo.json").read_text())
     prep_s = time.perf_counter() - wall
     jobs = build_jobs(mode["seeds"], mode["sweep_seeds"])
     items = [("refs", mode)] + [("job", (dataclasses.asdict(j), mode)) for j in jobs]
@@ -589,7 +567,7 @@ def main(argv=None) -> int:
               "prepare_seconds": round(prep_s, 1), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                             "processor": platform.processor(),
                                                             "torch": torch.__version__},
-              "demo": demo_info, "misaligned_teacher": misaligned_info, "summary": summary, "runs": results}
+              "demo": demo_info(demo_paths), "misaligned_teacher": misaligned_info, "summary": summary, "runs": results}
     Path(f"{out}.json").write_text(json.dumps(record, indent=1) + "\n")
     Path(f"{out}.tables.md").write_text(text + f"\nWall time: {wall_s:.0f} s ({args.workers} workers).\n")
     plot(summary, Path(f"{out}.png"))

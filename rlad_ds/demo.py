@@ -114,14 +114,14 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sft_batch(tokenizer, examples: list[dict]):
-    """Right-padded (input_ids, attention_mask, labels) with the loss on the solution and EOS only."""
+def sft_batch(tokenizer, examples: list[dict], solution=arith.solution):
+    """Right-padded (input_ids, attention_mask, labels) with the loss on `solution(example)` and EOS only."""
     import torch
 
     rows, prompt_lengths = [], []
     for example in examples:
         prompt_ids = tokenizer.encode(render_prompt(tokenizer, arith.prompt(example)), add_special_tokens=False)
-        target_ids = tokenizer.encode(arith.solution(example), add_special_tokens=False)
+        target_ids = tokenizer.encode(solution(example), add_special_tokens=False)
         rows.append(prompt_ids + target_ids + [tokenizer.eos_token_id])
         prompt_lengths.append(len(prompt_ids))
     width = max(map(len, rows))
@@ -150,10 +150,11 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
 
 
 def train_sft(model, tokenizer, spec: SFTSpec, seed: int, progress: bool = True, desc: str = "sft",
-              stop=None, check_every: int = 25) -> list[float]:
+              stop=None, check_every: int = 25, solution=arith.solution) -> list[float]:
     """SFT `model` in place on fresh train-split examples; returns the per-step losses.
 
     `stop(model)`, if given, is called every `check_every` steps (model in eval mode); True ends training.
+    `solution(example)` renders the targets (the study trains a deliberately wrong teacher with it).
     """
     import torch
     from tqdm.auto import tqdm
@@ -176,7 +177,7 @@ def train_sft(model, tokenizer, spec: SFTSpec, seed: int, progress: bool = True,
     bar = tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         batch = examples[step * spec.batch_size:(step + 1) * spec.batch_size]
-        input_ids, attention_mask, labels = sft_batch(tokenizer, batch)
+        input_ids, attention_mask, labels = sft_batch(tokenizer, batch, solution)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,6 +297,33 @@ def _build(root: Path, recipe: DemoRecipe, seed: int, progress: bool) -> None:
     (root / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def build_cached(cache_dir: Path, name: str, complete, build) -> Path:
+    """`cache_dir / name`, made once by `build(tmp_dir)` and reused while `complete(root)` holds.
+
+    Concurrent callers wait on a file lock while one builds; the result appears by an atomic rename, so a
+    killed build never leaves a half-written `name` (its temporary dir is removed by the next build).
+    """
+    root = cache_dir / name
+    if complete(root):
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / f".{name}.lock"):
+        if complete(root):  # another process built it while we waited
+            return root
+        for stale in cache_dir.glob(f".{name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            if root.exists():  # an incomplete leftover from a run that predates the lock
+                shutil.rmtree(root)
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 def prepare_demo(cache_dir: str | Path, seed: int = 0, progress: bool = True,
                  recipe: DemoRecipe = DEFAULT_RECIPE, num_threads: int | None = None) -> dict[str, Path]:
     """HF dirs of the demo's SFT student and teacher, trained on the first call and cached after.
@@ -304,32 +332,19 @@ def prepare_demo(cache_dir: str | Path, seed: int = 0, progress: bool = True,
     records parameter counts, SFT time and held-out accuracy (greedy and sampled at temperature 1).
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    root = cache_dir / f"arith-{recipe_key(recipe, seed)}"
-    paths = {"student": root / "student", "teacher": root / "teacher"}
-    if _complete(root):
-        return paths
-    with _locked(cache_dir / f".{root.name}.lock"):
-        if _complete(root):  # another process built it while we waited
-            return paths
-        for stale in cache_dir.glob(f".{root.name}.tmp-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".{root.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
+    name = f"arith-{recipe_key(recipe, seed)}"
+
+    def build(tmp: Path) -> None:
         if progress:
             from tqdm.auto import tqdm
 
             tqdm.write(f"rlad_ds demo: training the SFT teacher and student once (about 2-3 min on 2 CPU cores), "
-                       f"cached in {root}")
-        try:
-            with _threads(num_threads or os.cpu_count()):
-                _build(tmp, recipe, seed, progress)
-            if root.exists():  # an incomplete leftover from a run that predates the lock
-                shutil.rmtree(root)
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return paths
+                       f"cached in {cache_dir / name}")
+        with _threads(num_threads or os.cpu_count()):
+            _build(tmp, recipe, seed, progress)
+
+    root = build_cached(cache_dir, name, _complete, build)
+    return {"student": root / "student", "teacher": root / "teacher"}
 
 
 def demo_info(paths: dict[str, Path]) -> dict:

@@ -35,13 +35,26 @@ def test_misaligned_solution_is_wrong_exactly_on_the_carry_subset():
         assert mine.split("|")[1].split("=")[0] == true.split("|")[1].split("=")[0]
 
 
-def test_patched_solution_is_restored():
-    original = arith.solution
-    with pytest.raises(RuntimeError):
-        with study._patched_solution(study.misaligned_solution):
-            assert arith.solution is study.misaligned_solution
-            raise RuntimeError
-    assert arith.solution is original
+def test_sft_targets_are_the_given_solution(monkeypatch):
+    from rlad_ds import demo
+
+    tokenizer = demo.demo_tokenizer()
+    carry = arith.make_example(347, 285)
+    _, _, labels = demo.sft_batch(tokenizer, [carry], study.misaligned_solution)
+    target = tokenizer.decode([t for t in labels[0].tolist() if t != -100][:-1])  # without EOS
+    assert target == study.misaligned_solution(carry) != arith.solution(carry)
+    # train_sft hands its `solution` to every batch (the misaligned teacher is trained this way)
+    seen, real = [], demo.sft_batch
+
+    def recording_sft_batch(tok, batch, solution):
+        seen.append(solution)
+        return real(tok, batch, solution)
+
+    monkeypatch.setattr(demo, "sft_batch", recording_sft_batch)
+    model = demo.build_model(demo.DEFAULT_RECIPE.student, tokenizer, seed=0)
+    demo.train_sft(model, tokenizer, demo.SFTSpec(steps=2, batch_size=2), seed=0, progress=False,
+                   solution=study.misaligned_solution)
+    assert seen == [study.misaligned_solution] * 2
 
 
 def test_aggregate_mean_and_spread():
