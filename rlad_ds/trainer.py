@@ -88,16 +88,17 @@ class Timer:
         self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - start
 
 
-def adapt_alpha(alpha: float, teacher_agreement: float, lo: float, hi: float) -> float:
+def adapt_alpha(alpha: float, kl_teacher: float, lo: float, hi: float) -> float:
     """Adaptive alpha (the paper's "next step"), a documented rule: trust the teacher as far as it agrees.
 
-    `teacher_agreement` = exp(-KL), KL the k3 estimate of KL(student || teacher) on the sampled response
-    tokens (the `kl_teacher` metric), in (0, 1]: 1 when the teacher gives the student's tokens the student's
-    own probabilities. The target alpha is
-    `hi - (hi - lo) * agreement` (strong agreement -> more weight on the teacher, i.e. lower alpha) and
-    alpha moves a tenth of the way there each step, so one noisy batch cannot swing it.
+    `kl_teacher` is the k3 estimate of KL(student || teacher) on the sampled response tokens (the
+    `kl_teacher` metric); agreement = exp(-kl_teacher), in (0, 1]: 1 when the teacher gives the student's
+    tokens the student's own probabilities. The target alpha is `hi - (hi - lo) * agreement` (strong
+    agreement -> more weight on the teacher, i.e. lower alpha) and alpha moves a tenth of the way there each
+    step, so one noisy batch cannot swing it.
     """
-    target = hi - (hi - lo) * teacher_agreement
+    agreement = math.exp(-max(kl_teacher, 0.0))  # k3 is >= 0 per token; max() guards rounding
+    target = hi - (hi - lo) * agreement
     return min(hi, max(lo, alpha + 0.1 * (target - alpha)))
 
 
@@ -352,8 +353,8 @@ class Trainer:
         metrics["time/step"] = elapsed
         metrics["tokens_per_s"] = totals["tokens"] / elapsed
         if self.cfg.loss.adaptive_alpha and "kl_teacher" in metrics:
-            agreement = math.exp(-max(metrics["kl_teacher"], 0.0))
-            self.alpha = adapt_alpha(self.alpha, agreement, self.cfg.loss.alpha_min, self.cfg.loss.alpha_max)
+            self.alpha = adapt_alpha(self.alpha, metrics["kl_teacher"], self.cfg.loss.alpha_min,
+                                     self.cfg.loss.alpha_max)
         return metrics
 
     # ---- evaluation, state, loop ---------------------------------------------------------------------------------

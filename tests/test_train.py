@@ -34,8 +34,9 @@ def check_ok(proc):
 @pytest.mark.parametrize("method", ["rlad", "grpo", "kdrl", "sft"])
 def test_each_method_two_ranks(tiny_models, tmp_path, method):
     out = tmp_path / method
-    # rlad also covers PPO epochs > 1 (an old-policy pass); kdrl covers padding-free packed micro-batches.
-    extra = {"rlad": ["--ppo_epochs", "2"], "kdrl": ["--pack_sequences", "on"]}.get(method, [])
+    # rlad also covers PPO epochs > 1 (an old-policy pass) and adaptive alpha; kdrl covers padding-free packed
+    # micro-batches.
+    extra = {"rlad": ["--ppo_epochs", "2", "--adaptive_alpha"], "kdrl": ["--pack_sequences", "on"]}.get(method, [])
     proc = run_deepspeed(train_args(tiny_models, out, "--method", method, "--max_steps", "2", *extra), nprocs=2,
                          env=ENV)
     check_ok(proc)
@@ -58,6 +59,12 @@ def test_each_method_two_ranks(tiny_models, tmp_path, method):
             assert r["loss"] == pytest.approx(r["policy_loss"]) and abs(r["loss"]) < 1e-5
         if method == "kdrl":  # the batch loss is its parts, summed over micro-batches and ranks
             assert r["loss"] == pytest.approx(r["policy_loss"] + 0.1 * r["kd_loss"], rel=1e-4, abs=1e-7)
+    if method == "rlad":  # step 2 trains with the alpha adapted from step 1's KL to the teacher
+        from rlad_ds.trainer import adapt_alpha
+
+        assert steps[0]["alpha"] == 0.5 and steps[0]["kl_teacher"] > 0
+        assert steps[1]["alpha"] == pytest.approx(adapt_alpha(0.5, steps[0]["kl_teacher"], 0.1, 0.9))
+        assert steps[1]["alpha"] != 0.5
     assert records[-1].get("eval_accuracy") is not None
     export = out / "student_hf"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
@@ -159,14 +166,19 @@ def test_demo_defaults_fill_only_what_the_user_left_alone():
 
 
 def test_adaptive_alpha_rule():
+    import math
+
     from rlad_ds.trainer import adapt_alpha
 
-    # Full agreement pulls alpha towards the lower bound (more weight on the teacher), none towards the upper,
-    # a tenth of the way per step, never past the bounds.
-    assert adapt_alpha(0.5, 1.0, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (0.1 - 0.5))
-    assert adapt_alpha(0.5, 0.0, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (0.9 - 0.5))
+    # KL 0 (full agreement) pulls alpha towards the lower bound (more weight on the teacher), a large KL towards
+    # the upper, a tenth of the way per step, never past the bounds; the target in between is hi - (hi-lo)*exp(-KL).
+    assert adapt_alpha(0.5, 0.0, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (0.1 - 0.5))
+    assert adapt_alpha(0.5, 1e9, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (0.9 - 0.5))
+    target = 0.9 - 0.8 * math.exp(-0.7)
+    assert adapt_alpha(0.5, 0.7, 0.1, 0.9) == pytest.approx(0.5 + 0.1 * (target - 0.5))
+    assert adapt_alpha(0.5, -1e-7, 0.1, 0.9) == adapt_alpha(0.5, 0.0, 0.1, 0.9)  # rounding below 0 is agreement 1
     alpha = 0.5
     for _ in range(200):
-        alpha = adapt_alpha(alpha, 1.0, 0.1, 0.9)
+        alpha = adapt_alpha(alpha, 0.0, 0.1, 0.9)
     assert alpha == pytest.approx(0.1, abs=1e-6) and alpha >= 0.1
-    assert adapt_alpha(0.95, 0.0, 0.1, 0.9) == 0.9
+    assert adapt_alpha(0.95, 1e9, 0.1, 0.9) == 0.9
