@@ -503,14 +503,21 @@ def token_confidence(student_dir: str, examples: list[dict]) -> list[dict]:
 
 # ---- main ------------------------------------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps, 1 seed (<= 5 min on 2 cores)")
     parser.add_argument("--out", default="docs/study", help="output prefix: <out>.json, <out>.png, <out>.tables.md")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
-    parser.add_argument("--steps", type=int, default=None, help="override the mode's steps")
-    parser.add_argument("--seeds", type=int, default=None, help="override the mode's seeds")
-    parser.add_argument("--sweep_seeds", type=int, default=None, help="override the mode's sweep seeds")
+    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="override the mode's steps")
+    parser.add_argument("--seeds", type=_positive_int, default=None, help="override the mode's seeds")
+    parser.add_argument("--sweep_seeds", type=_positive_int, default=None, help="override the mode's sweep seeds")
     parser.add_argument("--confidence", action="store_true",
                         help="only print the initial student's per-position confidence in the correct solution")
     args = parser.parse_args(argv)

@@ -147,3 +147,12 @@ def test_token_confidence_matches_a_direct_forward(tmp_path):
             expected.append(torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)[first].item())
     assert rows[0]["mean_p"] == pytest.approx(sum(expected) / 2, rel=1e-5)
     assert rows[0]["frac_below_0.9"] == sum(p < 0.9 for p in expected) / 2
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--steps", "--seeds", "--sweep_seeds"])
+def test_bad_counts_are_refused_with_one_line(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main([flag, "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be a positive integer, got 0" in err and "Traceback" not in err
