@@ -1,12 +1,8 @@
 """Scoring completions: `score` for one, `RewardRunner` for a batch with a hard per-call timeout.
 
-Why processes: a verifier can hang (sympy on `9^9^9^9^9`), and a thread cannot be stopped; worse, C-level
-big-number arithmetic holds the GIL, so even the thread waiting on the timeout stalls. Only a process can
-be stopped for sure. To keep that cheap, workers are started once (fresh interpreters, not forks: the
-trainer process holds CUDA/NCCL threads that make fork unsafe) and kept across batches: a call costs one pipe round trip
-(tens of microseconds). A worker that misses its deadline is killed and replaced (one interpreter start,
-about a second with sympy); its call scores 0 and is counted as a timeout. A verifier exception scores 0
-and is counted as an error. Neither stops the run.
+Each call runs in a persistent worker process (`rlad_ds.isolation`), the only thing that can stop a hung
+verifier for sure. A worker that misses its deadline is killed and replaced; its call scores 0 and is
+counted as a timeout. A verifier exception scores 0 and is counted as an error. Neither stops the run.
 
 Workers resolve the task by name, so a `RewardRunner` takes what `rlad_ds.tasks.get_task` accepts in a
 fresh process: a built-in name or `module:function`.
@@ -14,151 +10,21 @@ fresh process: a built-in name or `module:function`.
 
 from __future__ import annotations
 
-import atexit
-import importlib
-import json
 import math
-import socket
-import subprocess
-import sys
 import time
-import weakref
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Sequence
 
-STARTUP_TIMEOUT_S = 120.0
+from rlad_ds.isolation import IsolatedWorker, WorkerError
+from rlad_ds.tasks import get_task
+
 MAX_MESSAGES = 20  # error messages kept per batch, for the log
 
 
 def score(task: str, completion: str, example: dict) -> float:
     """Accuracy in [0, 1] of `completion` on the raw record `example` for a registered task (in-process)."""
-    from rlad_ds.tasks import get_task
-
     return float(get_task(task).score(completion, example))
-
-
-_IN_WORKER = False
-
-
-def in_worker() -> bool:
-    """True inside an `IsolatedWorker` process, whose parent enforces the deadline."""
-    return _IN_WORKER
-
-
-class WorkerError(RuntimeError):
-    """The call raised inside the worker (the message is `Type: text`) or the worker died."""
-
-
-def _resolve(target: str):
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _worker_main(fd: int, target: str) -> None:
-    """Entry point of a worker process: serve `target(*args)` calls over the socket `fd` until EOF."""
-    global _IN_WORKER
-    _IN_WORKER = True
-    conn = Connection(fd)
-    try:
-        fn = _resolve(target)
-    except BaseException as error:  # report why it cannot start instead of dying silently
-        conn.send(("fatal", f"{type(error).__name__}: {error}"))
-        return
-    conn.send(("ready", None))
-    while True:
-        try:
-            args = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(("ok", fn(*args)))
-        except Exception as error:
-            conn.send(("error", f"{type(error).__name__}: {error}"))
-
-
-_WORKER_BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[3]); " \
-               "from rlad_ds.rewards import _worker_main; _worker_main(int(sys.argv[1]), sys.argv[2])"
-
-
-class IsolatedWorker:
-    """One worker process running `target(*args)` calls ("module:function") one at a time.
-
-    Started as a fresh interpreter (subprocess + socketpair) rather than multiprocessing "spawn", which
-    re-runs the caller's main script and so breaks plain scripts without an `if __name__` guard.
-    """
-
-    def __init__(self, target: str):
-        self.target = target
-        self.process = None
-        self.conn = None
-
-    def start(self) -> None:
-        """Start the process and wait until `target` is imported; raises WorkerError if it cannot be."""
-        parent, child = socket.socketpair()
-        path = json.dumps([p for p in sys.path if p])
-        self.process = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, str(child.fileno()), self.target, path],
-                                        pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
-        child.close()
-        self.conn = Connection(parent.detach())
-        _LIVE.add(self)
-        if not self.conn.poll(STARTUP_TIMEOUT_S):
-            self.kill()
-            raise WorkerError(f"worker for {self.target} did not start within {STARTUP_TIMEOUT_S:.0f}s")
-        status, message = self._receive()
-        if status != "ready":
-            self.kill()
-            raise WorkerError(f"worker cannot load {self.target}: {message}")
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def send(self, args: tuple) -> None:
-        """Start the call `target(*args)`, (re)starting the process first if it is not running."""
-        if not self.alive:
-            self.kill()  # releases a dead process's socket
-            self.start()
-        self.conn.send(args)
-
-    def receive(self):
-        """The pending call's value; raises WorkerError if it raised or the worker died."""
-        status, value = self._receive()
-        if status != "ok":
-            raise WorkerError(value)
-        return value
-
-    def _receive(self):
-        try:
-            return self.conn.recv()
-        except (EOFError, OSError):
-            self.kill()
-            return "error", "worker process died"
-
-    def call(self, args: tuple, timeout_s: float):
-        """`target(*args)` with a hard deadline: TimeoutError (worker killed) or WorkerError on failure."""
-        self.send(args)
-        if not self.conn.poll(timeout_s):
-            self.kill()
-            raise TimeoutError(f"{self.target} took over {timeout_s}s")
-        return self.receive()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.conn.close()
-        self.process, self.conn = None, None
-        _LIVE.discard(self)
-
-
-_LIVE: "weakref.WeakSet[IsolatedWorker]" = weakref.WeakSet()
-
-
-@atexit.register
-def _kill_live_workers() -> None:
-    for worker in list(_LIVE):
-        worker.kill()
 
 
 @dataclass
@@ -181,8 +47,6 @@ class RewardRunner:
     """Scores batches in `workers` persistent processes; each call has a hard `timeout_s`."""
 
     def __init__(self, task: str, timeout_s: float = 10.0, workers: int = 2):
-        from rlad_ds.tasks import get_task
-
         get_task(task)  # fail here, with the task's own error, rather than in every worker
         if timeout_s <= 0 or workers < 1:
             raise ValueError(f"need timeout_s > 0 and workers >= 1, got {timeout_s}, {workers}")

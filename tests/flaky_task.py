@@ -8,7 +8,7 @@ the reward workers: dataset validation also calls `score` (in the trainer proces
 
 import time
 
-from rlad_ds.rewards import in_worker
+from rlad_ds.isolation import in_worker
 from rlad_ds.tasks.base import Task
 
 SLEEP_S = 60.0

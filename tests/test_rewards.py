@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rlad_ds import rewards, tasks
+from rlad_ds import isolation, rewards, tasks
 from rlad_ds.errors import ConfigError
 from rlad_ds.tasks.base import Task
 
@@ -150,20 +150,20 @@ def test_runner_rejects_bad_arguments(user_module):
 
 
 def test_isolated_worker_reports_a_target_it_cannot_load():
-    worker = rewards.IsolatedWorker("rlad_no_such_module:f")
-    with pytest.raises(rewards.WorkerError, match="ModuleNotFoundError"):
+    worker = isolation.IsolatedWorker("rlad_no_such_module:f")
+    with pytest.raises(isolation.WorkerError, match="ModuleNotFoundError"):
         worker.start()
     assert not worker.alive
 
 
 def test_isolated_worker_call_and_timeout():
-    worker = rewards.IsolatedWorker("time:sleep")
+    worker = isolation.IsolatedWorker("time:sleep")
     try:
         assert worker.call((0,), 30) is None
         with pytest.raises(TimeoutError):
             worker.call((30,), 0.5)
         assert not worker.alive
-        with pytest.raises(rewards.WorkerError, match="TypeError"):
+        with pytest.raises(isolation.WorkerError, match="TypeError"):
             worker.call(("x",), 30)  # restarted on demand
     finally:
         worker.kill()

@@ -10,7 +10,7 @@ else the last number. It is compared with the gold answer by math-verify (so 1/2
 
 Timeout: sympy can hang on inputs like `9^9^9^9^9`. math-verify's own timeout uses SIGALRM, which only
 works in a process's main thread and cannot interrupt C code. So a comparison runs in an isolated worker
-process (`rlad_ds.rewards.IsolatedWorker`, one per calling thread, started on first use and kept) that is
+process (`rlad_ds.isolation.IsolatedWorker`, one per calling thread, started on first use and kept) that is
 killed at the deadline; a timeout scores 0. Inside a `RewardRunner` worker, whose parent already enforces
 a deadline, the comparison runs in place, with math-verify's signal timeout as a second guard.
 """
@@ -22,6 +22,7 @@ import math
 import re
 import threading
 
+from rlad_ds.isolation import IsolatedWorker, in_worker
 from rlad_ds.tasks.base import Task
 
 TIMEOUT_S = 5.0
@@ -102,8 +103,6 @@ def verify_strings(gold: str, answer: str, signal_timeout_s: int | None = None) 
 
 def is_equivalent(gold: str, answer: str, timeout_s: float = TIMEOUT_S) -> bool:
     """`verify_strings` with a hard deadline; False on timeout."""
-    from rlad_ds.rewards import IsolatedWorker, in_worker
-
     if in_worker():
         main = threading.current_thread() is threading.main_thread()
         return verify_strings(gold, answer, max(1, math.ceil(timeout_s)) if main else None)
