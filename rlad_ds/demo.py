@@ -39,10 +39,17 @@ from rlad_ds.tasks import arith
 from rlad_ds.tiny import char_tokenizer, tiny_config
 
 FORMAT_VERSION = 1  # bump when the files written or the training code change meaning
+CACHE_DIR = Path(os.environ.get("RLAD_CACHE", Path.home() / ".cache" / "rlad_ds")) / "demo"
 # Raw template: user content only; assistant content (for completeness) followed by EOS; no generation prompt.
 DEMO_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<|im_end|>"
                       "{% elif m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}")
 MAX_NEW_TOKENS = 48  # the worked solution is 32 characters + EOS
+# The demo's recipe, a profile of the config tree (`rlad_ds.config`): `launchers/train.py` with no --student
+# starts from these values, under the user's --config file and flags, which still override any of them.
+PROFILE = {"data": {"task": "arith"}, "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
+           "train": {"prompts_per_step": 16, "lr": 1e-5, "max_steps": 60, "save_steps": 0,
+                     "output_dir": "outputs/demo"},
+           "eval": {"eval_size": 200, "eval_steps": 20}}
 
 
 @dataclass(frozen=True)
@@ -356,6 +363,6 @@ if __name__ == "__main__":  # python -m rlad_ds.demo [CACHE_DIR]: build (or reus
     import sys
 
     start = time.perf_counter()
-    result = prepare_demo(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache" / "rlad_ds" / "demo")
+    result = prepare_demo(sys.argv[1] if len(sys.argv) > 1 else CACHE_DIR)
     print(json.dumps(demo_info(result), indent=2))
     print(f"prepare_demo: {time.perf_counter() - start:.1f} s; {result}")

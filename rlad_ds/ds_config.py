@@ -1,9 +1,10 @@
 """The one place that builds DeepSpeed JSON.
 
 Config files under `ds_configs/` leave the values the trainer knows as "auto"; the functions here fill
-them from plain keyword arguments, pick the precision from the device (bf16 on GPU, fp32 on CPU, where
-DeepSpeed's CPU accelerator trains in fp32) and check what the engines rely on (ZeRO stage 3).
-Every function returns a new dict and leaves its input untouched.
+them from plain keyword arguments (`fill_train_config`, `inference_config`) or from the `rlad_ds.config`
+tree (`student_ds_config`, `frozen_ds_config`), resolve the precision (`--precision auto`: bf16 on
+accelerators, fp32 on CPU; bf16 also runs on DeepSpeed's CPU accelerator) and check what the engines rely on
+(ZeRO stage 3). Every function returns a new dict and leaves its input untouched.
 """
 
 from __future__ import annotations
@@ -60,13 +61,18 @@ def require_zero_stage(config: dict, stage: int = 3, role: str = "student") -> N
                           f"zero_optimization.stage to {stage}")
 
 
-def _fill_precision(config: dict, device: str) -> None:
-    """bf16 on accelerators, fp32 on CPU; fp16 is not supported by this trainer."""
-    use_bf16 = device != "cpu"
+def resolve_precision(precision: str, device: str) -> str:
+    """"bf16" or "fp32" (`rlad_ds.config.PRECISIONS`): `auto` is bf16 on accelerators and fp32 on CPU."""
+    if precision == "auto":
+        return "fp32" if device == "cpu" else "bf16"
+    return precision
+
+
+def _fill_precision(config: dict, precision: str, device: str) -> None:
     bf16 = config.setdefault("bf16", {})
-    _fill(bf16, "enabled", use_bf16, "bf16.")
+    _fill(bf16, "enabled", resolve_precision(precision, device) == "bf16", "bf16.")
     if config.get("fp16", {}).get("enabled", False) is True:
-        raise ConfigError("DeepSpeed config enables fp16; this trainer uses bf16 on GPU and fp32 on CPU: "
+        raise ConfigError("DeepSpeed config enables fp16; this trainer uses bf16 or fp32 (--precision): "
                           "remove the fp16 section")
 
 
@@ -91,8 +97,10 @@ def dtype_of(config: dict):
 
 def fill_train_config(config: str | Path | dict, *, world_size: int, micro_batch_size: int,
                       gradient_accumulation_steps: int, lr: float, gradient_clipping: float, device: str,
-                      persistence_threshold: int | None = None, require_stage3: bool = True) -> dict:
-    """The student's training config with every "auto" filled (batch sizes, lr, clipping, precision)."""
+                      weight_decay: float = 0.0, precision: str = "auto", persistence_threshold: int | None = None,
+                      require_stage3: bool = True) -> dict:
+    """The student's training config with every "auto" filled (batch sizes, lr, weight decay, clipping,
+    precision)."""
     config = _as_dict(config)
     if require_stage3:
         require_zero_stage(config, 3, "student")
@@ -103,19 +111,22 @@ def fill_train_config(config: str | Path | dict, *, world_size: int, micro_batch
     optimizer_params = config.get("optimizer", {}).get("params")
     if isinstance(optimizer_params, dict):
         _fill(optimizer_params, "lr", float(lr), "optimizer.params.")
+        _fill(optimizer_params, "weight_decay", float(weight_decay), "optimizer.params.")
     scheduler_params = config.get("scheduler", {}).get("params")
     if isinstance(scheduler_params, dict):
         for key in ("warmup_max_lr", "cos_min_lr"):
             if scheduler_params.get(key) == AUTO:
                 scheduler_params[key] = float(lr) if key == "warmup_max_lr" else 0.0
-    _fill_precision(config, device)
+    _fill_precision(config, precision, device)
     _fill_zero(config, device, persistence_threshold)
     return config
 
 
-def teacher_config(config: str | Path | dict | None = None, *, offload: bool = True, world_size: int,
-                   micro_batch_size: int, device: str, persistence_threshold: int | None = None) -> dict:
-    """The frozen teacher's inference config: ZeRO-3, no optimizer, parameters offloaded to CPU if `offload`.
+def inference_config(config: str | Path | dict | None = None, *, offload: bool = True, world_size: int,
+                     micro_batch_size: int, device: str, precision: str = "auto",
+                     persistence_threshold: int | None = None) -> dict:
+    """A frozen model's inference config (teacher, reference, evaluated model): ZeRO-3, no optimizer,
+    parameters offloaded to CPU if `offload`.
 
     `config` defaults to ds_configs/teacher_offload.json or teacher.json; `offload` then also adds or
     removes `offload_param` so one file serves both.
@@ -135,6 +146,24 @@ def teacher_config(config: str | Path | dict | None = None, *, offload: bool = T
     _fill(config, "train_micro_batch_size_per_gpu", int(micro_batch_size), "")
     _fill(config, "gradient_accumulation_steps", 1, "")
     _fill(config, "train_batch_size", int(micro_batch_size * world_size), "")
-    _fill_precision(config, device)
+    _fill_precision(config, precision, device)
     _fill_zero(config, device, persistence_threshold)
     return config
+
+
+def student_ds_config(cfg, world_size: int, device: str) -> dict:
+    """The student engine's DeepSpeed config from the `rlad_ds.config.Config` tree.
+
+    Each rank's micro-batch count varies with response lengths (a token budget); DeepSpeed only needs a
+    nominal micro-batch size, and the trainer marks the accumulation boundary itself.
+    """
+    return fill_train_config(cfg.deepspeed, world_size=world_size, micro_batch_size=1, gradient_accumulation_steps=1,
+                             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, gradient_clipping=cfg.train.grad_clip,
+                             device=device, precision=cfg.model.precision,
+                             persistence_threshold=cfg.model.param_persistence_threshold)
+
+
+def frozen_ds_config(cfg, offload: bool, world_size: int, device: str) -> dict:
+    """A frozen model's DeepSpeed config (teacher, reference, evaluated model) from the Config tree."""
+    return inference_config(offload=offload, world_size=world_size, micro_batch_size=1, device=device,
+                            precision=cfg.model.precision, persistence_threshold=cfg.model.param_persistence_threshold)

@@ -16,6 +16,16 @@ round; its equations (3), (5) and Appendix C agree with this convention.)
 The teacher clamp is a plain `clamp`: where `|logp - teacher_logp| > c` the teacher term is constant,
 so only the `alpha` share of the ratio's gradient flows there (a trust region on the teacher side, as
 PPO's clip is on the old-policy side). With `A = 0` the teacher has no effect on the gradient.
+
+Temperature convention: all four log-probs (`logp`, `old_logp`, `teacher_logp`, `ref_logp`) are of the
+same distribution family, softmax(logits / T) with T the rollout temperature (the trainer passes T to
+every scorer). The responses are sampled from the student's tempered distribution, so the PPO ratio must
+compare tempered probabilities (verl, OpenRLHF and TRL divide the current, old and reference logits by
+T); the teacher's term in the TRRD ratio and the KL estimators compare the student with the teacher, so
+the teacher is tempered alike (as DeepSpeed's `generalized_jsd_loss` and TRL's distillation trainer do):
+a teacher identical to the student then gives `logp - teacher_logp = 0` at every temperature, whereas an
+untempered teacher would move the trust region at T != 1 even when the two models agree exactly.
+At T = 1 (the paper's training setting) every convention coincides.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import torch
 
 LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Metrics that are shares of the batch loss (normalised by the whole batch): micro-batch values add up.
+LOSS_PARTS = ("policy_loss", "kd_loss")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,6 +183,28 @@ def kdrl_loss(logp, old_logp, teacher_logp, advantages, mask, *, beta_kd, kl_est
                                  ref_logp=ref_logp, beta_ref=beta_ref, extra_per_token=beta_kd * teacher_kl)
     metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm).item()
     metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
+    return loss, metrics
+
+
+def kd_loss(logp, teacher_logp, mask, *, beta_kd, kl_estimator="k2", loss_agg="seq-mean-token-mean", ref_logp=None,
+            beta_ref=0.0, max_len=None, loss_norm=None):
+    """On-policy distillation with no reward: `beta_kd` * KL(pi_S || pi_T) on the student's own samples.
+
+    The value and gradient are those of `kdrl_loss` with every advantage zero. With k2 (the default) the
+    per-token gradient is `(logp - teacher_logp) * grad(logp)`, the score-function gradient of the reverse
+    KL; k1's gradient, `grad(logp)`, has zero expectation on on-policy samples and trains nothing.
+    """
+    teacher_kl = kl_estimate(logp, teacher_logp, kl_estimator)
+    per_token = beta_kd * teacher_kl
+    metrics = {}
+    if ref_logp is not None and beta_ref:
+        ref_kl = kl_estimate(logp, ref_logp, "k3")
+        per_token = per_token + beta_ref * ref_kl
+        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask).item()
+    loss = aggregate(per_token, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
+    metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm).item()
+    with torch.no_grad():
+        metrics["kl_teacher"] = masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask).item()
     return loss, metrics
 
 

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from rlad_ds.ds_config import (CONFIG_DIR, dtype_of, fill_train_config, load_ds_config, require_zero_stage,
-                               teacher_config)
+from rlad_ds.config import config_from_layers
+from rlad_ds.ds_config import (CONFIG_DIR, dtype_of, fill_train_config, frozen_ds_config, inference_config,
+                               load_ds_config, require_zero_stage, student_ds_config)
 from rlad_ds.errors import ConfigError
 
 TRAIN = dict(world_size=2, micro_batch_size=4, gradient_accumulation_steps=3, lr=2e-6, gradient_clipping=1.0)
@@ -33,6 +34,7 @@ def test_fill_student_config(name):
     assert config["train_batch_size"] == 24
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 3
     assert config["optimizer"]["params"]["lr"] == 2e-6 and config["gradient_clipping"] == 1.0
+    assert config["optimizer"]["params"]["weight_decay"] == 0.0
     assert config["bf16"]["enabled"] is False and dtype_of(config) == torch.float32
     assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "auto" not in json.dumps(config)
@@ -67,15 +69,41 @@ def test_stage_three_required():
         require_zero_stage({}, 3, "teacher")
 
 
-def test_teacher_configs():
-    offload = teacher_config(offload=True, world_size=2, micro_batch_size=3, device="cpu", persistence_threshold=0)
+def test_inference_configs():
+    offload = inference_config(offload=True, world_size=2, micro_batch_size=3, device="cpu", persistence_threshold=0)
     assert offload["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
     assert offload["train_batch_size"] == 6 and "optimizer" not in offload and offload["bf16"]["enabled"] is False
-    plain = teacher_config(offload=False, world_size=2, micro_batch_size=3, device="cuda")
+    plain = inference_config(offload=False, world_size=2, micro_batch_size=3, device="cuda")
     assert "offload_param" not in plain["zero_optimization"] and plain["bf16"]["enabled"] is True
     # One file serves both: offload=False strips offload_param from the offload template.
-    stripped = teacher_config(CONFIG_DIR / "teacher_offload.json", offload=False, world_size=1, micro_batch_size=1,
+    stripped = inference_config(CONFIG_DIR / "teacher_offload.json", offload=False, world_size=1, micro_batch_size=1,
                               device="cpu")
     assert "offload_param" not in stripped["zero_optimization"]
     with pytest.raises(ConfigError, match="frozen"):
-        teacher_config(load_ds_config(CONFIG_DIR / "zero3.json"), world_size=1, micro_batch_size=1, device="cpu")
+        inference_config(load_ds_config(CONFIG_DIR / "zero3.json"), world_size=1, micro_batch_size=1, device="cpu")
+
+
+def test_the_config_tree_reaches_the_deepspeed_json():
+    """Weight decay, precision and the persistence threshold are config fields that reach every engine's JSON."""
+    cfg = config_from_layers({"train": {"lr": 3e-6, "weight_decay": 0.05, "grad_clip": 0.5},
+                              "model": {"precision": "bf16", "param_persistence_threshold": 7}})
+    student = student_ds_config(cfg, world_size=2, device="cpu")
+    assert student["optimizer"]["params"]["weight_decay"] == 0.05 and student["optimizer"]["params"]["lr"] == 3e-6
+    assert student["gradient_clipping"] == 0.5 and student["bf16"]["enabled"] is True  # bf16 on CPU when asked
+    assert student["zero_optimization"]["stage3_param_persistence_threshold"] == 7
+    frozen = frozen_ds_config(cfg, offload=True, world_size=2, device="cpu")
+    assert frozen["bf16"]["enabled"] is True and frozen["zero_optimization"]["stage3_param_persistence_threshold"] == 7
+    auto = config_from_layers({})
+    assert student_ds_config(auto, 1, "cpu")["bf16"]["enabled"] is False  # auto: fp32 on CPU ...
+    assert student_ds_config(auto, 1, "cuda")["bf16"]["enabled"] is True  # ... bf16 on accelerators
+    assert student_ds_config(auto, 1, "cuda")["zero_optimization"]["stage3_param_persistence_threshold"] == 1e5
+    fp32 = config_from_layers({"model": {"precision": "fp32"}})
+    assert frozen_ds_config(fp32, False, 1, "cuda")["bf16"]["enabled"] is False
+
+
+def test_a_fixed_weight_decay_that_disagrees_is_refused():
+    config = load_ds_config(CONFIG_DIR / "zero3.json")
+    config["optimizer"]["params"]["weight_decay"] = 0.0
+    assert fill_train_config(config, device="cpu", **TRAIN)["optimizer"]["params"]["weight_decay"] == 0.0
+    with pytest.raises(ConfigError, match="weight_decay=0.0 but the trainer needs 0.1"):
+        fill_train_config(config, device="cpu", weight_decay=0.1, **TRAIN)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from rlad_ds.config import config_from_layers
 from rlad_ds.errors import ConfigError
 from rlad_ds.models import (TokenizerMismatchError, check_model_dir, check_tokenizers_match, choose_attention,
                             flash_attention_available, load_tokenizer, param_bytes)
@@ -45,20 +46,20 @@ def test_special_token_mismatch_refused(tiny_tokenizer):
 
 
 def test_teacher_load_refuses_other_tokenizer(tmp_path):
-    from rlad_ds.teacher import Teacher
+    from rlad_ds.teacher import load_frozen
     from rlad_ds.tiny import save_tiny_model
 
     teacher_dir = save_tiny_model(tmp_path / "teacher", "qwen3", char_tokenizer("xyz"), hidden=16, layers=1)
     with pytest.raises(TokenizerMismatchError):  # refused before any DeepSpeed or distributed set-up
-        Teacher.load(teacher_dir, {}, student_tokenizer=char_tokenizer())
+        load_frozen(teacher_dir, {}, student_tokenizer=char_tokenizer())
 
 
 def test_attention_choice():
     assert choose_attention("cpu") == "sdpa"
     assert choose_attention("cuda") == ("flash_attention_2" if flash_attention_available() else "sdpa")
     assert choose_attention("cpu", "eager") == "eager"
-    with pytest.raises(ConfigError, match="unknown"):
-        choose_attention("cpu", "xformers")
+    with pytest.raises(ConfigError, match="--attn_implementation 'xformers' is unknown"):  # validated by the config
+        config_from_layers({"model": {"attn_implementation": "xformers"}})
     if not flash_attention_available():
         with pytest.raises(ConfigError, match="install flash-attn or choose sdpa"):
             choose_attention("cuda", "flash_attention_2")
