@@ -1,12 +1,13 @@
-"""Mean@k / Pass@k evaluation: `[deepspeed] launchers/eval.py --model DIR --task kk [--n 32 --k 1,8,32 ...]`.
+"""Mean@k / Pass@k evaluation: `[deepspeed] launchers/eval.py --model DIR --task kk [--eval_samples 32 ...]`.
 
-Runs as a plain `python launchers/eval.py` (one process) or under the deepspeed launcher (examples sharded
-over ranks). `--help` lists every option with its default; the logic is `rlad_ds.evaluation.eval_main`.
+Runs as a plain `python launchers/eval.py` (one process) or under the deepspeed launcher (problems sharded
+over ranks). `--help` lists every option with its default; the names and defaults are the training
+launcher's. The same entry point is installed as the console script `rlad-eval`.
 """
 
 import sys
 
-from rlad_ds.evaluation import eval_main
+from rlad_ds.cli import eval_main
 
 if __name__ == "__main__":
     sys.exit(eval_main())

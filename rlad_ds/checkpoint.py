@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlad_ds.callbacks import Callback
 from rlad_ds.errors import ConfigError
 
 MARKER = "COMPLETE"
@@ -132,6 +133,16 @@ def load_checkpoint(engine, directory: Path) -> dict:
     return json.loads((directory / "trainer_state.json").read_text())
 
 
+class ExportHF(Callback):
+    """At the end of the run, the trained student as a plain transformers model dir (safetensors + tokenizer)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer, history: dict) -> None:
+        export_hf(trainer.engines.student, trainer.tokenizer, self.out_dir)
+
+
 def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
     """Write the consolidated student as an HF dir (safetensors + tokenizer); collective, rank 0 writes."""
     out_dir = Path(out_dir)
@@ -146,3 +157,36 @@ def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
         os.replace(tmp, out_dir)
     _barrier()
     return out_dir
+
+
+# Fields that may change between a run and its resumption without making it a different run.
+_RESUMABLE = {"train": {"max_steps", "resume", "save_steps", "keep_last", "overwrite_output_dir", "report_to",
+                        "collective_timeout_s", "output_dir"},
+              "eval": {"eval_size", "eval_steps", "eval_dataset", "eval_split", "eval_samples", "eval_k",
+                       "eval_temperature", "eval_top_p", "eval_top_k", "eval_offload"}}
+
+
+def run_identity(cfg) -> dict:
+    """The config fields that define a run (what `--resume` must match), as JSON-ready values."""
+    identity = json.loads(json.dumps(cfg.to_dict()))
+    for section, fields in _RESUMABLE.items():
+        identity[section] = {k: v for k, v in identity[section].items() if k not in fields}
+    return identity
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse an output dir that holds a different run, unless told to overwrite (nothing is deleted here)."""
+    record = Path(cfg.train.output_dir) / "run_config.json"
+    if not record.is_file() or cfg.train.overwrite_output_dir:
+        return
+    try:
+        previous = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"--output_dir {cfg.train.output_dir} has an unreadable run_config.json; choose another "
+                          f"--output_dir or pass --overwrite_output_dir") from None
+    if previous != run_identity(cfg):
+        raise ConfigError(f"--output_dir {cfg.train.output_dir} holds a different run (see its run_config.json); "
+                          f"choose another --output_dir or pass --overwrite_output_dir")
+    if cfg.train.resume == "none" and complete_checkpoints(cfg.train.output_dir):
+        raise ConfigError(f"--output_dir {cfg.train.output_dir} already has checkpoints of this run; pass "
+                          f"--resume auto to continue it or --overwrite_output_dir to start again")

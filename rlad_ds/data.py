@@ -13,8 +13,8 @@ Sources:
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`datasets.load_from_disk`).
 - anything else that is not a path: a hub dataset name, passed to `datasets.load_dataset` (needs network).
 
-`load_train_examples` / `load_eval_examples` read a `rlad_ds.config.DataConfig` and return the trainer's
-form (records with a "prompt_text" key).
+`load_train_examples` reads a `rlad_ds.config.DataConfig`, `load_eval_examples` a whole `Config` (its
+`eval` section); both return the trainer's form (records with a "prompt_text" key).
 
 A row is usable when every mapped column exists and the task accepts it: `task.prompt(record)` and
 `task.score("", record)` do not raise (tasks raise ValueError/KeyError naming the bad field). A bad row is
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from rlad_ds.errors import ConfigError
+from rlad_ds.tasks import get_task
 from rlad_ds.tasks.base import Task
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -145,28 +146,36 @@ def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> Examples:
     The items are records (see `as_records`); `.skipped` / `.messages` say what `skip_bad_rows` dropped, so
     that the caller can report it.
     """
-    from rlad_ds.tasks import get_task
-
-    task = get_task(data_cfg.task or "kk")
+    task = get_task(data_cfg.task)
     n = data_cfg.train_size if data_cfg.dataset is None else None
     examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed, **_options(data_cfg, tokenizer))
     return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
 
 
-def load_eval_examples(data_cfg, tokenizer, size: int, seed: int = 0) -> list[dict]:
-    """`size` held-out prompts: the task's generated "test" split (disjoint from its "train" split), else the
-    "test" split of a saved dataset dict; [] when neither exists (a single file has no held-out part)."""
-    from rlad_ds.tasks import get_task
+def load_eval_examples(cfg, tokenizer) -> Examples:
+    """Held-out problems (records with "prompt_text") for the `eval` section of a `rlad_ds.config.Config`.
 
-    task = get_task(data_cfg.task or "kk")
-    if size <= 0:
-        return []
-    if task.generate is not None:
-        return as_records(load_examples(task, None, split="test", n=size, seed=seed, **_options(data_cfg, tokenizer)))
-    if data_cfg.dataset is not None and "test" in _saved_splits(Path(data_cfg.dataset).expanduser()):
-        return as_records(load_examples(task, data_cfg.dataset, split="test", n=size,
-                                        **_options(data_cfg, tokenizer)))
-    return []
+    From `eval_dataset` (its `eval_split` when it is a saved dataset dict), else the task's generated "test"
+    split (disjoint from its "train" split, seeded by `train.seed`), else the "test" split of a saved
+    training `dataset` dict; [] when there is none (a single training file has no held-out part) or
+    `eval_size` is 0. `eval_size` caps the rows read (none: every row).
+    """
+    task, size, options = get_task(cfg.data.task), cfg.eval.eval_size, _options(cfg.data, tokenizer)
+    if size == 0:
+        return Examples()
+    source, split = cfg.eval.eval_dataset, cfg.eval.eval_split
+    if source is None and task.generate is not None:
+        if size is None:
+            raise ConfigError(f"--eval_size none means every row of --eval_dataset; say how many {task.name!r} "
+                              "problems to generate")
+        source, split = None, "test"
+    elif source is None:
+        saved = cfg.data.dataset is not None and "test" in _saved_splits(Path(cfg.data.dataset).expanduser())
+        if not saved:
+            return Examples()
+        source, split = cfg.data.dataset, "test"
+    examples = load_examples(task, source, split=split, n=size, seed=cfg.train.seed, **options)
+    return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
 
 
 def _saved_splits(path: Path) -> list[str]:

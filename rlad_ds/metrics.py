@@ -1,7 +1,7 @@
 """Where metrics go: OUTPUT_DIR/metrics.jsonl (always), TensorBoard or wandb, and a rank-0 progress bar.
 
-Only rank 0 writes. On resume the JSONL keeps the lines up to the resumed step and drops the rest, so a
-resumed run's file reads exactly like an uninterrupted one.
+A `Trainer.fit` callback. Only rank 0 writes. On resume the JSONL keeps the lines up to the resumed step
+and drops the rest, so a resumed run's file reads exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import json
 import math
 from pathlib import Path
 
+from rlad_ds.evaluation import eval_metrics
+from rlad_ds.callbacks import Callback
 
-class MetricsLogger:
+
+class MetricsLogger(Callback):
     def __init__(self, output_dir: str | Path, *, rank: int, total_steps: int, start_step: int = 0,
                  report_to: str = "tensorboard", config: dict | None = None):
         self.enabled = rank == 0
@@ -56,8 +59,18 @@ class MetricsLogger:
         shown = {k: record[k] for k in ("reward_mean", "accuracy", "loss", "response_len") if k in record}
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
 
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        self.log(step, metrics)
+
+    def on_evaluate(self, trainer, step: int, results: dict) -> None:
+        if step == 0:  # later evaluations are part of their step's line
+            self.log(0, eval_metrics(results))
+
+    def on_train_end(self, trainer, history: dict) -> None:
+        self.close()
+
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         self.bar.close()
         self.file.close()
@@ -74,3 +87,4 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+

@@ -12,6 +12,9 @@
   `"hybrid_engine": {"enabled": true}`.
 
 Every engine returns a `RolloutOutput`: DeepSpeed's `RolloutBatch` plus response masks and EOS/truncation flags.
+`session()` keeps a model ready across several generate calls (one gather for all of them), and
+`collective_calls` says whether every rank must make the same generate calls (per-layer and hybrid-engine
+generation run collectives inside each call; a gathered session runs none).
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from rlad_ds.errors import ConfigError
 from rlad_ds.models import param_bytes
 
 logger = logging.getLogger(__name__)
-
-ROLLOUT_KINDS = ("auto", "gathered", "hybrid_engine", "per_layer")
 
 
 @dataclass
@@ -71,15 +72,44 @@ def finish_rollout(prompt_mask: torch.Tensor, output_ids: torch.Tensor, n_sample
                          prompt_index=torch.arange(rows, device=output_ids.device) // n_samples)
 
 
+def concat_rollouts(outputs: list[RolloutOutput], pad_token_id: int) -> RolloutOutput:
+    """The rows of several outputs in one, prompts left-padded to the widest and responses right-padded to the
+    longest (each output's rows share one prompt width, its `response_start_idx`)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    starts = [int(o.response_start_idx[0]) for o in outputs]
+    prompt_width = max(starts)
+    width = prompt_width + max(o.input_ids.shape[1] - s for o, s in zip(outputs, starts))
+
+    def stacked(name: str, value) -> torch.Tensor:
+        parts = []
+        for o, s in zip(outputs, starts):
+            tensor = getattr(o, name)
+            left = prompt_width - s
+            parts.append(torch.nn.functional.pad(tensor, (left, width - left - tensor.shape[1]), value=value))
+        return torch.cat(parts)
+
+    offsets = [0]
+    for o in outputs[:-1]:
+        offsets.append(offsets[-1] + int(o.prompt_index.max()) + 1)
+    rows = sum(o.input_ids.shape[0] for o in outputs)
+    return RolloutOutput(input_ids=stacked("input_ids", pad_token_id), attention_mask=stacked("attention_mask", 0),
+                         response_start_idx=torch.full((rows, ), prompt_width, dtype=torch.long,
+                                                       device=outputs[0].input_ids.device),
+                         response_mask=stacked("response_mask", False),
+                         eos=torch.cat([o.eos for o in outputs]), truncated=torch.cat([o.truncated for o in outputs]),
+                         prompt_index=torch.cat([o.prompt_index + k for o, k in zip(outputs, offsets)]))
+
+
 def generation_config(sampling: SamplingConfig, tokenizer):
     """A GenerationConfig that sets every sampling knob, so nothing leaks in from the model's own defaults."""
     from transformers import GenerationConfig
 
     do_sample = sampling.temperature > 0.0
     return GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=do_sample,
-                            temperature=sampling.temperature if do_sample else 1.0,
-                            top_p=sampling.top_p if do_sample else 1.0,
-                            top_k=max(sampling.top_k, 0) if do_sample else 0, repetition_penalty=1.0,
+                            temperature=sampling.temperature if do_sample else None,
+                            top_p=sampling.top_p if do_sample else None,
+                            top_k=max(sampling.top_k, 0) if do_sample else None, repetition_penalty=1.0,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                             use_cache=True)
 
@@ -122,6 +152,7 @@ def gathered_for_generation(engine):
 class _StudentRollout(RolloutEngine):
     """Shared generate(): expand prompts n times, decode, finish. Subclasses choose how the model is made whole."""
 
+    collective_calls = False
     synced_gpus = False
 
     def __init__(self, engine, tokenizer):
@@ -129,10 +160,24 @@ class _StudentRollout(RolloutEngine):
             raise ConfigError("the student tokenizer has no pad token; set tokenizer.pad_token")
         self.engine = engine
         self.tokenizer = tokenizer
+        self._module = None
 
     @abstractmethod
     def _generating_model(self):
         """A context manager yielding the HF module to call generate on."""
+
+    @contextmanager
+    def session(self):
+        """The model ready for generation (gathered, eval mode) until the block ends, for any number of calls."""
+        if self._module is not None:  # already inside a session
+            yield
+            return
+        with self._generating_model() as module, eval_mode(module):
+            self._module = module
+            try:
+                yield
+            finally:
+                self._module = None
 
     @torch.no_grad()
     def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutOutput:
@@ -140,9 +185,9 @@ class _StudentRollout(RolloutEngine):
         prompt_ids = request.prompt_ids.repeat_interleave(n, dim=0)
         prompt_mask = request.prompt_attention_mask.repeat_interleave(n, dim=0)
         config = generation_config(sampling, self.tokenizer)
-        with self._generating_model() as module, eval_mode(module):
-            output_ids = module.generate(prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                         synced_gpus=self.synced_gpus)
+        with self.session():
+            output_ids = self._module.generate(prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                               synced_gpus=self.synced_gpus)
         return finish_rollout(request.prompt_attention_mask, output_ids, n, self.tokenizer.eos_token_id,
                               self.tokenizer.pad_token_id)
 
@@ -166,6 +211,7 @@ class PerLayerRollout(_StudentRollout):
     """ZeRO-3 generation with per-layer gathers; ranks decode in lock-step until every rank is done."""
 
     name = "per_layer"
+    collective_calls = True
     synced_gpus = True
 
     @contextmanager
@@ -177,10 +223,15 @@ class HybridRollout(RolloutEngine):
     """DeepSpeed's HybridEngineRollout, with its output completed into a RolloutOutput."""
 
     name = "hybrid_engine"
+    collective_calls = True
 
     def __init__(self, engine, tokenizer):
         self.tokenizer = tokenizer
         self.inner = HybridEngineRollout(engine=engine, tokenizer=tokenizer)
+
+    @contextmanager
+    def session(self):
+        yield  # DeepSpeed's hybrid engine gathers and releases inside each generate call
 
     def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutOutput:
         batch = self.inner.generate(request, sampling)
@@ -221,8 +272,6 @@ def resolve_rollout_kind(kind: str, model, device: str) -> str:
     When the hybrid engine cannot be used, one line says why. If this returns "hybrid_engine", build the
     student's config with `"hybrid_engine": {"enabled": true}`.
     """
-    if kind not in ROLLOUT_KINDS:
-        raise ConfigError(f"rollout kind {kind!r} is unknown; choose from {ROLLOUT_KINDS}")
     if kind not in ("auto", "hybrid_engine"):
         return kind
     reason = hybrid_engine_unavailable_reason(model, device)
@@ -241,8 +290,6 @@ def build_rollout(kind: str, engine, tokenizer, gather_budget_bytes: int | None 
     """
     from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
 
-    if kind not in ROLLOUT_KINDS:
-        raise ConfigError(f"rollout kind {kind!r} is unknown; choose from {ROLLOUT_KINDS}")
     if kind in ("auto", "hybrid_engine") and isinstance(engine, DeepSpeedHybridEngine):
         return HybridRollout(engine, tokenizer)
     if kind == "hybrid_engine":
@@ -252,7 +299,7 @@ def build_rollout(kind: str, engine, tokenizer, gather_budget_bytes: int | None 
         return PerLayerRollout(engine, tokenizer)
     full_bytes = param_bytes(engine.module)
     if gather_budget_bytes is not None and full_bytes > gather_budget_bytes:
-        logger.warning("rollout: gathering the student needs %.1f MiB, over the %.1f MiB budget; using per-layer "
+        logger.warning("rollout: gathering the model needs %.1f MiB, over the %.1f MiB budget; using per-layer "
                        "ZeRO-3 generation with synced ranks", full_bytes / 2**20, gather_budget_bytes / 2**20)
         return PerLayerRollout(engine, tokenizer)
     return GatheredRollout(engine, tokenizer)

@@ -1,7 +1,10 @@
-"""The frozen teacher: a ZeRO-3 inference engine (parameters optionally offloaded to CPU) that only scores.
+"""The frozen teacher (and any model that only scores): log-probs of the sampled tokens, no optimizer.
 
-It never generates and never keeps full-vocabulary logits: it returns the log-probs of the tokens the
-student sampled, micro-batch by micro-batch under a token budget.
+A `Scorer` wraps a DeepSpeed engine: the teacher's and the reference's are ZeRO-3 inference engines
+(parameters optionally offloaded to CPU, `load_frozen`), the old-policy scorer wraps the student's own
+training engine. It never keeps full-vocabulary logits: it returns the log-probs of the tokens the student
+sampled, micro-batch by micro-batch under a token budget, at the rollout temperature (the convention of
+`rlad_ds.losses`: every log-prob in the loss is of softmax(logits / T)).
 """
 
 from __future__ import annotations
@@ -14,37 +17,21 @@ from rlad_ds.logprobs import microbatch_logprobs, microbatch_slices, synced_micr
 from rlad_ds.models import check_tokenizers_match, load_causal_lm, load_tokenizer
 
 
-class Teacher:
-    """A DeepSpeed engine around a frozen causal LM, plus `score`."""
+class Scorer:
+    """Per-token log-probs of given token ids under a (frozen, or no-grad) DeepSpeed engine."""
 
-    def __init__(self, engine, tokenizer, *, chunk_size: int | None = None, max_tokens_per_microbatch: int = 16384,
-                 packed: bool = False):
+    def __init__(self, engine, tokenizer, *, temperature: float = 1.0, chunk_size: int | None = None,
+                 max_tokens_per_microbatch: int = 16384, packed: bool = False):
         self.engine = engine
-        self.packed = packed
         self.tokenizer = tokenizer
+        self.temperature = temperature
         self.chunk_size = chunk_size
         self.max_tokens_per_microbatch = max_tokens_per_microbatch
-
-    @classmethod
-    def load(cls, path: str | Path, ds_config: dict, *, student_tokenizer, attn_implementation: str = "sdpa",
-             trust_remote_code: bool = False, **score_options) -> "Teacher":
-        """Check the tokenizer against the student's, build the model partitioned, wrap it with no optimizer.
-
-        `ds_config` comes from `rlad_ds.ds_config.teacher_config`.
-        """
-        import deepspeed
-
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        check_tokenizers_match(student_tokenizer, tokenizer)
-        model = load_causal_lm(path, ds_config, attn_implementation=attn_implementation, trainable=False,
-                               trust_remote_code=trust_remote_code)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-        engine.eval()
-        return cls(engine, tokenizer, **score_options)
+        self.packed = packed
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-        """[B, T-1] fp32 log-probs of input_ids[:, 1:] under the teacher; 0 where the target is padding.
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T-1] fp32 log-probs of input_ids[:, 1:] at `temperature`; 0 where the target is padding.
 
         Every rank runs the same number of forwards (ZeRO-3 gathers are collective), padding with
         throw-away forwards when its batch needs fewer micro-batches than another rank's.
@@ -58,9 +45,26 @@ class Teacher:
         for rows, cols in micro_batches:
             inputs = slice(cols.start, cols.stop + 1)
             out[rows, cols] = microbatch_logprobs(self.engine, input_ids[rows, inputs], attention_mask[rows, inputs],
-                                                  packed=self.packed, temperature=temperature,
+                                                  packed=self.packed, temperature=self.temperature,
                                                   chunk_size=self.chunk_size).logprobs
         for _ in range(fillers):
             filler = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
             token_logprobs(self.engine, filler, torch.ones_like(filler), chunk_size=self.chunk_size)
         return out * attention_mask[:, 1:]
+
+
+def load_frozen(path: str | Path, ds_config: dict, *, student_tokenizer, attn_implementation: str = "sdpa",
+                trust_remote_code: bool = False):
+    """A frozen model as a ZeRO-3 inference engine (no optimizer), built partitioned, in eval mode.
+
+    Its tokenizer must match the student's (checked first: the log-probs of student tokens under another
+    vocabulary would be meaningless). `ds_config` comes from `rlad_ds.ds_config.frozen_ds_config`.
+    """
+    import deepspeed
+
+    check_tokenizers_match(student_tokenizer, load_tokenizer(path, trust_remote_code=trust_remote_code))
+    model = load_causal_lm(path, ds_config, attn_implementation=attn_implementation, trainable=False,
+                           trust_remote_code=trust_remote_code)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

@@ -2,16 +2,11 @@
 
 import json
 import math
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import gpu_check, run  # noqa: E402
-from benchmarks.common import (RECORD_KEYS, make_record, markdown_table, meets_goal, parse_goal,  # noqa: E402
+from benchmarks import gpu_check, run
+from benchmarks.common import (RECORD_KEYS, make_record, markdown_table, meets_goal, parse_goal,
                                write_json)
 
 
@@ -103,7 +98,7 @@ def test_main_writes_records_and_markdown_and_reports_failures(tmp_path, monkeyp
     assert [r["name"][:2] for r in records] == ["P1", "P1", "P3"]
     assert records[2]["meets"] is False and math.isnan(records[2]["value"])
     text = md.read_text()
-    assert "python benchmarks/run.py --quick --only P1,P3" in text and "Test CPU" in text
+    assert "python -m benchmarks.run --quick --only P1,P3" in text and "Test CPU" in text
     assert "P3: worker exited 1" in text and "How each number is measured" in text
     with pytest.raises(SystemExit):
         run.main(["--only", "P9"])

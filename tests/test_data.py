@@ -217,30 +217,39 @@ def test_published_kk_jsonl(tmp_path):
     assert "kk.jsonl:2: K&K record has 1 solution" in examples.messages[0]
 
 
-def test_trainer_adapters_read_a_data_config(tmp_path, tiny_tokenizer):
+def test_trainer_adapters_read_the_config(tmp_path, tiny_tokenizer):
     import datasets
 
-    from rlad_ds.config import DataConfig
+    from rlad_ds.config import config_from_layers
 
-    generated = data.load_train_examples(DataConfig(task="kk", train_size=3), tiny_tokenizer, seed=2)
+    def config(data=None, eval=None, seed=0):
+        return config_from_layers({"data": data or {}, "eval": eval or {}, "train": {"seed": seed}})
+
+    generated = data.load_train_examples(config({"task": "kk", "train_size": 3}).data, tiny_tokenizer, seed=2)
     assert [r["names"] for r in generated] == [r["names"] for r in KK.generate("train", 3, 2)]
     assert generated[0]["prompt_text"].startswith("<|im_start|>user\n")
-    held_out = data.load_eval_examples(DataConfig(task="kk"), tiny_tokenizer, size=2, seed=2)
+    held_out = data.load_eval_examples(config({"task": "kk"}, {"eval_size": 2}, seed=2), tiny_tokenizer)
     assert [r["quiz"] for r in held_out] == [r["quiz"] for r in KK.generate("test", 2, 2)]
-    assert data.load_eval_examples(DataConfig(task="kk"), tiny_tokenizer, size=0) == []
+    assert data.load_eval_examples(config({"task": "kk"}, {"eval_size": 0}), tiny_tokenizer) == []
+    with pytest.raises(ConfigError, match="say how many 'kk' problems"):
+        data.load_eval_examples(config({"task": "kk"}, {"eval_size": None}), tiny_tokenizer)
 
     path = write_jsonl(tmp_path / "q.jsonl", [{"q": r["question"], "answer": r["answer"]} for r in ROWS] + ["{"])
-    cfg = DataConfig(task="math", dataset=str(path), columns="prompt=q", prompt_template="Q: {prompt}",
-                     skip_bad_rows=True)
-    rows = data.load_train_examples(cfg, tiny_tokenizer)
+    file_data = {"task": "math", "dataset": str(path), "columns": "prompt=q", "prompt_template": "Q: {prompt}",
+                 "skip_bad_rows": True}
+    rows = data.load_train_examples(config(file_data).data, tiny_tokenizer)
     assert len(rows) == 4 and rows[0]["prompt_text"] == "Q: " + MATH.prompt(rows[0])
-    assert data.load_eval_examples(cfg, tiny_tokenizer, size=2) == []  # one file: nothing held out
+    assert data.load_eval_examples(config(file_data, {"eval_size": 2}), tiny_tokenizer) == []  # nothing held out
+    # A separate held-out file: every usable row (eval_size none), the bad one skipped and counted.
+    held_out = data.load_eval_examples(config(file_data, {"eval_size": None, "eval_dataset": str(path)}),
+                                       tiny_tokenizer)
+    assert len(held_out) == 4 and held_out.skipped == 1 and held_out[0]["prompt_text"].startswith("Q: ")
 
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
                                    "test": datasets.Dataset.from_list(ROWS)})
     splits.save_to_disk(str(tmp_path / "dict"))
-    cfg = DataConfig(task="math", dataset=str(tmp_path / "dict"), system_prompt="Be brief.")
-    assert len(data.load_train_examples(cfg, tiny_tokenizer)) == 1
-    held_out = data.load_eval_examples(cfg, tiny_tokenizer, size=3)
+    saved = {"task": "math", "dataset": str(tmp_path / "dict"), "system_prompt": "Be brief."}
+    assert len(data.load_train_examples(config(saved).data, tiny_tokenizer)) == 1
+    held_out = data.load_eval_examples(config(saved, {"eval_size": 3}), tiny_tokenizer)
     assert [r["question"] for r in held_out] == [r["question"] for r in ROWS[:3]]
     assert "Be brief." in held_out[0]["prompt_text"]

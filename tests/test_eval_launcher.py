@@ -8,12 +8,10 @@ import sys
 import pytest
 
 from conftest import ROOT, run_deepspeed
-from rlad_ds.evaluation import merge_shards, parse_eval_args, sample_seed, shard_indices
-from rlad_ds.errors import ConfigError
+from rlad_ds.evaluation import merge_shards, sample_seed, shard_indices
 
 TESTS = ROOT / "tests"
-# Tiny models must really partition, so that the gathered generation has something to gather.
-ENV = {"RLAD_PERSISTENCE_THRESHOLD": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
+ENV = {"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
 
 
 def coin_task():
@@ -55,22 +53,32 @@ def test_sampling_seed_depends_on_the_item_not_the_rank():
     assert sample_seed(3, 5) == sample_seed(3, 5) != sample_seed(3, 6) != sample_seed(4, 5)
 
 
-def test_arguments_default_to_the_paper_and_refuse_bad_values():
-    args = parse_eval_args(["--model", "m", "--task", "kk"])
-    assert (args.n, args.ks, args.temperature, args.top_p) == (32, [1, 8, 32], 0.6, 0.95)
-    for bad in (["--k", "1,64"], ["--k", "x"], ["--top_p", "0"], ["--n", "0"], ["--bogus"]):
-        with pytest.raises(ConfigError):
-            parse_eval_args(["--model", "m", "--task", "kk", "--n", "32", *bad])
+def test_eval_flags_are_the_training_flags_with_the_same_defaults():
+    """launchers/eval.py reads the same config tree: every flag it takes is a training flag too (but for its own
+    three), with the same default."""
+    from rlad_ds.config import build_parser, config_from_layers, read_layers
+
+    def flags(parser):
+        return {a.dest: a.default for a in parser._actions if a.option_strings}
+
+    train, evaluation = flags(build_parser("train")), flags(build_parser("eval"))
+    assert set(evaluation) - set(train) == {"eval_offload"}
+    assert {"max_new_tokens", "engine", "eval_samples", "eval_k", "eval_temperature", "rollout_batch_size", "task",
+            "reward_workers", "seed", "precision"} <= set(evaluation)
+    assert not {"lr", "method", "alpha", "group_size", "temperature", "student"} & set(evaluation)
+    cfg = config_from_layers(read_layers(build_parser("eval").parse_args(["--eval_k", "1,2", "--eval_samples", "2"])))
+    assert cfg.eval.eval_k == (1, 2) and cfg.rollout.max_new_tokens == config_from_layers({}).rollout.max_new_tokens
 
 
 # ---- slow: the real launcher ------------------------------------------------------------------------------------
 
 def eval_args(model, out, *extra):
-    # -n, not --n: the deepspeed launcher's parser rejects --n as an ambiguous prefix of its --num_* options.
-    # --batch_size 1 seeds every generate call from its problem, so sampled outputs do not depend on the ranks;
-    # 5 problems over 2 ranks make uneven shards (3 + 2).
-    return ["launchers/eval.py", "--model", model, "--task", "test_eval_launcher:coin_task", "--size", "5",
-            "-n", "4", "--k", "1,2,4", "--max_new_tokens", "12", "--seed", "7", "--batch_size", "1",
+    # --rollout_batch_size 1 seeds every generate call from its problem, so sampled outputs do not depend on the
+    # ranks; 5 problems over 2 ranks make uneven shards (3 + 2); persistence threshold 0: tiny models really
+    # partition, so that the gathered generation has something to gather.
+    return ["launchers/eval.py", "--model", model, "--task", "test_eval_launcher:coin_task", "--eval_size", "5",
+            "--eval_samples", "4", "--eval_k", "1,2,4", "--eval_temperature", "0.6", "--eval_top_p", "0.95",
+            "--max_new_tokens", "12", "--seed", "7", "--rollout_batch_size", "1", "--param_persistence_threshold", "0",
             "--save_completions", "--output", out, *extra]
 
 
@@ -83,7 +91,7 @@ def run_plain(*args):
 def one_rank(tiny_models, tmp_path_factory):
     """The reference: plain `python launchers/eval.py` (one process, no launcher), per-layer generation."""
     out = tmp_path_factory.mktemp("eval") / "one.json"
-    proc = run_plain(*eval_args(tiny_models["student"], out, "--rollout", "per_layer", "--score_workers", "0"))
+    proc = run_plain(*eval_args(tiny_models["student"], out, "--engine", "per_layer", "--reward_workers", "1"))
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert proc.stdout.count("| overall | 5 |") == 1
     return json.loads(out.read_text())
@@ -98,7 +106,7 @@ def check_same_samples(reference, result):
 @pytest.mark.slow
 def test_two_ranks_gathered_match_one_rank(tiny_models, tmp_path, one_rank):
     out = tmp_path / "two.json"
-    proc = run_deepspeed(eval_args(tiny_models["student"], out, "--score_workers", "1"), nprocs=2, env=ENV)
+    proc = run_deepspeed(eval_args(tiny_models["student"], out, "--reward_workers", "1"), nprocs=2, env=ENV)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert proc.stdout.count("| overall | 5 |") == 1  # the table is printed by rank 0 only
 
@@ -121,8 +129,7 @@ def test_two_ranks_gathered_match_one_rank(tiny_models, tmp_path, one_rank):
 
 
 def test_missing_model_dir_is_one_line_and_exit_2(tmp_path):
-    proc = run_plain("launchers/eval.py", "--model", tmp_path / "nope", "--task", "arith", "--size", "2", "--n", "2",
-                     "--k", "1")
+    proc = run_plain("launchers/eval.py", "--model", tmp_path / "nope", "--task", "arith", "--eval_size", "2")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [f"rlad_ds: error: model dir {tmp_path / 'nope'} does not exist; "
                                                 "point the model path at a Hugging Face model dir"]
@@ -131,12 +138,13 @@ def test_missing_model_dir_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "nosuch"], "unknown task 'nosuch'"),
-    (["--task", "arith", "--dataset", "missing.jsonl"], "missing.jsonl: no such file"),
-    (["--task", "arith", "--n", "2", "--k", "4"], "every --k must be in 1..n=2"),
+    (["--task", "arith", "--eval_dataset", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--task", "arith", "--eval_samples", "2", "--eval_k", "4"], "every --eval_k must be in 1..eval_samples=2"),
+    (["--task", "arith", "--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
 ])
 def test_bad_input_in_process(tiny_models, capsys, args, message):
-    from rlad_ds.evaluation import eval_main
+    from rlad_ds.cli import eval_main
 
-    assert eval_main(["--model", str(tiny_models["student"]), "--size", "2", *args]) == 2
+    assert eval_main(["--model", str(tiny_models["student"]), "--eval_size", "2", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rlad_ds: error:") and message in err[0], err

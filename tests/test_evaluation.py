@@ -1,4 +1,4 @@
-"""Pass@k / Mean@k against brute force, and `evaluate` on fake engines with known accuracy."""
+"""Pass@k / Mean@k against brute force, and per-subset results from samples of known accuracy."""
 
 import itertools
 import json
@@ -7,9 +7,8 @@ from math import comb
 
 import pytest
 
-from rlad_ds.data import Example
-from rlad_ds.evaluation import evaluate, format_table, mean_at_k, pass_at_k, problem_metrics, write_json
-from rlad_ds.rewards import RewardRunner
+from rlad_ds.evaluation import (eval_metrics, format_table, mean_at_k, pass_at_k, problem_metrics, results_from_scores,
+                                write_json)
 from rlad_ds.tasks import get_task
 from rlad_ds.tasks.kk import solution_text
 
@@ -67,28 +66,16 @@ def puzzles():
     return KK.generate("test", 14, seed=5)  # two per size PPL2..PPL8
 
 
-def fake_engine(records, accuracy_by_size, seed=0):
-    """generate_fn whose completions are right with a known probability per puzzle size."""
-    by_prompt = {KK.prompt(r): r for r in records}
+def scored_samples(records, accuracy_by_size, n, seed=0):
+    """n completions per puzzle, right with a known probability per puzzle size, scored by the real verifier."""
     rng = random.Random(seed)
-    calls = []
-
-    def generate_fn(prompts, n):
-        calls.append(len(prompts))
-        out = []
-        for prompt in prompts:
-            record = by_prompt[prompt]
-            p = accuracy_by_size[len(record["names"])]
-            out.append([right(record) if rng.random() < p else wrong(record) for _ in range(n)])
-        return out
-
-    generate_fn.calls = calls
-    return generate_fn
+    return [[KK.score(right(r) if rng.random() < accuracy_by_size[len(r["names"])] else wrong(r), r)
+             for _ in range(n)] for r in records]
 
 
-def test_evaluate_per_subset_with_exact_accuracies(puzzles):
+def test_results_per_subset_with_exact_accuracies(puzzles):
     accuracy = {size: (1.0 if size <= 4 else 0.0) for size in range(2, 9)}
-    results = evaluate(KK, puzzles, fake_engine(puzzles, accuracy), n=4, ks=[1, 4])
+    results = results_from_scores(KK, puzzles, scored_samples(puzzles, accuracy, 4), n=4, ks=[1, 4])
     assert list(results["subsets"]) == [f"PPL{s}" for s in range(2, 9)]
     for size in range(2, 9):
         row = results["subsets"][f"PPL{size}"]
@@ -97,43 +84,33 @@ def test_evaluate_per_subset_with_exact_accuracies(puzzles):
     assert results["overall"]["problems"] == 14 and results["overall"]["mean@1"] == pytest.approx(3 / 7)
     assert results["score_errors"] == results["score_timeouts"] == 0
     assert len(results["problems"]) == 14 and results["problems"][0]["scores"] == [1.0] * 4
+    assert eval_metrics(results)["eval_accuracy"] == pytest.approx(3 / 7)
+    assert eval_metrics(results)["eval_pass@4"] == pytest.approx(3 / 7)
+    assert eval_metrics(results)["eval_accuracy/PPL2"] == 1.0 and eval_metrics(results)["eval_accuracy/PPL8"] == 0.0
 
 
-def test_evaluate_converges_to_the_engine_accuracy(puzzles):
+def test_results_converge_to_the_sample_accuracy(puzzles):
     # With accuracy p per sample, Mean@k -> p and Pass@k -> 1 - (1 - p)^k.
     p, n = 0.3, 400
-    results = evaluate(KK, puzzles, fake_engine(puzzles, {s: p for s in range(2, 9)}, seed=1), n=n, ks=[1, 4])
+    results = results_from_scores(KK, puzzles, scored_samples(puzzles, {s: p for s in range(2, 9)}, n, seed=1), n=n,
+                                  ks=[1, 4])
     assert results["overall"]["mean@1"] == pytest.approx(p, abs=0.03)
     assert results["overall"]["pass@4"] == pytest.approx(1 - (1 - p) ** 4, abs=0.04)
 
 
-def test_evaluate_batches_prompts_and_accepts_rendered_examples(puzzles):
-    engine = fake_engine(puzzles, {s: 1.0 for s in range(2, 9)})
-    examples = [Example(KK.prompt(r), r) for r in puzzles[:5]]
-    results = evaluate(KK, examples, engine, n=2, ks=[2], batch_size=2)
-    assert engine.calls == [2, 2, 1]
-    assert results["overall"]["pass@2"] == 1.0
-
-
-def test_evaluate_with_a_reward_runner(puzzles):
-    with RewardRunner("kk", timeout_s=10, workers=1) as runner:
-        results = evaluate(KK, puzzles[:3], fake_engine(puzzles, {s: 1.0 for s in range(2, 9)}), n=2, runner=runner)
-    assert results["overall"]["mean@1"] == 1.0 and results["score_errors"] == 0
-
-
-def test_evaluate_rejects_bad_input(puzzles):
-    engine = fake_engine(puzzles, {s: 1.0 for s in range(2, 9)})
+def test_results_reject_bad_input(puzzles):
+    scores = scored_samples(puzzles, {s: 1.0 for s in range(2, 9)}, 2)
     with pytest.raises(ValueError, match="every k must be in 1..n=2"):
-        evaluate(KK, puzzles, engine, n=2, ks=[4])
-    with pytest.raises(ValueError, match="no examples"):
-        evaluate(KK, [], engine, n=2)
-    with pytest.raises(ValueError, match="must return 2 completions for each of 1 prompts"):
-        evaluate(KK, puzzles[:1], lambda prompts, n: [["only one"]], n=2)
+        results_from_scores(KK, puzzles, scores, n=2, ks=[4])
+    with pytest.raises(ValueError, match="one score list per record"):
+        results_from_scores(KK, [], [], n=2)
+    with pytest.raises(ValueError, match="needs n=2 scores"):
+        results_from_scores(KK, puzzles[:1], [[1.0]], n=2)
 
 
 def test_table_and_json(puzzles, tmp_path):
-    results = evaluate(KK, puzzles, fake_engine(puzzles, {s: 1.0 if s == 2 else 0.0 for s in range(2, 9)}),
-                       n=2, ks=[1, 2])
+    results = results_from_scores(KK, puzzles, scored_samples(puzzles, {s: 1.0 if s == 2 else 0.0
+                                                                        for s in range(2, 9)}, 2), n=2, ks=[1, 2])
     markdown = format_table(results)
     lines = markdown.splitlines()
     assert lines[0] == "| subset | problems | Mean@1 | Mean@2 | Pass@1 | Pass@2 |"

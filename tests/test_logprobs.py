@@ -157,3 +157,19 @@ def test_packed_microbatch_equals_padded_in_value_and_gradient(tied_and_untied):
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for packed_grad, padded_grad in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_inputs_give_fp32_logprobs_and_bf16_gradients():
+    """The precision GPU users train in: bf16 hidden states and lm-head, fp32 log-probs (what the loss sees),
+    close to an fp32 computation from the same bf16 logits; gradients come back in bf16 for the bf16 weights."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 32).bfloat16().requires_grad_()
+    weight = torch.randn(300, 32).bfloat16().requires_grad_()
+    targets = torch.randint(0, 300, (2, 9))
+    logp, _ = chunked_token_logprobs(hidden, weight, targets, chunk_size=4)
+    assert logp.dtype == torch.float32
+    ref, _ = naive(hidden.detach(), weight.detach(), targets)
+    torch.testing.assert_close(logp, ref, atol=0.1, rtol=0.02)  # bf16 logits: ~3 significant digits
+    logp.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(hidden.grad.float()).all() and torch.isfinite(weight.grad.float()).all()

@@ -1,6 +1,6 @@
 """Issue 6: bad input fails fast in one line, crashes and stalls end the job, faults inside a step are contained.
 
-Bad input is checked in-process through `rlad_ds.main.train_main` with `deepspeed.init_distributed`
+Bad input is checked in-process through `rlad_ds.cli.train_main` with `deepspeed.init_distributed`
 replaced by a sentinel: a check that returns 2 has provably run before any process group or model. A few
 real `python launchers/train.py` runs and one 2-rank launcher run prove what reaches the terminal.
 """
@@ -22,13 +22,15 @@ import torch
 
 from conftest import ROOT, free_port, run_deepspeed
 from rlad_ds import checkpoint
+from rlad_ds.callbacks import Callback
+from rlad_ds.checkpoint import run_identity
+from rlad_ds.cli import train_main
 from rlad_ds.config import parse_config
-from rlad_ds.errors import ConfigError
-from rlad_ds.main import train_main
-from rlad_ds.trainer import Trainer, TrainingError, run_identity
+from rlad_ds.errors import ConfigError, TrainingError
+from rlad_ds.methods import get_method
+from rlad_ds.trainer import Trainer
 
 DS_CONFIG = str(ROOT / "ds_configs" / "zero3.json")
-ENV = {"RLAD_PERSISTENCE_THRESHOLD": "0"}
 
 
 class ReachedInit(Exception):
@@ -52,7 +54,8 @@ def no_init(monkeypatch):
 def base_args(models, out, *extra):
     return ["--student", str(models["student"]), "--teacher", str(models["teacher"]), "--deepspeed", DS_CONFIG,
             "--task", "toy_task:task", "--output_dir", str(out), "--report_to", "none", "--max_new_tokens", "12",
-            "--group_size", "4", "--prompts_per_step", "4", "--eval_size", "4", *map(str, extra)]
+            "--group_size", "4", "--prompts_per_step", "4", "--eval_size", "4", "--param_persistence_threshold", "0",
+            *map(str, extra)]
 
 
 def write_jsonl(path, rows):
@@ -204,8 +207,7 @@ def test_two_ranks_report_bad_input_once(tiny_models, bad_inputs, tmp_path):
     # A dataset error (checked after the tokenizers, before distributed init) under the real launcher.
     start = time.perf_counter()
     proc = run_deepspeed(["launchers/train.py", *base_args(tiny_models, tmp_path / "out", "--dataset",
-                                                           bad_inputs / "malformed.jsonl")], nprocs=2, timeout=120,
-                         env=ENV)
+                                                           bad_inputs / "malformed.jsonl")], nprocs=2, timeout=120)
     assert proc.returncode != 0
     assert proc.stdout.count("malformed.jsonl:2: invalid JSON") == 1, proc.stdout[-4000:]
     assert proc.stdout.count("rlad_ds: error:") == 1 and "Traceback" not in proc.stdout
@@ -220,7 +222,7 @@ def _launch(args, log, nprocs=2):
     hostfile.write_text(f"localhost slots={nprocs}\n")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**_script_env(), **ENV}, stdout=open(log, "w"),
+    return subprocess.Popen(cmd, cwd=ROOT, env=_script_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -355,25 +357,25 @@ def test_partial_checkpoint_is_never_resumed_and_is_cleaned_up(tmp_path):
 # ---- non-finite steps ---------------------------------------------------------------------------------------------
 
 
-class ListLogger:
+class ListLogger(Callback):
     def __init__(self):
         self.records = []
 
-    def log(self, step, metrics):
+    def on_step_end(self, trainer, step, metrics):
         self.records.append((step, dict(metrics)))
 
 
 def test_fit_skips_non_finite_steps_and_stops_after_max_bad_steps(tmp_path, monkeypatch, caplog):
     cfg, _ = parse_config(["--output_dir", str(tmp_path), "--max_steps", "50", "--save_steps", "0",
                            "--max_bad_steps", "3"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, get_method("rlad"), engines=None, tokenizer=None, task=None, rewards=None, train_examples=[],
+                      eval_examples=[])
     pattern = iter([False, True, False, False, True, False, False, False, True])
     trainer.train_step = lambda step: {"loss": float("nan"), "finite": next(pattern)}
-    trainer.evaluate = lambda: None
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: pytest.fail("no checkpoint expected"))
     metrics = ListLogger()
     with caplog.at_level(logging.WARNING, logger="rlad_ds"), pytest.raises(TrainingError) as error:
-        trainer.fit(metrics)
+        trainer.fit([metrics])
     assert "3 consecutive non-finite steps" in str(error.value) and "--lr" in str(error.value)
     # The failing step is logged too: its numbers are what the user debugs from.
     assert [(step, m["skipped_steps"]) for step, m in metrics.records] == \

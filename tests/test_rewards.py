@@ -1,6 +1,5 @@
 """The task registry (built-ins and --task module:function), `score`, and `RewardRunner` timeouts / errors."""
 
-import sys
 import textwrap
 import time
 
@@ -47,9 +46,9 @@ def user_module(tmp_path_factory):
     root = tmp_path_factory.mktemp("user_tasks")
     (root / "rlad_user_tasks.py").write_text(USER_TASKS)
     (root / "rlad_broken_tasks.py").write_text("import rlad_no_such_dependency\n")
-    sys.path.insert(0, str(root))
-    yield "rlad_user_tasks"
-    sys.path.remove(str(root))
+    with pytest.MonkeyPatch.context() as patch:  # a user's own module dir, put first on sys.path
+        patch.syspath_prepend(str(root))
+        yield "rlad_user_tasks"
 
 
 # ---------------------------------------------------------------- registry

@@ -1,16 +1,11 @@
 """The study's pure pieces: the misaligned solution renderer, aggregation, tables, subsets, the run grid."""
 
 import math
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import study  # noqa: E402
-from rlad_ds.tasks import arith  # noqa: E402
+from benchmarks import study, study_report
+from rlad_ds.tasks import arith
 
 
 def test_misaligned_solution_counts_the_units_carry_twice_in_the_tens_column():
@@ -29,7 +24,7 @@ def test_misaligned_solution_is_wrong_exactly_on_the_carry_subset():
     for example in arith.generate("train", 300, seed=3):
         mine, true = study.misaligned_solution(example), arith.solution(example)
         wrong = arith.score(mine, example) == 0.0
-        assert wrong == (study.carry_subset(example) == "carry")
+        assert wrong == (study_report.carry_subset(example) == "carry")
         # the units column is always right; only the tens column's sum is where the bug starts
         assert mine.split("|")[0] == true.split("|")[0]
         assert mine.split("|")[1].split("=")[0] == true.split("|")[1].split("=")[0]
@@ -58,46 +53,47 @@ def test_sft_targets_are_the_given_solution(monkeypatch):
 
 
 def test_aggregate_mean_and_spread():
-    agg = study.aggregate([0.5, 0.7, 0.6])
+    agg = study_report.aggregate([0.5, 0.7, 0.6])
     assert agg["mean"] == pytest.approx(0.6)
     assert agg["std"] == pytest.approx(0.1)  # sample std (ddof 1)
     assert (agg["min"], agg["max"], agg["n"]) == (0.5, 0.7, 3)
-    one = study.aggregate([0.4])
+    one = study_report.aggregate([0.4])
     assert one["std"] == 0.0 and one["n"] == 1
-    empty = study.aggregate([])
+    empty = study_report.aggregate([])
     assert empty["n"] == 0 and math.isnan(empty["mean"])
 
 
 def test_format_agg():
-    assert study.format_agg(study.aggregate([0.5, 0.7, 0.6])) == "0.600 ± 0.100 (0.500-0.700)"
-    assert study.format_agg(study.aggregate([0.25])) == "0.250"
-    assert study.format_agg(study.aggregate([])) == "n/a"
+    assert study_report.format_agg(study_report.aggregate([0.5, 0.7, 0.6])) == "0.600 ± 0.100 (0.500-0.700)"
+    assert study_report.format_agg(study_report.aggregate([0.25])) == "0.250"
+    assert study_report.format_agg(study_report.aggregate([])) == "n/a"
 
 
 def test_render_table():
-    text = study.render_table(["a", "b"], [["1", "2"], ["x", "y"]])
+    text = study_report.render_table(["a", "b"], [["1", "2"], ["x", "y"]])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| x | y |"]
     with pytest.raises(ValueError):
-        study.render_table(["a", "b"], [["1"]])
+        study_report.render_table(["a", "b"], [["1"]])
 
 
 def test_subset_accuracy():
     examples = [arith.make_example(847, 285), arith.make_example(341, 285), arith.make_example(999, 999),
                 arith.make_example(100, 100)]
-    out = study.subset_accuracy([1.0, 0.0, 0.0, 1.0], examples)
+    out = study_report.subset_accuracy([1.0, 0.0, 0.0, 1.0], examples)
     assert out == {"carry": 0.5, "no_carry": 0.5, "all": 0.5}
-    assert study.subset_accuracy([1.0, 1.0, 0.0, 1.0], examples)["no_carry"] == 1.0
+    assert study_report.subset_accuracy([1.0, 1.0, 0.0, 1.0], examples)["no_carry"] == 1.0
 
 
 def test_grid_has_every_method_and_control():
     jobs = study.build_jobs(seeds=3, sweep_seeds=1)
     names = {(j.group, j.name) for j in jobs}
-    for name in study.MAIN_ORDER:
+    for name in study_report.MAIN_ORDER:
         assert ("main", name) in names
     assert sum(j.group == "main" and j.name == "rlad a=0.5" for j in jobs) == 3
-    assert {j.alpha for j in jobs if j.group == "sweep"} == set(study.SWEEP_ALPHAS)
+    assert {j.alpha for j in jobs if j.group == "sweep"} == set(study_report.SWEEP_ALPHAS)
     assert {j.teacher for j in jobs if j.group == "misaligned"} == {"misaligned"}
-    assert {j.control for j in jobs} == {None, "kd_only", "shuffled"}
+    assert {j.control for j in jobs} == {None, "shuffled"}
+    assert {j.method for j in jobs if j.name == study_report.KD} == {"kd"}
     assert any(j.adaptive for j in jobs)
     assert {j.beta_kd for j in jobs if j.name == "kdrl beta_kd=1"} == {1.0}
     assert {j.group for j in jobs if j.name == "kdrl beta_kd=1"} == {"main", "misaligned"}
@@ -115,12 +111,12 @@ def test_summary_and_tables_render_from_fake_results():
                         "curve": [[3, {"all": 0.4, "carry": 0.2}], [6, {"all": 0.5, "carry": 0.3}]],
                         "train_accuracy": [0.3] * 6, "alpha_trace": [0.5] * 6,
                         "seconds": 1.0})
-    summary = study.summarise(results, refs, mode)
+    summary = study_report.summarise(results, refs, mode)
     summary["examples"] = examples
     assert summary["rows"]["main/kdrl"]["final"]["n"] == 2
     assert summary["rows"]["main/kdrl"]["curve_mean"] == [[3, {"all": 0.4, "carry": 0.2}],
                                                          [6, {"all": 0.5, "carry": 0.3}]]
-    text = study.tables(summary, mode, eval_size=2)
+    text = study_report.tables(summary, mode, eval_size=2)
     assert "| kdrl | 2 | 0.500 ± 0.000 (0.500-0.500) |" in text
     assert "| teacher (misaligned, reference) | - | 0.500 | 0.000 | 1.000 |" in text
     assert "1 of 2 prompts" in text
@@ -136,7 +132,7 @@ def test_token_confidence_matches_a_direct_forward(tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
     examples = [arith.make_example(347, 285), arith.make_example(999, 101)]
-    rows = study.token_confidence(str(tmp_path), examples)
+    rows = study_report.token_confidence(str(tmp_path), examples)
     assert [r["example_char"] for r in rows] == list(arith.solution(examples[0]))
     # position 0 by hand: the probability of the first solution character right after the prompt
     expected = []

@@ -18,12 +18,12 @@ import deepspeed
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from rlad_ds.ds_config import CONFIG_DIR, fill_train_config, teacher_config
+from rlad_ds.ds_config import CONFIG_DIR, fill_train_config, inference_config
 from rlad_ds.logprobs import positions_from_mask, token_logprobs
 from rlad_ds.models import load_causal_lm, load_tokenizer
 from rlad_ds.rollout import (GatheredRollout, HybridRollout, PerLayerRollout, _parameter_offload, build_rollout, finish_rollout,
                              gathered_for_generation, generation_config)
-from rlad_ds.teacher import Teacher
+from rlad_ds.teacher import Scorer, load_frozen
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
 # The launcher adds --local_rank=N in front of the script's own arguments.
@@ -175,23 +175,26 @@ for path in (student_dir, tied_dir):
 
 lap("grads")
 # --- teacher: ZeRO-3 inference with CPU param offload, log-probs equal a plain HF forward ---------------
-teacher = Teacher.load(teacher_dir, teacher_config(offload=True, world_size=world, micro_batch_size=2, device="cpu",
-                                                   persistence_threshold=0),
-                       student_tokenizer=tokenizer, chunk_size=5,
-                       max_tokens_per_microbatch=20 if rank == 0 else 1000)  # unequal micro-batch counts
+frozen = load_frozen(teacher_dir, inference_config(offload=True, world_size=world, micro_batch_size=2, device="cpu",
+                                                   persistence_threshold=0), student_tokenizer=tokenizer)
+teacher = Scorer(frozen, tokenizer, chunk_size=5,
+                 max_tokens_per_microbatch=20 if rank == 0 else 1000)  # unequal micro-batch counts
 assert all(not p.requires_grad for p in teacher.engine.module.parameters()) and not teacher.engine.module.training
 assert type(teacher.engine.optimizer).__name__ == "DeepSpeedZeRoOffload"  # hooks only, no optimizer
 rows = batch if rank == 0 else rollouts["per_layer"]
-scored = teacher.score(rows.input_ids, rows.attention_mask)
 teacher_plain = plain(teacher_dir)
 with torch.no_grad():
     logits = teacher_plain(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
                            position_ids=positions_from_mask(rows.attention_mask)).logits[:, :-1]
-expected = logits.float().log_softmax(-1).gather(-1, rows.input_ids[:, 1:, None]).squeeze(-1)
 valid = (rows.attention_mask[:, :-1] * rows.attention_mask[:, 1:]).bool()
-torch.testing.assert_close(scored[valid], expected[valid], atol=1e-5, rtol=0)
-assert (scored[~rows.attention_mask[:, 1:].bool()] == 0).all()
-results["teacher_max_abs_err"] = (scored[valid] - expected[valid]).abs().max().item()
+for temperature in (1.0, 0.7):  # every log-prob in the loss is of softmax(logits / T), the teacher's too
+    teacher.temperature = temperature
+    scored = teacher.score(rows.input_ids, rows.attention_mask)
+    expected = (logits.float() / temperature).log_softmax(-1).gather(-1, rows.input_ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(scored[valid], expected[valid], atol=1e-5, rtol=0)
+    assert (scored[~rows.attention_mask[:, 1:].bool()] == 0).all()
+    results[f"teacher_max_abs_err_t{temperature}"] = (scored[valid] - expected[valid]).abs().max().item()
+results["teacher_max_abs_err"] = max(results["teacher_max_abs_err_t1.0"], results["teacher_max_abs_err_t0.7"])
 
 lap("teacher")
 (out_dir / f"rank{rank}.json").write_text(json.dumps(results))

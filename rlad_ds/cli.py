@@ -1,0 +1,237 @@
+"""The entry points: `launchers/train.py` (console script `rlad-train`) and `launchers/eval.py` (`rlad-eval`).
+
+Each parses the one config tree, checks everything a user can get wrong before any process group or model
+exists (the same on every rank, so all ranks stop together, with one line printed once), then builds the
+engines (`rlad_ds.engines`) and runs the trainer loop or the evaluation path. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlad_ds.errors import ConfigError
+from rlad_ds.launch import env_rank, env_world_size, run_main, single_process_env
+
+logger = logging.getLogger("rlad_ds")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return run_main(_train, argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return run_main(_eval, argv)
+
+
+def _tokenizer(path, role: str, cfg):
+    """The tokenizer of a model dir; one that transformers cannot read is a ConfigError naming the dir."""
+    from rlad_ds.models import load_tokenizer
+
+    # Checked first: transformers builds an (almost empty) tokenizer for a dir without these files, which
+    # would surface later as a misleading tokenizer mismatch.
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{role} dir {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save "
+                          f"the tokenizer there with tokenizer.save_pretrained")
+    try:
+        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({str(error).splitlines()[0]}); save it "
+                          f"there with tokenizer.save_pretrained") from None
+
+
+def _eval_examples(cfg, tokenizer):
+    from rlad_ds.data import load_eval_examples
+
+    try:
+        examples = load_eval_examples(cfg, tokenizer)
+    except ConfigError:
+        raise
+    except Exception as error:  # e.g. `datasets` cannot reach or parse a hub dataset
+        if cfg.eval.eval_dataset is None:
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(f"cannot load --eval_dataset {cfg.eval.eval_dataset!r} ({type(error).__name__}: "
+                          f"{first_line}); give a local file or save_to_disk dir, or a hub name reachable from here"
+                          ) from None
+    if examples.skipped and env_rank() == 0:
+        logger.warning("--skip_bad_rows: skipped %d bad held-out rows (first: %s)", examples.skipped,
+                       examples.messages[0])
+    return examples
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+def _validate(cfg) -> None:
+    """Checks that need no model and no process group: the same on every rank, so all ranks stop together."""
+    from rlad_ds.checkpoint import check_output_dir
+    from rlad_ds.ds_config import load_ds_config, require_zero_stage
+    from rlad_ds.models import check_model_dir
+
+    world = env_world_size()
+    if cfg.train.prompts_per_step % world:
+        raise ConfigError(f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
+                          f"use a multiple of {world}")
+    require_zero_stage(load_ds_config(cfg.deepspeed), 3, "student")
+    if not cfg.is_demo:
+        check_model_dir(cfg.model.student, "student")
+        if cfg.model.teacher is not None:
+            check_model_dir(cfg.model.teacher, "teacher")
+    check_output_dir(cfg)
+
+
+def _model_paths(cfg) -> tuple[Path, Path | None]:
+    if not cfg.is_demo:
+        return Path(cfg.model.student), cfg.model.teacher and Path(cfg.model.teacher)
+    from rlad_ds.demo import CACHE_DIR, prepare_demo
+
+    # A file lock inside prepare_demo makes one process build the cache while the others wait for it.
+    paths = prepare_demo(CACHE_DIR, seed=0, progress=env_rank() == 0)
+    return paths["student"], paths["teacher"]
+
+
+def _train_examples(cfg, tokenizer):
+    from rlad_ds.data import load_train_examples
+
+    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed)
+    if train.skipped and env_rank() == 0:
+        logger.warning("--skip_bad_rows: skipped %d bad dataset rows (first: %s)", train.skipped, train.messages[0])
+    world = env_world_size()
+    # The same condition as the trainer's sampler (drop_last shards), found here before any model is loaded.
+    if len(train) // world < cfg.train.prompts_per_step // world:
+        raise ConfigError(f"{len(train)} training prompts are fewer than --prompts_per_step "
+                          f"{cfg.train.prompts_per_step}; add data or lower --prompts_per_step")
+    return train
+
+
+def _train(argv: list[str]) -> int:
+    from rlad_ds import demo
+    from rlad_ds.checkpoint import resolve_resume
+    from rlad_ds.config import parse_config
+    from rlad_ds.methods import get_method
+    from rlad_ds.models import check_tokenizers_match
+    from rlad_ds.tasks import get_task
+
+    cfg, _ = parse_config(argv, profile=demo.PROFILE)
+    method, task = get_method(cfg.loss.method), get_task(cfg.data.task)
+    _validate(cfg)
+    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    single_process_env()
+    # Tokenizers and prompts need no process group: a tokenizer mismatch or a bad dataset row stops every rank
+    # here, together, before any rank can wait in a collective for one that has already left.
+    student_path, teacher_path = _model_paths(cfg)
+    tokenizer = _tokenizer(student_path, "student", cfg)
+    if method.needs_teacher:
+        check_tokenizers_match(tokenizer, _tokenizer(teacher_path, "teacher", cfg))
+    train_examples, eval_examples = _train_examples(cfg, tokenizer), _eval_examples(cfg, tokenizer)
+    return _run_training(cfg, method, task, student_path, teacher_path, tokenizer, train_examples, eval_examples,
+                         resume_from)
+
+
+def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, train_examples, eval_examples,
+                  resume_from) -> int:
+    # Imported only now, so that bad input is reported without waiting for DeepSpeed's import.
+    import random
+
+    import torch
+
+    from rlad_ds.checkpoint import ExportHF, write_json_atomic, run_identity
+    from rlad_ds.engines import build_engines
+    from rlad_ds.launch import end_process_group, init_process_group
+    from rlad_ds.metrics import MetricsLogger
+    from rlad_ds.rewards import RewardRunner
+    from rlad_ds.trainer import Trainer
+
+    init_process_group(cfg.train.collective_timeout_s)
+    random.seed(cfg.train.seed + env_rank())
+    torch.manual_seed(cfg.train.seed + env_rank())
+    engines = build_engines(cfg, method, student_path, teacher_path, tokenizer)
+    output_dir = Path(cfg.train.output_dir)
+    if env_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
+        write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
+    with RewardRunner(cfg.data.task, timeout_s=cfg.data.reward_timeout_s, workers=cfg.data.reward_workers) as rewards:
+        trainer = Trainer(cfg, method, engines, tokenizer, task, rewards, train_examples, eval_examples)
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        metrics = MetricsLogger(output_dir, rank=env_rank(), total_steps=cfg.train.max_steps,
+                                start_step=trainer.step, report_to=cfg.train.report_to, config=cfg.to_dict())
+        callbacks = [metrics, ExportHF(output_dir / "student_hf")]
+        if cfg.is_demo:
+            from rlad_ds.summary import DemoSummary
+
+            callbacks.append(DemoSummary(output_dir))
+        try:
+            trainer.fit(callbacks)
+        finally:
+            metrics.close()
+    end_process_group()
+    return 0
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+def _eval(argv: list[str]) -> int:
+    from rlad_ds.config import build_parser, config_from_layers, read_layers
+    from rlad_ds.models import check_model_dir
+    from rlad_ds.tasks import get_task
+
+    parser = build_parser("eval", description="Mean@k and unbiased Pass@k of a causal LM on a task, per subset, "
+                                              "under ZeRO-3 inference (any number of ranks).")
+    parser.add_argument("--model", required=True, help="Hugging Face model dir (config.json + safetensors)")
+    parser.add_argument("--output", default=None, help="write the results here as JSON")
+    parser.add_argument("--save_completions", action="store_true", help="also store every completion in the JSON")
+    args = parser.parse_args(argv)
+    cfg = config_from_layers(read_layers(args))
+    task = get_task(cfg.data.task)
+    model_dir = check_model_dir(args.model)
+    tokenizer = _tokenizer(model_dir, "model", cfg)
+    examples = _eval_examples(cfg, tokenizer)
+    if not examples:
+        raise ConfigError(f"nothing to evaluate: task {task.name!r} generates no problems and no --eval_dataset "
+                          "was given (or --eval_size is 0)")
+    if cfg.eval.eval_temperature == 0 and cfg.eval.eval_samples > 1:
+        logger.warning("--eval_temperature 0 is greedy: all %d samples of a problem are the same",
+                       cfg.eval.eval_samples)
+    single_process_env()
+    return _run_evaluation(cfg, task, model_dir, tokenizer, examples, args)
+
+
+def _run_evaluation(cfg, task, model_dir, tokenizer, examples, args) -> int:
+    import time
+
+    from rlad_ds.engines import build_eval_engine
+    from rlad_ds.evaluation import format_table, write_json
+    from rlad_ds.generation import evaluate_examples
+    from rlad_ds.launch import end_process_group, init_process_group
+    from rlad_ds.rewards import RewardRunner
+
+    start = time.perf_counter()
+    init_process_group(cfg.train.collective_timeout_s)
+    engine, rollout = build_eval_engine(cfg, model_dir, tokenizer)
+    load_seconds = time.perf_counter() - start
+    with RewardRunner(cfg.data.task, timeout_s=cfg.data.reward_timeout_s, workers=cfg.data.reward_workers) as rewards:
+        results = evaluate_examples(rollout, tokenizer, task, examples, cfg, rewards, engine.device,
+                                    keep_completions=args.save_completions)
+    if env_rank() == 0:
+        seconds, tokens = results.pop("generate_seconds"), results.pop("generated_tokens")
+        results["run"] = {"model": str(model_dir), "eval_dataset": cfg.eval.eval_dataset, "size": len(examples),
+                          "skipped_rows": examples.skipped, "world_size": env_world_size(), "rollout": rollout.name,
+                          "generated_tokens": tokens, "load_seconds": round(load_seconds, 2),
+                          "generate_seconds": round(seconds, 2),
+                          "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+                          "seconds": round(time.perf_counter() - start, 2), "config": cfg.to_dict()}
+        print(format_table(results), flush=True)
+        print(f"\n{len(examples)} problems x {cfg.eval.eval_samples} samples, {env_world_size()} rank(s), "
+              f"{rollout.name} generation: {tokens} tokens in {seconds:.1f} s", flush=True)
+        if results["score_errors"] or results["score_timeouts"]:
+            print(f"scoring: {results['score_errors']} errors, {results['score_timeouts']} timeouts (scored 0; "
+                  f"first: {'; '.join(results['score_messages'])})")
+        if args.output:
+            print(f"wrote {write_json(results, args.output)}", flush=True)
+    end_process_group()
+    return 0
