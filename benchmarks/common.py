@@ -12,11 +12,12 @@ import operator
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rlad_ds.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = ("name", "value", "unit", "goal", "meets")
@@ -113,12 +114,6 @@ def machine_info() -> dict:
 
 # ---- subprocess workers -----------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env(extra: dict | None = None) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -145,18 +140,12 @@ def run_worker(cmd: list[str], out_json: Path, timeout: float, env: dict | None 
     return json.loads(out_json.read_text())
 
 
-def deepspeed_cmd(script: str, args: list[str], nprocs: int, workdir: Path) -> list[str]:
-    """The real deepspeed launcher on localhost with `nprocs` ranks (as tests/conftest.py runs it)."""
+def deepspeed_cmd(module: str, args: list[str], nprocs: int, workdir: Path) -> list[str]:
+    """The real deepspeed launcher on localhost with `nprocs` ranks running `python -m module` (as tests run it)."""
     hostfile = Path(workdir) / f"hostfile_{nprocs}"
     hostfile.write_text(f"localhost slots={nprocs}\n")
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *map(str, args)]
-
-
-def single_process_env() -> None:
-    """Rank 0 of 1 for deepspeed.initialize in a plain process (as rlad_ds.main._single_process_env)."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", module, *map(str, args)]
 
 
 # ---- models -----------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """GPU check (needs CUDA; not run on the CPU CI): training tokens/s and MFU of a Qwen3-0.6B-shaped student at 8K
 tokens, flash-attn vs sdpa, bf16 ZeRO-3 (one process); then the gathered rollout's tokens/s.
 
-    python benchmarks/gpu_check.py [--seq_len 8192] [--steps 5] [--peak_tflops 989] [--json gpu_check.json]
+    python -m benchmarks.gpu_check [--seq_len 8192] [--steps 5] [--peak_tflops 989] [--json gpu_check.json]
 
 The student has random weights from its config (hidden 1024, 28 layers, 16 heads of 128, 8 kv heads,
 intermediate 3072, vocab 151936, tied embeddings). One training step = the trainer's micro-batch path:
@@ -21,8 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -119,6 +117,31 @@ def rollout_rate(engine, prompts: int, prompt_len: int, new_tokens: int) -> floa
     return float(out.response_lengths.sum()) / (time.perf_counter() - start)
 
 
+def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, device: str) -> list[dict]:
+    """Training tokens/s and MFU with one attention backend (and, for sdpa, the gathered rollout's tokens/s)."""
+    import torch
+
+    from rlad_ds.models import flash_attention_available
+
+    name = f"train tokens/s, {attn}, {args.seq_len} tokens, bf16 ZeRO-3"
+    if attn == "flash_attention_2" and not flash_attention_available():
+        return [{"name": name, "value": None, "unit": "tok/s", "detail": "flash-attn not installed"},
+                {"name": f"MFU, {attn}", "value": None, "unit": "fraction"}]
+    engine = build_engine(model_dir, attn, args.gradient_checkpointing)
+    rate, peak_gib = train_rate(engine, args.seq_len, args.steps)
+    rows = [{"name": name, "value": rate, "unit": "tok/s", "detail": f"peak {peak_gib:.1f} GiB allocated"},
+            {"name": f"MFU, {attn}", "value": mfu(rate, flops, peak), "unit": "fraction",
+             "detail": f"{flops / 1e9:.2f} GFLOP/token, peak {peak} TFLOP/s ({device})"}]
+    if attn == "sdpa":
+        rate = rollout_rate(engine, args.rollout_prompts, 64, args.rollout_tokens)
+        rows.append({"name": "gathered rollout tokens/s (sdpa, greedy)", "value": rate, "unit": "tok/s",
+                     "detail": f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"})
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq_len", type=int, default=8192)
@@ -133,14 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device is visible; this check needs a GPU (run benchmarks/run.py on CPU)",
+        print("gpu_check: no CUDA device is visible; this check needs a GPU (run python -m benchmarks.run on CPU)",
               file=sys.stderr)
         return 2
     import deepspeed
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from benchmarks.common import single_process_env
-    from rlad_ds.models import flash_attention_available
+    from rlad_ds.launch import single_process_env
 
     single_process_env()
     deepspeed.init_distributed()
@@ -158,23 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(tmp)
         del model
         for attn in ("flash_attention_2", "sdpa"):
-            name = f"train tokens/s, {attn}, {args.seq_len} tokens, bf16 ZeRO-3"
-            if attn == "flash_attention_2" and not flash_attention_available():
-                rows += [{"name": name, "value": None, "unit": "tok/s", "detail": "flash-attn not installed"},
-                         {"name": f"MFU, {attn}", "value": None, "unit": "fraction"}]
-                continue
-            engine = build_engine(Path(tmp), attn, args.gradient_checkpointing)
-            rate, peak_gib = train_rate(engine, args.seq_len, args.steps)
-            rows += [{"name": name, "value": rate, "unit": "tok/s", "detail": f"peak {peak_gib:.1f} GiB allocated"},
-                     {"name": f"MFU, {attn}", "value": mfu(rate, flops, peak), "unit": "fraction",
-                      "detail": f"{flops / 1e9:.2f} GFLOP/token, peak {peak} TFLOP/s ({device})"}]
-            if attn == "sdpa":
-                rate = rollout_rate(engine, args.rollout_prompts, 64, args.rollout_tokens)
-                rows.append({"name": "gathered rollout tokens/s (sdpa, greedy)", "value": rate, "unit": "tok/s",
-                             "detail": f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"})
-            del engine
-            gc.collect()
-            torch.cuda.empty_cache()
+            rows += measure(Path(tmp), attn, args, flops, peak, device)
     print(format_table(rows))
     Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
                                            "deepspeed": deepspeed.__version__, "rows": rows}, indent=1) + "\n")

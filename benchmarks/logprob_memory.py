@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import current_rss_bytes, peak_rss_bytes  # noqa: E402
+from benchmarks.common import current_rss_bytes, peak_rss_bytes
 
 
 def step(variant: str, hidden, weight, targets, chunk_size: int) -> None:

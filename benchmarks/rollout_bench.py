@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+def time_rollout(rollout, request, sampling, warmup, repeats: int) -> tuple[dict, object]:
+    """Best of `repeats` timed generate calls (between barriers, after a short warm-up); tokens of all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    rollout.generate(request, warmup)
+    seconds, tokens = [], []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        out = rollout.generate(request, sampling)
+        dist.barrier()
+        seconds.append(time.perf_counter() - start)
+        count = torch.tensor([float(out.response_lengths.sum())])
+        dist.all_reduce(count)
+        tokens.append(float(count))
+    best = min(range(repeats), key=lambda i: seconds[i])
+    return {"seconds": seconds, "tokens": tokens[best], "tokens_per_s": tokens[best] / seconds[best]}, out.input_ids
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
@@ -27,9 +43,13 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--persistence_threshold", type=int, default=0, help="0: every parameter is partitioned")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import torch
 
     torch.set_num_threads(1)
@@ -45,38 +65,22 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_batch_size=1,
                                gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",
-                               persistence_threshold=int(os.environ.get("RLAD_PERSISTENCE_THRESHOLD", "0")))
+                               persistence_threshold=args.persistence_threshold)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, config)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=config)
     partitioned = all(getattr(p, "ds_numel", 0) > p.numel() for p in engine.module.parameters()) if world > 1 else True
 
-    generator = torch.Generator().manual_seed(1000 + rank)
-    low = len(tokenizer.all_special_ids)
-    prompt_ids = torch.randint(low, len(tokenizer), (args.prompts, args.prompt_len), generator=generator)
+    # Random prompts of ordinary tokens, different on every rank; greedy, so both engines must agree token for token.
+    prompt_ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (args.prompts, args.prompt_len),
+                               generator=torch.Generator().manual_seed(1000 + rank))
     request = RolloutRequest(prompt_ids=prompt_ids, prompt_attention_mask=torch.ones_like(prompt_ids))
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                              n_samples_per_prompt=args.samples)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, n_samples_per_prompt=args.samples)
     warmup = SamplingConfig(max_new_tokens=4, temperature=0.0, n_samples_per_prompt=args.samples)
-
-    results = {}
-    outputs = {}
+    results, outputs = {}, {}
     for kind in ("gathered", "per_layer"):
-        rollout = build_rollout(kind, engine, tokenizer)
-        rollout.generate(request, warmup)
-        seconds, tokens = [], []
-        for _ in range(args.repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            out = rollout.generate(request, sampling)
-            dist.barrier()
-            seconds.append(time.perf_counter() - start)
-            count = torch.tensor([float(out.response_lengths.sum())])
-            dist.all_reduce(count)
-            tokens.append(float(count))
-        outputs[kind] = out.input_ids
-        best = min(range(args.repeats), key=lambda i: seconds[i])
-        results[kind] = {"seconds": seconds, "tokens": tokens[best], "tokens_per_s": tokens[best] / seconds[best]}
+        results[kind], outputs[kind] = time_rollout(build_rollout(kind, engine, tokenizer), request, sampling, warmup,
+                                                    args.repeats)
     same = torch.tensor([float(torch.equal(outputs["gathered"], outputs["per_layer"]))])
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     if rank == 0:

@@ -1,6 +1,6 @@
 """rlad_ds's benchmarks P1-P4 side by side: one command, one table, one JSON list of records.
 
-    python benchmarks/run.py [--quick] [--json FILE] [--markdown FILE] [--only P1,P3]
+    python -m benchmarks.run [--quick] [--json FILE] [--markdown FILE] [--only P1,P3]
 
 P1  rollout tokens/s on 2 ranks (1 thread each): gathered ZeRO-3 rollout vs DeepSpeed's per-layer fallback
 P2  per-token log-prob peak memory and time, forward + backward, T=8192, V=151936: chunked vs full logits
@@ -23,9 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (MEMORY_ENV, ROOT, available_memory_bytes, count_params, deepspeed_cmd,  # noqa: E402
+from benchmarks.common import (MEMORY_ENV, ROOT, available_memory_bytes, count_params, deepspeed_cmd,
                                machine_info, make_record, markdown_table, run_worker, save_model_dir, write_json)
 
 GIB = 2**30
@@ -120,10 +118,10 @@ def run_p1(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
 
     model = save_model_dir(work / "p1_model", char_tokenizer(), never_eos=True, seed=0, **s.p1_model)
     out = work / "p1.json"
-    cmd = deepspeed_cmd("benchmarks/rollout_bench.py",
+    cmd = deepspeed_cmd("benchmarks.rollout_bench",
                         ["--model", model, "--out", out, "--prompts", s.p1_prompts, "--samples", s.p1_samples,
                          "--max_new_tokens", s.p1_max_new_tokens, "--repeats", s.p1_repeats], 2, work)
-    m = run_worker(cmd, out, timeout=900, env={"OMP_NUM_THREADS": "1", "RLAD_PERSISTENCE_THRESHOLD": "0"})
+    m = run_worker(cmd, out, timeout=900, env={"OMP_NUM_THREADS": "1"})
     records, details = p1_records(m, count_params(model))
     return records, details, m
 
@@ -143,7 +141,7 @@ def run_p2(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
 
     def variant(name: str, chunk: int) -> dict:
         out = work / f"p2_{name}_{chunk}.json"
-        cmd = [sys.executable, "benchmarks/logprob_memory.py", "--variant", name, "--tokens", str(tokens),
+        cmd = [sys.executable, "-m", "benchmarks.logprob_memory", "--variant", name, "--tokens", str(tokens),
                "--hidden", str(s.p2_hidden), "--vocab", str(s.p2_vocab), "--chunk_size", str(chunk),
                "--repeats", str(s.p2_repeats), "--out", str(out)]
         return run_worker(cmd, out, timeout=1800, env=MEMORY_ENV)
@@ -168,7 +166,7 @@ def run_p3(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
     teacher = save_model_dir(work / "p3_teacher", tokenizer, seed=1, max_positions=256,
                              **asdict(DEFAULT_RECIPE.teacher))
     out = work / "p3.json"
-    cmd = [sys.executable, "benchmarks/distill_cost.py", "--student", str(student), "--teacher", str(teacher),
+    cmd = [sys.executable, "-m", "benchmarks.distill_cost", "--student", str(student), "--teacher", str(teacher),
            "--steps", str(s.p3_steps), "--out", str(out)]
     m = run_worker(cmd, out, timeout=900)
     records, details = p3_records(m)
@@ -182,7 +180,7 @@ def run_p4(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
         runs = []
         for tokens in s.p4_lengths:
             out = work / f"p4_{tokens}_{int(checkpointing)}.json"
-            cmd = [sys.executable, "benchmarks/step_memory.py", "--model", str(model), "--tokens", str(tokens),
+            cmd = [sys.executable, "-m", "benchmarks.step_memory", "--model", str(model), "--tokens", str(tokens),
                    "--out", str(out)] + (["--gradient_checkpointing"] if checkpointing else [])
             runs.append(run_worker(cmd, out, timeout=900, env=MEMORY_ENV))
         raw[f"checkpointing={checkpointing}"] = runs
@@ -221,10 +219,11 @@ METHODS = """\
   T is 8192 unless the full variant would not fit in 90% of the available memory (then halved; the name says
   which T ran).
 - **P3** (`benchmarks/distill_cost.py`, one process): the demo's model sizes (student and a ~30x teacher,
-  random weights, the demo tokenizer, the arith task), one `rlad_ds.trainer.Trainer` set up for rlad with
-  lr = 0 (weights never change), `train_step` on the same prompts and seed as rlad and as grpo (method
-  switched, teacher detached: no teacher pass, grpo_loss), alternating which goes first; the teacher's
-  `score` on that step's rollouts timed again alone. First step of each is a warm-up. Cost =
+  random weights, the demo tokenizer, the arith task), one set of engines (`rlad_ds.engines.build_engines`)
+  and two trainers over it, the `rlad` and `grpo` method objects (grpo: no teacher pass, grpo_loss), each
+  running the real loop (`Trainer.fit`) with a timing callback and lr ~0 (weights never change), so both
+  sample the same rollouts from the same seed. Runs go rlad, grpo, grpo, rlad; the first step of each is a
+  warm-up. After each RLAD step the callback times the teacher's `score` on that step's batch alone. Cost =
   median(RLAD step - GRPO step over paired steps) / median(teacher pass alone).
 - **P4** (`benchmarks/step_memory.py`, one fresh process per length): a ZeRO-3 student engine (one
   process, sdpa) runs the trainer's micro-batch: `token_logprobs` (chunked head, with entropy) + `trrd_loss`
@@ -238,7 +237,7 @@ def render_markdown(records: list[dict], details: dict, command: str, machine_st
                     seconds: float, settings_used: Settings, errors: list[str]) -> str:
     load = ", ".join(f"{x:.2f}" for x in machine_start["load_average"])
     load_end = ", ".join(f"{x:.2f}" for x in machine_end["load_average"])
-    lines = ["# Benchmarks", "", "Written by `benchmarks/run.py`; every number below comes from this one run.", "",
+    lines = ["# Benchmarks", "", "Written by `python -m benchmarks.run`; every number below comes from this one run.", "",
              "```", command, "```", "",
              f"Machine: {machine_start['nproc']} CPUs ({machine_start['cpu']}), {machine_start['memory_gib']} GiB "
              f"memory, no GPU; Python {machine_start['python']}, torch {machine_start['torch']}, deepspeed "
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep model dirs and raw worker results here (default: a temp dir)")
     args = parser.parse_args(argv)
 
-    command = "python benchmarks/run.py" + (" " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
+    command = "python -m benchmarks.run" + (" " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
     s = settings(args.quick)
     chosen = [name.strip().upper() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in BENCHMARKS]

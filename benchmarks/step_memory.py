@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, single_process_env  # noqa: E402
+from benchmarks.common import current_rss_bytes, peak_rss_bytes
+from rlad_ds.launch import single_process_env
 
 PROMPT = 64
 
