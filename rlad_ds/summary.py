@@ -17,6 +17,7 @@ class DemoSummary(Callback):
         self.start = time.perf_counter()
 
     def on_train_end(self, trainer, history: dict) -> None:
+        seconds = time.perf_counter() - self.start  # the loop and its evaluations, not the teacher's below
         teacher = None
         if trainer.engines.teacher_rollout is not None and trainer.eval_examples:
             # The same held-out prompts and evaluation path, through the teacher (collective: every rank).
@@ -27,7 +28,7 @@ class DemoSummary(Callback):
             return
         summary = {"student_before": history["eval_before"], "student_after": history["eval_after"],
                    "teacher": teacher, "method": trainer.method.name, "steps": trainer.step,
-                   "train_seconds": round(time.perf_counter() - self.start, 1),
+                   "train_seconds": round(seconds, 1),
                    "eval_prompts": len(trainer.eval_examples)}
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")

@@ -99,6 +99,7 @@ class Trainer:
         examples = self.prompts_for_step(step)
         with timer("rollout"):
             generator = self.engines.teacher_rollout if self.method.teacher_generates else self.engines.rollout
+            generator.sync_weights(step)  # a no-op for engines that read the training weights in place
             rollout = generate(generator, self.tokenizer, [e["prompt_text"] for e in examples],
                                training_sampling(self.cfg.rollout), self.engines.device,
                                batch_size=self.cfg.rollout.rollout_batch_size)
