@@ -1,4 +1,4 @@
-"""The student's rollout engines, all behind DeepSpeed's `RolloutEngine` interface.
+"""Rollout engines (the student's, the teacher's for sft, the evaluated model's), behind DeepSpeed's `RolloutEngine` API.
 
 - `GatheredRollout` (default): gathers the whole ZeRO-3 student once per rollout, takes ZeRO's hooks off so
   decoding runs without collectives, generates with a KV cache (each rank stops at its own EOS), then
@@ -149,15 +149,16 @@ def gathered_for_generation(engine):
         raise
 
 
-class _StudentRollout(RolloutEngine):
-    """Shared generate(): expand prompts n times, decode, finish. Subclasses choose how the model is made whole."""
+class _HFGenerateRollout(RolloutEngine):
+    """transformers' generate on a ZeRO-3 engine's model (student, teacher or evaluated model): expand prompts n times,
+    decode, finish. Subclasses choose how the model is made whole."""
 
     collective_calls = False
     synced_gpus = False
 
     def __init__(self, engine, tokenizer):
         if tokenizer.pad_token_id is None:
-            raise ConfigError("the student tokenizer has no pad token; set tokenizer.pad_token")
+            raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token")
         self.engine = engine
         self.tokenizer = tokenizer
         self._module = None
@@ -196,7 +197,7 @@ class _StudentRollout(RolloutEngine):
         return None
 
 
-class GatheredRollout(_StudentRollout):
+class GatheredRollout(_HFGenerateRollout):
     """Gather the full student once per rollout; decode with no collectives; each rank stops at its own EOS."""
 
     name = "gathered"
@@ -207,7 +208,7 @@ class GatheredRollout(_StudentRollout):
             yield engine.module
 
 
-class PerLayerRollout(_StudentRollout):
+class PerLayerRollout(_HFGenerateRollout):
     """ZeRO-3 generation with per-layer gathers; ranks decode in lock-step until every rank is done."""
 
     name = "per_layer"

@@ -1,6 +1,7 @@
-"""Every method end to end on one rank (plain `python launchers/train.py`, no launcher), the temperature
-convention, the same greedy accuracy from training-time evaluation and launchers/eval.py, and the built-in
-demo of every method to its summary. The runs of a test go two at a time (two cores)."""
+"""Every method end to end on one rank (plain `python launchers/train.py`, no launcher) with a plain transformers
+export, the temperature convention, the same greedy accuracy from training-time evaluation and
+launchers/eval.py, and the built-in demo of every method to its summary. The runs of a test go two at a
+time (two cores)."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,10 +63,28 @@ def test_every_method_one_rank_and_the_same_accuracy_in_training_and_eval(tiny_m
     first, second = read_metrics(tmp_path / "rlad")[1:]
     assert abs(first["teacher_log_ratio_mean"]) < 1e-6 and first["kl_teacher"] < 1e-9, first
     assert abs(second["teacher_log_ratio_mean"]) > 1e-5  # after an update the student has moved away
+    check_plain_transformers_export(tmp_path / "grpo" / "student_hf", tiny_models["student"])
     # Step 0 evaluates the initial student: the same number as launchers/eval.py on the same model and prompts.
     launcher = json.loads((tmp_path / "eval.json").read_text())["overall"]["mean@1"]
     before = {m: read_metrics(tmp_path / m)[0]["eval_accuracy"] for m in METHODS}
     assert set(before.values()) == {launcher} and 0 < launcher < 1, (before, launcher)
+
+
+def check_plain_transformers_export(export, initial):
+    """The export loads and generates with plain transformers, in a process that never imports rlad_ds, and
+    holds the trained weights, not the initial student's."""
+    from safetensors.torch import load_file
+
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "ids = t('12+34=', return_tensors='pt').input_ids; "
+            "out = m.generate(ids, max_new_tokens=5, do_sample=False); assert out.shape[1] == ids.shape[1] + 5 or "
+            "out[0, -1] == t.eos_token_id; print('rlad_ds' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(export)], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-3000:]
+    trained, initial = load_file(export / "model.safetensors"), load_file(Path(initial) / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    assert any(not (trained[k] == initial[k]).all() for k in trained)
 
 
 @pytest.fixture(scope="module")
