@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from rlad_ds.callbacks import Callback
 from rlad_ds.errors import ConfigError
+from rlad_ds.launch import world
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -57,10 +58,6 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -103,7 +100,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     root = checkpoint_root(output_dir)
     tag = f"step_{step:08d}"
     directory = root / tag
-    rank = _rank()
+    rank = world()[0]
     if rank == 0 and directory.exists():  # a partial leftover of a crashed save of this very step
         shutil.rmtree(directory)
     _barrier()
@@ -129,7 +126,7 @@ def load_checkpoint(engine, directory: Path) -> dict:
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {directory}; resume from another one or use "
                           f"--resume none")
-    _load_rng(directory, _rank())
+    _load_rng(directory, world()[0])
     return json.loads((directory / "trainer_state.json").read_text())
 
 
@@ -147,7 +144,7 @@ def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
     """Write the consolidated student as an HF dir (safetensors + tokenizer); collective, rank 0 writes."""
     out_dir = Path(out_dir)
     state_dict = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions onto rank 0
-    if _rank() == 0:
+    if world()[0] == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         module = engine.module

@@ -9,17 +9,14 @@ the benchmarks receive an `Engines` and never build one themselves.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlad_ds import launch
 from rlad_ds.ds_config import frozen_ds_config, student_ds_config
 from rlad_ds.models import choose_attention, load_causal_lm
 from rlad_ds.rollout import build_rollout, resolve_rollout_kind
 from rlad_ds.teacher import Scorer, load_frozen
-
-logger = logging.getLogger("rlad_ds")
-
 
 @dataclass
 class Engines:
@@ -42,10 +39,8 @@ def _device() -> str:
     return get_accelerator().device_name()
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _gather_budget(cfg) -> int:
+    return int(cfg.rollout.gather_budget_gb * 2**30)
 
 
 def _attention(cfg, device: str) -> str:
@@ -57,7 +52,7 @@ def build_engines(cfg, method, student_path: Path, teacher_path: Path | None, to
     """Every engine `method` needs, partitioned over the ranks of the (initialised) process group."""
     import deepspeed
 
-    device, world = _device(), _world_size()
+    device, world = _device(), launch.world()[1]
     attn = _attention(cfg, device)
     student_ds = student_ds_config(cfg, world, device)
     model = load_causal_lm(student_path, student_ds, attn_implementation=attn,
@@ -68,7 +63,7 @@ def build_engines(cfg, method, student_path: Path, teacher_path: Path | None, to
         student_ds["hybrid_engine"] = {"enabled": True}
     params = [p for p in model.parameters() if p.requires_grad]
     student, *_ = deepspeed.initialize(model=model, model_parameters=params, config=student_ds)
-    budget = int(cfg.rollout.gather_budget_gb * 2**30)
+    budget = _gather_budget(cfg)
     # Padding-free packing needs attention that honours per-sequence position ids: flash-attention's varlen
     # kernels on GPU (transformers' sdpa/eager masks also do, which is how CPU tests cover it).
     packed = cfg.model.pack_sequences == "on" or (cfg.model.pack_sequences == "auto" and attn == "flash_attention_2")
@@ -95,11 +90,11 @@ def build_eval_engine(cfg, model_path: Path, tokenizer):
     import deepspeed
 
     device = _device()
-    ds_config = frozen_ds_config(cfg, cfg.eval.eval_offload, _world_size(), device)
+    ds_config = frozen_ds_config(cfg, cfg.eval.eval_offload, launch.world()[1], device)
     model = load_causal_lm(model_path, ds_config, attn_implementation=_attention(cfg, device), trainable=False,
                            trust_remote_code=cfg.model.trust_remote_code)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     # A frozen engine has no hybrid engine: "auto" and "hybrid_engine" take the gathered path.
     kind = "per_layer" if cfg.rollout.engine == "per_layer" else "gathered"
-    return engine, build_rollout(kind, engine, tokenizer, int(cfg.rollout.gather_budget_gb * 2**30))
+    return engine, build_rollout(kind, engine, tokenizer, _gather_budget(cfg))

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
+from rlad_ds import launch
 from rlad_ds.evaluation import merge_shards, results_from_scores, sample_seed, shard_indices
 from rlad_ds.rollout import RolloutOutput, concat_rollouts
 
@@ -65,12 +66,6 @@ def decode_responses(tokenizer, output: RolloutOutput) -> list[str]:
             for ids, mask in zip(output.input_ids, output.response_mask)]
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _forked_rng():
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
@@ -83,7 +78,7 @@ def evaluate_examples(rollout, tokenizer, task, records: Sequence[dict], cfg, re
     Returns `rlad_ds.evaluation.results_from_scores`'s dict plus "generated_tokens", "generate_seconds"
     (slowest rank) and, with `keep_completions`, each problem's completions.
     """
-    rank, world = _world()
+    rank, world = launch.world()
     n = cfg.eval.eval_samples
     own, per_rank = shard_indices(len(records), rank, world)
     # Throw-away problems keep the generate calls of every rank in step where the engine needs it.

@@ -57,6 +57,15 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> in
         return 2 if isinstance(error, ConfigError) else 1
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def init_process_group(timeout_s: int) -> None:
     """DeepSpeed's process group (NCCL on GPUs, gloo on CPU); a collective waiting longer than `timeout_s` fails."""
     import deepspeed

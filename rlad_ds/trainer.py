@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rlad_ds import checkpoint
+from rlad_ds import checkpoint, launch
 from rlad_ds.advantages import group_advantages
 from rlad_ds.callbacks import Callback
 from rlad_ds.errors import ConfigError, TrainingError
@@ -86,7 +86,7 @@ class Trainer:
         self.cfg, self.method, self.engines = cfg, method, engines
         self.tokenizer, self.task, self.rewards = tokenizer, task, rewards
         self.train_examples, self.eval_examples = train_examples, eval_examples
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.rank, self.world_size = launch.world()
         self.step, self.bad_steps = 0, 0
         self.controls = method.initial_controls(cfg.loss)
         self.callbacks: list[Callback] = []
