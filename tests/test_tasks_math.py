@@ -15,11 +15,12 @@ GENERIC = {"prompt": "Half of one?", "answer": "\\frac{1}{2}"}
 
 @pytest.mark.parametrize("record, gold", [
     (GSM8K, "1000"),
-    (MATH, "\\frac{1}{2}"),
+    (MATH, "\\boxed{\\frac{1}{2}}"),
     ({**MATH, "answer": "1/2"}, "1/2"),  # MATH500 rows carry both; the short answer wins
     (GENERIC, "\\frac{1}{2}"),
     ({"prompt": "p", "answer": 42}, "42"),
-    ({"prompt": "p", "solution": "nested \\boxed{\\frac{a}{\\sqrt{b}}} end"}, "\\frac{a}{\\sqrt{b}}"),
+    ({"prompt": "p", "solution": "nested \\boxed{\\frac{a}{\\sqrt{b}}} end"}, "\\boxed{\\frac{a}{\\sqrt{b}}}"),
+    ({"prompt": "p", "solution": "\\boxed{1} or \\boxed{2}"}, "\\boxed{1}, \\boxed{2}"),
 ])
 def test_gold_answer(record, gold):
     assert m.gold_answer(record) == gold
@@ -44,18 +45,53 @@ def test_question_and_prompt():
     assert m.subset(GENERIC) == "all" and m.subset({**GENERIC, "subset": 3}) == "3"
 
 
-@pytest.mark.parametrize("completion, extracted", [
-    ("first \\boxed{1} then \\boxed{\\frac{2}{3}} done", "\\frac{2}{3}"),
-    ("\\boxed{x} and <answer>7</answer>", "x"),  # boxed beats the answer block
-    ("<answer> 7 </answer> then <answer>8</answer>", "8"),
-    ("<answer>   </answer> the total is 1,250, so 12.5 each", "12.5"),
-    ("we sum to 1,000, and stop", "1,000"),
-    ("the ratio is -3/4", "-3/4"),
-    ("\\boxed{unclosed", None),
-    ("no numbers at all", None),
+def test_boxed_contents_and_answer_region():
+    assert m.boxed_contents("a \\boxed{1} b \\fbox{\\frac{2}{3}} \\boxed{unclosed") == ["1", "\\frac{2}{3}"]
+    assert m.answer_region("x \\boxed{1} <answer>7</answer>") == "x \\boxed{1} <answer>7</answer>"  # a box wins
+    assert m.answer_region("<answer> 7 </answer> then <answer>8</answer>") == "8"
+    assert m.answer_region("<answer>  </answer> so 12.5") == "<answer>  </answer> so 12.5"
+    assert m.answer_region("no block") == "no block"
+
+
+@pytest.mark.parametrize("gold_record, completion, expected", [
+    # The escaped dollar: in a completion, in an `answer` gold and in a MATH solution's box.
+    ({"answer": "\\$18.90"}, "She pays \\boxed{\\$18.90}.", 1.0),
+    ({"solution": "So she pays \\boxed{\\$18.90}."}, "\\boxed{18.9}", 1.0),
+    ({"solution": "So she pays \\boxed{\\$18.90}."}, "\\boxed{\\$17}", 0.0),
+    ({"solution": "Total: \\boxed{\\$16,\\!386.20}"}, "The answer is \\boxed{16386.20}", 1.0),
+    # Several boxes are one set answer, on either side.
+    ({"answer": "(2,2),(6,2)"}, "\\boxed{(2,2)}, \\boxed{(6,2)}", 1.0),
+    ({"answer": "(2,2),(6,2)"}, "\\boxed{(6,2)}", 0.0),
+    ({"solution": "pairs \\boxed{(2,2)} and \\boxed{(6,2)}"}, "\\boxed{(6,2), (2,2)}", 1.0),
+    # Percent, units and thousands separators.
+    ({"answer": "50\\%"}, "\\boxed{50}", 1.0),
+    ({"answer": "10 \\text{ cm}"}, "\\boxed{10}", 1.0),
+    ({"answer": "7425000"}, "\\boxed{7,425,000}", 1.0),
+    # No box: the <answer> block, else LaTeX / expressions near a "final answer" anchor.
+    ({"answer": "72"}, "I think <answer>72</answer>", 1.0),
+    ({"answer": "72"}, "48 + 24, so the final answer is $72$.", 1.0),
+    ({"answer": "\\frac{\\sqrt{3}}{2}"}, "\\boxed{\\frac{\\sqrt3}{2}}", 1.0),
+    ({"answer": "x^2+1"}, "\\boxed{1+x^2}", 1.0),
+    ({"answer": 33}, "\\boxed{033}", 1.0),
 ])
-def test_extract_answer(completion, extracted):
-    assert m.extract_answer(completion) == extracted
+def test_math_verify_conventions(gold_record, completion, expected):
+    assert m.score(completion, {"problem": "p", **gold_record}) == expected
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"problem": "p", "answer": "proof"}, "no checkable answer"),
+    ({"problem": "p", "answer": "notfound"}, "no checkable answer"),
+    ({"problem": "p", "answer": "12", "question_type": "proof"}, "is a proof"),
+])
+def test_numina_markers_are_refused(record, message):
+    with pytest.raises(ValueError, match=message):
+        m.prompt(record)
+
+
+def test_reference_completions_score_one():
+    for record in (GSM8K, MATH, GENERIC, {"problem": "p", "solution": "\\boxed{1} and \\boxed{2}"},
+                   {"problem": "p", "answer": "\\$18.90"}):
+        assert m.score(m.reference(record), record) == 1.0, record
 
 
 @pytest.mark.parametrize("completion", ["\\boxed{\\frac{1}{2}}", "\\boxed{\\dfrac{1}{2}}", "\\boxed{0.5}",
@@ -66,7 +102,7 @@ def test_equivalent_forms_of_one_half_are_correct(completion):
 
 
 @pytest.mark.parametrize("completion", ["\\boxed{\\frac{1}{3}}", "\\boxed{0.6}", "nothing", "", "\\boxed{}",
-                                        "<answer>half</answer>", "\\boxed{\\frac{1}{2}"])
+                                        "<answer>half</answer>"])
 def test_wrong_missing_and_unparsable_answers_score_zero(completion):
     assert m.score(completion, GENERIC) == 0.0
 

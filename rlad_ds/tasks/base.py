@@ -15,6 +15,8 @@ class Task:
     - `prompt(example)` is the user-message text the model sees (the chat template is applied elsewhere).
     - `score(completion, example)` is accuracy in [0, 1]: 1.0 only for a fully correct answer.
     - `subset(example)` names the evaluation subset an example belongs to (e.g. "PPL4" for K&K).
+    - `reference(example)` is a completion that must score 1.0 (the gold answer in the answer format): data
+      loading scores it to find records whose gold the verifier cannot read. None: no such check.
     """
 
     name: str
@@ -22,3 +24,4 @@ class Task:
     score: Callable[[str, dict], float]
     generate: Callable[[str, int, int], list[dict]] | None = None
     subset: Callable[[dict], str] = lambda example: "all"
+    reference: Callable[[dict], str] | None = None

@@ -1,12 +1,19 @@
-"""Math word problems graded with math-verify.
+"""Math problems graded with math-verify, reading answers the way math-verify itself does.
 
-Records: GSM8K (`question`, `answer` ending in `#### N`), MATH (`problem`, `solution` with `\\boxed{...}`,
-optionally `answer`), or generic (`prompt`, `answer`). A record's `subset` field, if any, names its
-evaluation subset (e.g. map `subset=level` when loading MATH), else "all".
+Records (no `--columns` needed for any of these published shapes):
+- GSM8K: `question`, `answer` ending in `#### 72`;
+- MATH / NuminaMath-CoT: `problem`, `solution` with the answer in `\\boxed{...}` (several boxes = a set);
+- MATH-500, AIME, DeepScaleR, NuminaMath-1.5, OpenR1-Math: `problem`, `answer` (text or number; capitalised
+  keys such as AIME's `Problem` / `Answer` too);
+- verl's parquet (`prompt` = chat messages, `reward_model.ground_truth`), and generic `prompt` + `answer`.
+The short `answer` wins over `solution`. A record's `subset` (else `level`) names its evaluation subset.
+A gold of "proof" / "notfound" (NuminaMath-1.5's markers for rows with no checkable answer) is refused.
 
-The completion's final answer is the last `\\boxed{...}`, else the last `<answer> ... </answer>` block,
-else the last number. It is compared with the gold answer by math-verify (so 1/2, 0.5, \\frac{1}{2} and
-\\dfrac{1}{2} agree).
+Reading the completion: math-verify's own extraction with its test suite's settings (boxed answers first,
+several boxes as a set, then LaTeX, then plain expressions near "final answer" anchors, then the last
+one), over the whole completion, or over the last `<answer> ... </answer>` block when there is no box.
+Currency (`\\$18.90`), percent, units, thousands separators and `\\!` spacing are math-verify's
+normalisation. `python -m benchmarks.math_agreement` measures agreement with math-verify's test suite.
 
 Timeout: sympy can hang on inputs like `9^9^9^9^9`. math-verify's own timeout uses SIGALRM, which only
 works in a process's main thread and cannot interrupt C code. So a comparison runs in an isolated worker
@@ -27,75 +34,97 @@ from rlad_ds.tasks.base import Task
 
 TIMEOUT_S = 5.0
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+NO_ANSWER_MARKERS = ("proof", "notfound")
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[")  # an unescaped $, \( or \[
 _local = threading.local()
 
 
-def last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` (braces balanced), or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every closed `\\boxed{...}` / `\\fbox{...}` in `text` (braces balanced), in order."""
+    found = []
+    for match in _BOXED.finditer(text):
         depth = 1
-        for i in range(start, len(text)):
+        for i in range(match.end(), len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return text[start:i]
-    return None
+                found.append(text[match.end():i])
+                break
+    return found
 
 
-def extract_answer(completion: str) -> str | None:
-    """The completion's final answer: last \\boxed{}, else last <answer> block, else last number."""
-    boxed = last_boxed(completion)
-    if boxed is not None and boxed.strip():
-        return boxed.strip()
-    blocks = [b.strip() for b in _ANSWER_BLOCK.findall(completion) if b.strip()]
-    if blocks:
-        return blocks[-1]
-    numbers = _NUMBER.findall(completion)
-    return numbers[-1].rstrip(",") if numbers else None
+def _field(example: dict, key: str):
+    """`example[key]`, or its capitalised form (AIME releases use `Problem` / `Answer`)."""
+    value = example.get(key)
+    return example.get(key.capitalize()) if value is None else value
 
 
 def gold_answer(example: dict) -> str:
-    """The reference answer of a GSM8K, MATH or generic record; raises ValueError if there is none."""
-    answer = example.get("answer")
+    """The reference answer of a record (see the module doc); raises ValueError if there is none."""
+    if example.get("question_type") == "proof":  # NuminaMath-1.5: a proof has no answer to check
+        raise ValueError("the record is a proof (question_type 'proof'); it has no checkable answer")
+    answer = _field(example, "answer")
+    if answer is None and isinstance(example.get("reward_model"), dict):
+        answer = example["reward_model"].get("ground_truth")  # verl's parquet
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         return str(answer)
     if isinstance(answer, str) and answer.strip():
         gsm8k = _GSM8K_ANSWER.search(answer)
-        return gsm8k.group(1).replace(",", "").strip() if gsm8k else answer.strip()
-    solution = example.get("solution")
+        gold = gsm8k.group(1).replace(",", "").strip() if gsm8k else answer.strip()
+        if gold.lower() in NO_ANSWER_MARKERS:
+            raise ValueError(f"the gold answer is {gold!r}, a marker for a problem with no checkable answer")
+        return gold
+    solution = _field(example, "solution")
     if isinstance(solution, str):
-        boxed = last_boxed(solution)
-        if boxed is not None and boxed.strip():
-            return boxed.strip()
-        raise ValueError("math record's 'solution' has no \\boxed{...} answer")
+        boxes = [box.strip() for box in boxed_contents(solution) if box.strip()]
+        if not boxes:
+            raise ValueError("math record's 'solution' has no \\boxed{...} answer")
+        # Boxed again, so that the answer is read as a box is (several boxes: a set), as in the source.
+        return ", ".join(f"\\boxed{{{box}}}" for box in boxes)
     raise ValueError("math record needs 'answer' (text or number) or 'solution' with \\boxed{...}")
 
 
 def question(example: dict) -> str:
     for key in ("prompt", "question", "problem"):
-        if isinstance(example.get(key), str) and example[key].strip():
-            return example[key]
+        value = _field(example, key)
+        if isinstance(value, list) and value and isinstance(value[-1], dict):  # chat messages (verl)
+            value = value[-1].get("content")
+        if isinstance(value, str) and value.strip():
+            return value
     raise ValueError("math record needs 'prompt', 'question' or 'problem' text")
 
 
-def _as_latex(text: str) -> str:
-    # math-verify looks for LaTeX inside $...$ or \boxed{}; plain text ("1/2", "0.5") is read as an expression.
-    return text if "$" in text else f"${text}$"
+def answer_region(completion: str) -> str:
+    """Where the final answer is read: the whole completion if it boxes one, else its last non-empty
+    `<answer>` block, else the whole completion."""
+    if _BOXED.search(completion):
+        return completion
+    blocks = [block for block in _ANSWER_BLOCK.findall(completion) if block.strip()]
+    return blocks[-1] if blocks else completion
+
+
+def _configs():
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    # Math-Verify's own test settings: boxed answers first, then LaTeX, then plain expressions.
+    return [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 
 
 def verify_strings(gold: str, answer: str, signal_timeout_s: int | None = None) -> bool:
-    """math-verify's verdict on `answer` against `gold` (both plain or LaTeX text), in this process."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    """math-verify's verdict on the answer read from `answer` (a completion, or plain or LaTeX text) against
+    `gold`, in this process."""
+    from math_verify import parse, verify
 
     # Our deadline replaces math-verify's; its "timeout disabled" and "timeout" warnings are noise here.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold_parsed = parse(_as_latex(gold), configs, parsing_timeout=signal_timeout_s)
-    answer_parsed = parse(_as_latex(answer), configs, parsing_timeout=signal_timeout_s)
+    timeout = {"parsing_timeout": signal_timeout_s}
+    # A bare gold ("\\left( 3, \\frac{\\pi}{2} \\right)", "1,000") is one answer: read it whole, as if boxed,
+    # rather than let the expression reader pick a number out of it.
+    bare = not _BOXED.search(gold) and not _MATH_DELIMITER.search(gold)
+    gold_parsed = (bare and parse(f"\\boxed{{{gold}}}", _configs(), **timeout)) or parse(gold, _configs(), **timeout)
+    answer_parsed = parse(answer, _configs(), **timeout)
     if not gold_parsed or not answer_parsed:
         return False
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=signal_timeout_s))
@@ -117,18 +146,23 @@ def is_equivalent(gold: str, answer: str, timeout_s: float = TIMEOUT_S) -> bool:
 def score(completion: str, example: dict, timeout_s: float = TIMEOUT_S) -> float:
     """1.0 iff the completion's final answer equals the gold answer by math-verify, else 0.0."""
     gold = gold_answer(example)  # first, so a bad record raises even for an empty completion
-    answer = extract_answer(completion)
-    if answer is None:
-        return 0.0
-    return 1.0 if is_equivalent(gold, answer, timeout_s) else 0.0
+    return 1.0 if is_equivalent(gold, answer_region(completion), timeout_s) else 0.0
+
+
+def reference(example: dict) -> str:
+    """A completion that must score 1: the gold answer, boxed."""
+    gold = gold_answer(example)
+    return gold if _BOXED.match(gold) else f"\\boxed{{{gold}}}"
 
 
 def prompt(example: dict) -> str:
+    gold_answer(example)  # a record without a readable gold fails when it loads, not when it is scored
     return f"{question(example)}\n\n{INSTRUCTION}"
 
 
 def subset(example: dict) -> str:
-    return str(example.get("subset", "all"))
+    return str(next((_field(example, key) for key in ("subset", "level") if _field(example, key) is not None),
+                    "all"))
 
 
-TASK = Task(name="math", prompt=prompt, score=score, generate=None, subset=subset)
+TASK = Task(name="math", prompt=prompt, score=score, generate=None, subset=subset, reference=reference)
