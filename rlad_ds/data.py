@@ -16,9 +16,13 @@ Sources:
 `load_train_examples` reads a `rlad_ds.config.DataConfig`, `load_eval_examples` a whole `Config` (its
 `eval` section); both return the trainer's form (records with a "prompt_text" key).
 
-A row is usable when every mapped column exists and the task accepts it: `task.prompt(record)` and
-`task.score("", record)` do not raise (tasks raise ValueError/KeyError naming the bad field). A bad row is
-an error naming its place, or with `skip_bad_rows=True` is skipped and counted.
+A row is usable when every mapped column exists (`--columns` takes dotted paths into nested records,
+`names=metadata.names`), `task.prompt(record)` does not raise (tasks raise ValueError/KeyError naming the
+bad field), and the verifier accepts it: given a `check` (the loaders pass `rewards.check_records`), every
+row's gold answer is scored against itself in the time-limited reward workers, so a gold the verifier
+cannot read, a verifier that raises on a row, or one that hangs on it is reported here as `file.jsonl:17:
+...`, not found later as a prompt that never earns a reward. A bad row is an error naming its place, or
+with `skip_bad_rows=True` is skipped and counted.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from rlad_ds.errors import ConfigError
+from rlad_ds.rewards import check_records
 from rlad_ds.tasks import get_task
 from rlad_ds.tasks.base import Task
 
@@ -68,12 +73,22 @@ def parse_columns(columns: str | dict | None) -> dict[str, str]:
     return mapping
 
 
+def column(record: dict, path: str):
+    """`record[path]`, where a dotted path walks into nested records (`metadata.names`); KeyError if absent.
+    A key that itself contains dots is found before its parts are tried."""
+    if path in record:
+        return record[path]
+    value = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"missing column {path!r} (row has: {', '.join(map(str, record)) or 'nothing'})")
+        value = value[part]
+    return value
+
+
 def apply_columns(record: dict, mapping: dict[str, str]) -> dict:
-    """A copy of `record` with each mapped task column set from its source column; KeyError if one is absent."""
-    missing = [source for source in mapping.values() if source not in record]
-    if missing:
-        raise KeyError(f"missing column {missing[0]!r} (row has: {', '.join(map(str, record)) or 'nothing'})")
-    return {**record, **{target: record[source] for target, source in mapping.items()}}
+    """A copy of `record` with each mapped task column set from its source column (a dotted path)."""
+    return {**record, **{target: column(record, source) for target, source in mapping.items()}}
 
 
 class Renderer:
@@ -103,15 +118,17 @@ class Renderer:
 
 def load_examples(task: Task, source: str | Path | None = None, *, split: str = "train", n: int | None = None,
                   seed: int = 0, columns: str | dict | None = None, tokenizer=None, template: str | None = None,
-                  system_prompt: str | None = None, skip_bad_rows: bool = False) -> Examples:
-    """Examples for `task` from `source` (see the module doc); `n` caps file rows or sets the generated count."""
+                  system_prompt: str | None = None, skip_bad_rows: bool = False,
+                  check: Callable[[Sequence[dict]], dict[int, str]] | None = None) -> Examples:
+    """Examples for `task` from `source` (see the module doc); `n` caps file rows or sets the generated count.
+    `check(records)` returns {index: why} for records the verifier rejects (see the module doc)."""
     render = Renderer(tokenizer, template, system_prompt)
     mapping = parse_columns(columns)
     if n is not None and n < 1:
         raise ConfigError(f"need n >= 1 examples, got {n}")
     if source is None:
         return _generated(task, split, n, seed, render)
-    examples = Examples()
+    examples, places = Examples(), []
     for place, row in read_rows(source, split):
         try:
             record = _checked(task, row, mapping)
@@ -119,8 +136,14 @@ def load_examples(task: Task, source: str | Path | None = None, *, split: str = 
             _bad_row(examples, f"{place}: {_message(error)}", skip_bad_rows)
             continue
         examples.append(Example(render(task.prompt(record)), record))
+        places.append(place)
         if n is not None and len(examples) == n:
             break
+    if check is not None and examples:
+        problems = check([example.record for example in examples])
+        for index in sorted(problems):
+            _bad_row(examples, f"{places[index]}: {problems[index]}", skip_bad_rows)
+        examples[:] = [example for index, example in enumerate(examples) if index not in problems]
     if not examples:
         detail = f" ({examples.skipped} bad rows skipped; first: {examples.messages[0]})" if examples.skipped else ""
         raise ConfigError(f"{source}: no usable rows{detail}")
@@ -133,11 +156,15 @@ def as_records(examples: Iterable[Example]) -> list[dict]:
 
 
 def _options(data_cfg, tokenizer) -> dict:
+    def check(records):
+        return check_records(data_cfg.task, records, data_cfg.reward_timeout_s, data_cfg.reward_workers,
+                             data_cfg.task_args)
+
     # A raw template replaces the chat template, so the tokenizer is not used for rendering then.
     return {"columns": data_cfg.columns, "system_prompt": data_cfg.system_prompt,
             "template": data_cfg.prompt_template,
             "tokenizer": None if data_cfg.prompt_template is not None else tokenizer,
-            "skip_bad_rows": data_cfg.skip_bad_rows}
+            "skip_bad_rows": data_cfg.skip_bad_rows, "check": check}
 
 
 def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> Examples:
@@ -146,7 +173,7 @@ def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> Examples:
     The items are records (see `as_records`); `.skipped` / `.messages` say what `skip_bad_rows` dropped, so
     that the caller can report it.
     """
-    task = get_task(data_cfg.task)
+    task = get_task(data_cfg.task, data_cfg.task_args)
     n = data_cfg.train_size if data_cfg.dataset is None else None
     examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed, **_options(data_cfg, tokenizer))
     return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
@@ -160,7 +187,7 @@ def load_eval_examples(cfg, tokenizer) -> Examples:
     training `dataset` dict; [] when there is none (a single training file has no held-out part) or
     `eval_size` is 0. `eval_size` caps the rows read (none: every row).
     """
-    task, size, options = get_task(cfg.data.task), cfg.eval.eval_size, _options(cfg.data, tokenizer)
+    task, size, options = get_task(cfg.data.task, cfg.data.task_args), cfg.eval.eval_size, _options(cfg.data, tokenizer)
     if size == 0:
         return Examples()
     source, split = cfg.eval.eval_dataset, cfg.eval.eval_split
@@ -198,7 +225,6 @@ def _checked(task: Task, row, mapping: dict[str, str]) -> dict:
         raise TypeError(f"expected a JSON object, got {type(row).__name__}")
     record = apply_columns(row, mapping)
     task.prompt(record)
-    task.score("", record)
     return record
 
 

@@ -5,7 +5,11 @@ verifier for sure. A worker that misses its deadline is killed and replaced; its
 counted as a timeout. A verifier exception scores 0 and is counted as an error. Neither stops the run.
 
 Workers resolve the task by name, so a `RewardRunner` takes what `rlad_ds.tasks.get_task` accepts in a
-fresh process: a built-in name or `module:function`.
+fresh process: a built-in name, `rg:<dataset>` (with its `task_args`) or `module:function`.
+
+`check_records` is data loading's use of the same workers: it scores each record's reference completion
+(its own gold answer, `Task.reference`), so a gold the verifier cannot read, a verifier that raises on a
+record, or one that hangs on it, is found when the data loads, each under the same timeout.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from rlad_ds.tasks import get_task
 MAX_MESSAGES = 20  # error messages kept per batch, for the log
 
 
-def score(task: str, completion: str, example: dict) -> float:
+def score(task: str, completion: str, example: dict, task_args: str | None = None) -> float:
     """Accuracy in [0, 1] of `completion` on the raw record `example` for a registered task (in-process)."""
-    return float(get_task(task).score(completion, example))
+    return float(get_task(task, task_args).score(completion, example))
 
 
 @dataclass
@@ -33,11 +37,16 @@ class RewardResult:
     errors: int = 0
     timeouts: int = 0
     messages: list[str] = field(default_factory=list)  # the first MAX_MESSAGES errors / timeouts
+    failed: dict[int, str] = field(default_factory=dict)  # index -> why, for every error / timeout
 
 
-def score_one(task: str, completion: str, example: dict) -> float:
-    """What a worker runs: `score`, checked to be a finite number in [0, 1]."""
-    value = score(task, completion, example)
+def score_one(task: str, task_args: str | None, completion: str | None, example: dict) -> float:
+    """What a worker runs: `score`, checked to be a finite number in [0, 1]. A `completion` of None means
+    the task's reference completion for `example` (or "" for a task without one)."""
+    if completion is None:
+        reference = get_task(task, task_args).reference
+        completion = reference(example) if reference is not None else ""
+    value = score(task, completion, example, task_args)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"task {task!r} returned score {value}, outside [0, 1]")
     return value
@@ -46,15 +55,21 @@ def score_one(task: str, completion: str, example: dict) -> float:
 class RewardRunner:
     """Scores batches in `workers` persistent processes; each call has a hard `timeout_s`."""
 
-    def __init__(self, task: str, timeout_s: float = 10.0, workers: int = 2):
-        get_task(task)  # fail here, with the task's own error, rather than in every worker
+    def __init__(self, task: str, timeout_s: float = 10.0, workers: int = 2, task_args: str | None = None):
+        get_task(task, task_args)  # fail here, with the task's own error, rather than in every worker
         if timeout_s <= 0 or workers < 1:
             raise ValueError(f"need timeout_s > 0 and workers >= 1, got {timeout_s}, {workers}")
-        self.task, self.timeout_s = task, timeout_s
+        self.task, self.task_args, self.timeout_s = task, task_args, timeout_s
         self.workers = [IsolatedWorker("rlad_ds.rewards:score_one") for _ in range(workers)]
 
-    def run(self, completions: Sequence[str], examples: Sequence[dict]) -> RewardResult:
-        """Score completion i against examples[i]; errors and timeouts score 0 and are counted."""
+    @classmethod
+    def from_config(cls, data_cfg) -> "RewardRunner":
+        """The runner a `rlad_ds.config.DataConfig` asks for."""
+        return cls(data_cfg.task, data_cfg.reward_timeout_s, data_cfg.reward_workers, data_cfg.task_args)
+
+    def run(self, completions: Sequence[str | None], examples: Sequence[dict]) -> RewardResult:
+        """Score completion i against examples[i] (None: the task's reference completion for it); errors and
+        timeouts score 0 and are counted."""
         if len(completions) != len(examples):
             raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
         result = RewardResult(scores=[0.0] * len(completions))
@@ -64,7 +79,7 @@ class RewardRunner:
             for worker in self.workers:
                 if todo and worker not in busy:
                     index = todo.pop()
-                    worker.send((self.task, completions[index], examples[index]))
+                    worker.send((self.task, self.task_args, completions[index], examples[index]))
                     busy[worker] = (index, time.monotonic() + self.timeout_s)
             first_deadline = min(deadline for _, deadline in busy.values())
             ready = wait([worker.conn for worker in busy], timeout=max(0.0, first_deadline - time.monotonic()))
@@ -74,7 +89,7 @@ class RewardRunner:
                     self._collect(worker, index, result)
                 elif time.monotonic() >= deadline:
                     worker.kill()  # restarted by the next send
-                    self._count(result, "timeouts", f"#{index}: no score within {self.timeout_s}s")
+                    self._count(result, "timeouts", index, f"no score within {self.timeout_s}s")
                 else:
                     continue
                 del busy[worker]
@@ -84,13 +99,14 @@ class RewardRunner:
         try:
             result.scores[index] = float(worker.receive())
         except WorkerError as error:
-            self._count(result, "errors", f"#{index}: {error}")
+            self._count(result, "errors", index, str(error))
 
     @staticmethod
-    def _count(result: RewardResult, kind: str, message: str) -> None:
+    def _count(result: RewardResult, kind: str, index: int, message: str) -> None:
         setattr(result, kind, getattr(result, kind) + 1)
+        result.failed[index] = message
         if len(result.messages) < MAX_MESSAGES:
-            result.messages.append(message)
+            result.messages.append(f"#{index}: {message}")
 
     def close(self) -> None:
         for worker in self.workers:
@@ -103,8 +119,22 @@ class RewardRunner:
         self.close()
 
 
-def score_batch(task: str, completions: Sequence[str], examples: Sequence[dict], timeout_s: float = 10.0,
-                workers: int = 2) -> RewardResult:
-    """One-off `RewardRunner(task, timeout_s, workers).run(...)`; keep a runner instead for repeated batches."""
-    with RewardRunner(task, timeout_s, workers) as runner:
+def score_batch(task: str, completions: Sequence[str | None], examples: Sequence[dict], timeout_s: float = 10.0,
+                workers: int = 2, task_args: str | None = None) -> RewardResult:
+    """One-off `RewardRunner(task, timeout_s, workers, task_args).run(...)`; keep a runner for repeated batches."""
+    with RewardRunner(task, timeout_s, workers, task_args) as runner:
         return runner.run(completions, examples)
+
+
+def check_records(task: str, examples: Sequence[dict], timeout_s: float, workers: int = 2,
+                  task_args: str | None = None) -> dict[int, str]:
+    """{index: why} for every record whose reference completion does not score 1.0 (or, for a task without
+    a reference, whose empty completion makes the verifier raise), each call under `timeout_s`."""
+    result = score_batch(task, [None] * len(examples), examples, timeout_s, workers, task_args)
+    problems = dict(result.failed)
+    if get_task(task, task_args).reference is not None:
+        for index, value in enumerate(result.scores):
+            if index not in problems and value < 1.0:
+                problems[index] = f"its gold answer does not verify against itself (score {value:g}); " \
+                                  "check the answer field"
+    return problems

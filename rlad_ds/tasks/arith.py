@@ -114,4 +114,4 @@ def subset(example: dict) -> str:
     return f"carries{example['carries']}"
 
 
-TASK = Task(name="arith", prompt=prompt, score=score, generate=generate, subset=subset)
+TASK = Task(name="arith", prompt=prompt, score=score, generate=generate, subset=subset, reference=solution)

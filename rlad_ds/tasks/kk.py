@@ -1,8 +1,11 @@
 """Knights and Knaves (K&K): logic puzzles with 2..8 people and exactly one solution.
 
 Records use the published K&K JSONL fields: `quiz` (the puzzle text), `names` (list of str), `solution`
-(list of bool, True = knight) and `solution_text`. Generated records add `statements`, the puzzle as nested
-lists (`["telling-truth", i]` = "person i is a knight", `["lying", i]`, `["not", s]`, `["and", s, ...]`,
+(list of bool, True = knight), `solution_text` and `knight_knave` (the role words). The same fields load from
+Logic-RL's K&K parquet (which adds verl's columns) and from reasoning-gym's K&K entries (`question`, with
+`names`, `solution` and the role words `knight_knave_terms` under `metadata`), all with no `--columns`.
+Puzzles whose role words are not knight/knave (reasoning-gym rotates in sage/fool, hero/villain...) are
+asked and graded in their own words. Generated records add `statements`, the puzzle as nested lists (`["telling-truth", i]` = "person i is a knight", `["lying", i]`, `["not", s]`, `["and", s, ...]`,
 `["or", s, ...]`, `["->", a, b]`, `["<=>", a, b]`), so anyone can re-check the puzzle.
 
 Generation: statements are sampled with reasoning-gym's `KKProblemSampler` (the mem-kk-logic sampler the
@@ -167,14 +170,32 @@ def generate(split: str, n: int, seed: int = 0, sizes=SIZES) -> list[dict]:
 
 # ---------------------------------------------------------------- grading
 
+def _get(example: dict, key: str):
+    """A field at the top level, else under `metadata` (reasoning-gym's entries)."""
+    value = example.get(key)
+    metadata = example.get("metadata")
+    return metadata.get(key) if value is None and isinstance(metadata, dict) else value
+
+
+def roles(example: dict) -> tuple[str, str]:
+    """The (knight, knave) words of a record: `knight_knave` (K&K, Logic-RL) or `knight_knave_terms`
+    (reasoning-gym), else knight/knave."""
+    terms = _get(example, "knight_knave") or _get(example, "knight_knave_terms") or {}
+    knight, knave = terms.get("knight", "knight"), terms.get("knave", "knave")
+    if not (isinstance(knight, str) and isinstance(knave, str) and knight.strip() and knave.strip()
+            and knight.lower() != knave.lower()):
+        raise ValueError(f"K&K record's role words must be two different words, got {knight!r} / {knave!r}")
+    return knight.strip().lower(), knave.strip().lower()
+
+
 def gold(example: dict) -> tuple[list[str], list[bool]]:
     """(names, solution) of a record; raises ValueError naming the bad field."""
-    names = example.get("names")
+    names = _get(example, "names")
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(x, str) for x in names):
         raise ValueError("K&K record needs 'names', a non-empty list of strings")
-    solution = example.get("solution")
+    solution = _get(example, "solution")
     if solution is None and isinstance(example.get("solution_text"), str):
-        solution = verdicts(example["solution_text"], names)
+        solution = verdicts(example["solution_text"], names, roles(example))
         if None in solution:
             raise ValueError(f"cannot read every person's role from 'solution_text': {example['solution_text']!r}")
     if not isinstance(solution, (list, tuple)) or not all(isinstance(x, bool) for x in solution):
@@ -185,18 +206,19 @@ def gold(example: dict) -> tuple[list[str], list[bool]]:
 
 
 @lru_cache(maxsize=4096)
-def _claim_pattern(name: str) -> re.Pattern:
+def _claim_pattern(name: str, knight: str, knave: str) -> re.Pattern:
     # The lookahead rejects hedges: "knight/knave", "a knight or a knave".
-    return re.compile(rf"(?<!\w){re.escape(name)}\s+is\s+(?:an?\s+)?(knight|knave)(?![\w/])(?!\s+or\b)",
+    words = f"{re.escape(knight)}|{re.escape(knave)}"
+    return re.compile(rf"(?<!\w){re.escape(name)}\s+is\s+(?:an?\s+)?({words})(?![\w/])(?!\s+or\b)",
                       re.IGNORECASE)
 
 
-def verdicts(text: str, names) -> list[bool | None]:
+def verdicts(text: str, names, role_words: tuple[str, str] = ("knight", "knave")) -> list[bool | None]:
     """Per person: True (knight), False (knave), or None when absent or claimed both ways."""
     out = []
     for name in names:
-        roles = {match.lower() == "knight" for match in _claim_pattern(name).findall(text)}
-        out.append(roles.pop() if len(roles) == 1 else None)
+        claims = {match.lower() == role_words[0] for match in _claim_pattern(name, *role_words).findall(text)}
+        out.append(claims.pop() if len(claims) == 1 else None)
     return out
 
 
@@ -212,7 +234,7 @@ def person_accuracy(completion: str, example: dict) -> float:
     block = answer_block(completion)
     if block is None:
         return 0.0
-    return sum(v == s for v, s in zip(verdicts(block, names), solution)) / len(names)
+    return sum(v == s for v, s in zip(verdicts(block, names, roles(example)), solution)) / len(names)
 
 
 def score(completion: str, example: dict) -> float:
@@ -222,16 +244,30 @@ def score(completion: str, example: dict) -> float:
 
 def prompt(example: dict) -> str:
     names, _ = gold(example)
-    quiz = example.get("quiz")
+    knight, knave = roles(example)
+    quiz = example.get("quiz") or example.get("question")
     if not isinstance(quiz, str) or not quiz.strip():
-        raise ValueError("K&K record needs 'quiz', the puzzle text")
-    lines = "\n".join(f"({i}) {name} is a knight/knave" for i, name in enumerate(names, 1))
+        raise ValueError("K&K record needs 'quiz' (or reasoning-gym's 'question'), the puzzle text")
+    lines = "\n".join(f"({i}) {name} is a {knight}/{knave}" for i, name in enumerate(names, 1))
     return (f"{quiz}\n\nThink it through, then give your final answer inside <answer> </answer>, one line per "
-            f"person, each saying either 'a knight' or 'a knave':\n<answer>\n{lines}\n</answer>")
+            f"person, each saying either '{_article(knight)}' or '{_article(knave)}':\n<answer>\n{lines}\n</answer>")
+
+
+def _article(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def reference(example: dict) -> str:
+    """The gold answer in the prompted format."""
+    names, solution = gold(example)
+    knight, knave = roles(example)
+    lines = "\n".join(f"({i}) {name} is {_article(knight if is_knight else knave)}"
+                      for i, (name, is_knight) in enumerate(zip(names, solution), 1))
+    return f"<answer>\n{lines}\n</answer>"
 
 
 def subset(example: dict) -> str:
-    return f"PPL{len(example['names'])}"
+    return f"PPL{len(_get(example, 'names'))}"
 
 
-TASK = Task(name="kk", prompt=prompt, score=score, generate=generate, subset=subset)
+TASK = Task(name="kk", prompt=prompt, score=score, generate=generate, subset=subset, reference=reference)
