@@ -116,7 +116,7 @@ def _train(argv: list[str]) -> int:
     from rlad_ds.tasks import get_task
 
     cfg, _ = parse_config(argv, profile=demo.PROFILE)
-    method, task = get_method(cfg.loss.method), get_task(cfg.data.task)
+    method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
     _validate(cfg)
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     single_process_env()
@@ -154,7 +154,7 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, trai
         output_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
         write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
-    with RewardRunner(cfg.data.task, timeout_s=cfg.data.reward_timeout_s, workers=cfg.data.reward_workers) as rewards:
+    with RewardRunner.from_config(cfg.data) as rewards:
         trainer = Trainer(cfg, method, engines, tokenizer, task, rewards, train_examples, eval_examples)
         if resume_from is not None:
             trainer.resume(resume_from)
@@ -187,7 +187,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--save_completions", action="store_true", help="also store every completion in the JSON")
     args = parser.parse_args(argv)
     cfg = config_from_layers(read_layers(args))
-    task = get_task(cfg.data.task)
+    task = get_task(cfg.data.task, cfg.data.task_args)
     model_dir = check_model_dir(args.model)
     tokenizer = _tokenizer(model_dir, "model", cfg)
     examples = _eval_examples(cfg, tokenizer)
@@ -214,7 +214,7 @@ def _run_evaluation(cfg, task, model_dir, tokenizer, examples, args) -> int:
     init_process_group(cfg.train.collective_timeout_s)
     engine, rollout = build_eval_engine(cfg, model_dir, tokenizer)
     load_seconds = time.perf_counter() - start
-    with RewardRunner(cfg.data.task, timeout_s=cfg.data.reward_timeout_s, workers=cfg.data.reward_workers) as rewards:
+    with RewardRunner.from_config(cfg.data) as rewards:
         results = evaluate_examples(rollout, tokenizer, task, examples, cfg, rewards, engine.device,
                                     keep_completions=args.save_completions)
     if env_rank() == 0:

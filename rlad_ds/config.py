@@ -172,7 +172,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _help("kk, math, arith, or module:function returning a Task", scope="both", default="kk")
+    task: str = _help("kk, math, arith, rg:<dataset> (any reasoning-gym dataset), or module:function returning "
+                      "a Task", scope="both", default="kk")
+    task_args: str | None = _help("the task's config: JSON object or key=value,key=value (reasoning-gym dataset "
+                                  "config, e.g. n_people=3; keyword arguments of a module:function task)",
+                                  scope="both", default=None)
     dataset: str | None = _help("training data: local jsonl/json/parquet/csv file or saved dataset dir (or a hub "
                                 "name when online); none = the task's generated prompts", default=None)
     columns: str | None = _help("column mapping, e.g. prompt=question,answer=answer", scope="both", default=None)
