@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         for c in cases:
             if c["ours"] != c["expected"]:
                 print(f"- {c['file']}::{c['test']} expected={int(c['expected'])} ours={int(c['ours'])} "
-                      f"math_verify={int(c['math_verify'])} match={'+'.join(c['match_types'])}\n    gold={c['gold']!r}\n    pred={c['pred']!r}")
+                      f"math_verify={int(c['math_verify'])} match={'+'.join(c['match_types'])}\n"
+                      f"    gold={c['gold']!r}\n    pred={c['pred']!r}")
     if args.json:
         args.json.write_text(json.dumps(cases, indent=1))
     return 0

@@ -43,11 +43,11 @@ def _tokenizer(path, role: str, cfg):
                           f"there with tokenizer.save_pretrained") from None
 
 
-def _eval_examples(cfg, tokenizer):
+def _eval_examples(cfg, tokenizer, rewards):
     from rlad_ds.data import load_eval_examples
 
     try:
-        examples = load_eval_examples(cfg, tokenizer)
+        examples = load_eval_examples(cfg, tokenizer, rewards)
     except ConfigError:
         raise
     except Exception as error:  # e.g. `datasets` cannot reach or parse a hub dataset
@@ -93,10 +93,10 @@ def _model_paths(cfg) -> tuple[Path, Path | None]:
     return paths["student"], paths["teacher"]
 
 
-def _train_examples(cfg, tokenizer):
+def _train_examples(cfg, tokenizer, rewards):
     from rlad_ds.data import load_train_examples
 
-    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed)
+    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed, rewards=rewards)
     if train.skipped and env_rank() == 0:
         logger.warning("--skip_bad_rows: skipped %d bad dataset rows (first: %s)", train.skipped, train.messages[0])
     world = env_world_size()
@@ -113,6 +113,7 @@ def _train(argv: list[str]) -> int:
     from rlad_ds.config import parse_config
     from rlad_ds.methods import get_method
     from rlad_ds.models import check_tokenizers_match
+    from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
     cfg, _ = parse_config(argv, profile=demo.PROFILE)
@@ -126,12 +127,15 @@ def _train(argv: list[str]) -> int:
     tokenizer = _tokenizer(student_path, "student", cfg)
     if method.needs_teacher:
         check_tokenizers_match(tokenizer, _tokenizer(teacher_path, "teacher", cfg))
-    train_examples, eval_examples = _train_examples(cfg, tokenizer), _eval_examples(cfg, tokenizer)
-    return _run_training(cfg, method, task, student_path, teacher_path, tokenizer, train_examples, eval_examples,
-                         resume_from)
+    # The run's reward workers check every dataset row's gold as it loads, then score the rollouts.
+    with RewardRunner.from_config(cfg.data) as rewards:
+        train_examples = _train_examples(cfg, tokenizer, rewards)
+        eval_examples = _eval_examples(cfg, tokenizer, rewards)
+        return _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples,
+                             eval_examples, resume_from)
 
 
-def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, train_examples, eval_examples,
+def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples, eval_examples,
                   resume_from) -> int:
     # Imported only now, so that bad input is reported without waiting for DeepSpeed's import.
     import random
@@ -142,7 +146,6 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, trai
     from rlad_ds.engines import build_engines
     from rlad_ds.launch import end_process_group, init_process_group
     from rlad_ds.metrics import MetricsLogger
-    from rlad_ds.rewards import RewardRunner
     from rlad_ds.trainer import Trainer
 
     init_process_group(cfg.train.collective_timeout_s)
@@ -154,21 +157,20 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, trai
         output_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
         write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
-    with RewardRunner.from_config(cfg.data) as rewards:
-        trainer = Trainer(cfg, method, engines, tokenizer, task, rewards, train_examples, eval_examples)
-        if resume_from is not None:
-            trainer.resume(resume_from)
-        metrics = MetricsLogger(output_dir, rank=env_rank(), total_steps=cfg.train.max_steps,
-                                start_step=trainer.step, report_to=cfg.train.report_to, config=cfg.to_dict())
-        callbacks = [metrics, ExportHF(output_dir / "student_hf")]
-        if cfg.is_demo:
-            from rlad_ds.summary import DemoSummary
+    trainer = Trainer(cfg, method, engines, tokenizer, task, rewards, train_examples, eval_examples)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    metrics = MetricsLogger(output_dir, rank=env_rank(), total_steps=cfg.train.max_steps,
+                            start_step=trainer.step, report_to=cfg.train.report_to, config=cfg.to_dict())
+    callbacks = [metrics, ExportHF(output_dir / "student_hf")]
+    if cfg.is_demo:
+        from rlad_ds.summary import DemoSummary
 
-            callbacks.append(DemoSummary(output_dir))
-        try:
-            trainer.fit(callbacks)
-        finally:
-            metrics.close()
+        callbacks.append(DemoSummary(output_dir))
+    try:
+        trainer.fit(callbacks)
+    finally:
+        metrics.close()
     end_process_group()
     return 0
 
@@ -178,6 +180,7 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, trai
 def _eval(argv: list[str]) -> int:
     from rlad_ds.config import build_parser, config_from_layers, read_layers
     from rlad_ds.models import check_model_dir
+    from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
     parser = build_parser("eval", description="Mean@k and unbiased Pass@k of a causal LM on a task, per subset, "
@@ -190,33 +193,32 @@ def _eval(argv: list[str]) -> int:
     task = get_task(cfg.data.task, cfg.data.task_args)
     model_dir = check_model_dir(args.model)
     tokenizer = _tokenizer(model_dir, "model", cfg)
-    examples = _eval_examples(cfg, tokenizer)
-    if not examples:
-        raise ConfigError(f"nothing to evaluate: task {task.name!r} generates no problems and no --eval_dataset "
-                          "was given (or --eval_size is 0)")
-    if cfg.eval.eval_temperature == 0 and cfg.eval.eval_samples > 1:
-        logger.warning("--eval_temperature 0 is greedy: all %d samples of a problem are the same",
-                       cfg.eval.eval_samples)
-    single_process_env()
-    return _run_evaluation(cfg, task, model_dir, tokenizer, examples, args)
+    with RewardRunner.from_config(cfg.data) as rewards:
+        examples = _eval_examples(cfg, tokenizer, rewards)
+        if not examples:
+            raise ConfigError(f"nothing to evaluate: task {task.name!r} generates no problems and no "
+                              "--eval_dataset was given (or --eval_size is 0)")
+        if cfg.eval.eval_temperature == 0 and cfg.eval.eval_samples > 1:
+            logger.warning("--eval_temperature 0 is greedy: all %d samples of a problem are the same",
+                           cfg.eval.eval_samples)
+        single_process_env()
+        return _run_evaluation(cfg, task, model_dir, tokenizer, examples, rewards, args)
 
 
-def _run_evaluation(cfg, task, model_dir, tokenizer, examples, args) -> int:
+def _run_evaluation(cfg, task, model_dir, tokenizer, examples, rewards, args) -> int:
     import time
 
     from rlad_ds.engines import build_eval_engine
     from rlad_ds.evaluation import format_table, write_json
     from rlad_ds.generation import evaluate_examples
     from rlad_ds.launch import end_process_group, init_process_group
-    from rlad_ds.rewards import RewardRunner
 
     start = time.perf_counter()
     init_process_group(cfg.train.collective_timeout_s)
     engine, rollout = build_eval_engine(cfg, model_dir, tokenizer)
     load_seconds = time.perf_counter() - start
-    with RewardRunner.from_config(cfg.data) as rewards:
-        results = evaluate_examples(rollout, tokenizer, task, examples, cfg, rewards, engine.device,
-                                    keep_completions=args.save_completions)
+    results = evaluate_examples(rollout, tokenizer, task, examples, cfg, rewards, engine.device,
+                                keep_completions=args.save_completions)
     if env_rank() == 0:
         seconds, tokens = results.pop("generate_seconds"), results.pop("generated_tokens")
         results["run"] = {"model": str(model_dir), "eval_dataset": cfg.eval.eval_dataset, "size": len(examples),

@@ -18,8 +18,8 @@ Sources:
 
 A row is usable when every mapped column exists (`--columns` takes dotted paths into nested records,
 `names=metadata.names`), `task.prompt(record)` does not raise (tasks raise ValueError/KeyError naming the
-bad field), and the verifier accepts it: given a `check` (the loaders pass `rewards.check_records`), every
-row's gold answer is scored against itself in the time-limited reward workers, so a gold the verifier
+bad field), and the verifier accepts it: given a `check` (the loaders pass `RewardRunner.check_records`),
+every row's gold answer is scored against itself in the time-limited reward workers, so a gold the verifier
 cannot read, a verifier that raises on a row, or one that hangs on it is reported here as `file.jsonl:17:
 ...`, not found later as a prompt that never earns a reward. A bad row is an error naming its place, or
 with `skip_bad_rows=True` is skipped and counted.
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from rlad_ds.errors import ConfigError
-from rlad_ds.rewards import check_records
+from rlad_ds.rewards import RewardRunner
 from rlad_ds.tasks import get_task
 from rlad_ds.tasks.base import Task
 
@@ -155,10 +155,12 @@ def as_records(examples: Iterable[Example]) -> list[dict]:
     return [{**example.record, "prompt_text": example.text} for example in examples]
 
 
-def _options(data_cfg, tokenizer) -> dict:
+def _options(data_cfg, tokenizer, rewards: RewardRunner | None) -> dict:
     def check(records):
-        return check_records(data_cfg.task, records, data_cfg.reward_timeout_s, data_cfg.reward_workers,
-                             data_cfg.task_args)
+        if rewards is not None:
+            return rewards.check_records(records)
+        with RewardRunner.from_config(data_cfg) as runner:
+            return runner.check_records(records)
 
     # A raw template replaces the chat template, so the tokenizer is not used for rendering then.
     return {"columns": data_cfg.columns, "system_prompt": data_cfg.system_prompt,
@@ -167,19 +169,21 @@ def _options(data_cfg, tokenizer) -> dict:
             "skip_bad_rows": data_cfg.skip_bad_rows, "check": check}
 
 
-def load_train_examples(data_cfg, tokenizer, seed: int = 0) -> Examples:
+def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunner | None = None) -> Examples:
     """Training prompts for `rlad_ds.config.DataConfig`: every row of `dataset`, else `train_size` generated.
+    Dataset rows are checked in `rewards` (the run's reward workers; None: workers started for the check).
 
     The items are records (see `as_records`); `.skipped` / `.messages` say what `skip_bad_rows` dropped, so
     that the caller can report it.
     """
     task = get_task(data_cfg.task, data_cfg.task_args)
     n = data_cfg.train_size if data_cfg.dataset is None else None
-    examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed, **_options(data_cfg, tokenizer))
+    examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed,
+                             **_options(data_cfg, tokenizer, rewards))
     return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
 
 
-def load_eval_examples(cfg, tokenizer) -> Examples:
+def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None) -> Examples:
     """Held-out problems (records with "prompt_text") for the `eval` section of a `rlad_ds.config.Config`.
 
     From `eval_dataset` (its `eval_split` when it is a saved dataset dict), else the task's generated "test"
@@ -187,7 +191,8 @@ def load_eval_examples(cfg, tokenizer) -> Examples:
     training `dataset` dict; [] when there is none (a single training file has no held-out part) or
     `eval_size` is 0. `eval_size` caps the rows read (none: every row).
     """
-    task, size, options = get_task(cfg.data.task, cfg.data.task_args), cfg.eval.eval_size, _options(cfg.data, tokenizer)
+    task, size = get_task(cfg.data.task, cfg.data.task_args), cfg.eval.eval_size
+    options = _options(cfg.data, tokenizer, rewards)
     if size == 0:
         return Examples()
     source, split = cfg.eval.eval_dataset, cfg.eval.eval_split

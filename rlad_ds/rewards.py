@@ -7,9 +7,9 @@ counted as a timeout. A verifier exception scores 0 and is counted as an error. 
 Workers resolve the task by name, so a `RewardRunner` takes what `rlad_ds.tasks.get_task` accepts in a
 fresh process: a built-in name, `rg:<dataset>` (with its `task_args`) or `module:function`.
 
-`check_records` is data loading's use of the same workers: it scores each record's reference completion
-(its own gold answer, `Task.reference`), so a gold the verifier cannot read, a verifier that raises on a
-record, or one that hangs on it, is found when the data loads, each under the same timeout.
+`RewardRunner.check_records` is data loading's use of the same workers: it scores each record's reference
+completion (its own gold answer, `Task.reference`), so a gold the verifier cannot read, a verifier that
+raises on a record, or one that hangs on it, is found when the data loads, each under the same timeout.
 """
 
 from __future__ import annotations
@@ -95,6 +95,18 @@ class RewardRunner:
                 del busy[worker]
         return result
 
+    def check_records(self, examples: Sequence[dict]) -> dict[int, str]:
+        """{index: why} for every record whose reference completion does not score 1.0 (or, for a task
+        without a reference, whose empty completion makes the verifier raise), each call under the timeout."""
+        result = self.run([None] * len(examples), examples)
+        problems = dict(result.failed)
+        if get_task(self.task, self.task_args).reference is not None:
+            for index, value in enumerate(result.scores):
+                if index not in problems and value < 1.0:
+                    problems[index] = f"its gold answer does not verify against itself (score {value:g}); " \
+                                      "check the answer field"
+        return problems
+
     def _collect(self, worker: IsolatedWorker, index: int, result: RewardResult) -> None:
         try:
             result.scores[index] = float(worker.receive())
@@ -124,17 +136,3 @@ def score_batch(task: str, completions: Sequence[str | None], examples: Sequence
     """One-off `RewardRunner(task, timeout_s, workers, task_args).run(...)`; keep a runner for repeated batches."""
     with RewardRunner(task, timeout_s, workers, task_args) as runner:
         return runner.run(completions, examples)
-
-
-def check_records(task: str, examples: Sequence[dict], timeout_s: float, workers: int = 2,
-                  task_args: str | None = None) -> dict[int, str]:
-    """{index: why} for every record whose reference completion does not score 1.0 (or, for a task without
-    a reference, whose empty completion makes the verifier raise), each call under `timeout_s`."""
-    result = score_batch(task, [None] * len(examples), examples, timeout_s, workers, task_args)
-    problems = dict(result.failed)
-    if get_task(task, task_args).reference is not None:
-        for index, value in enumerate(result.scores):
-            if index not in problems and value < 1.0:
-                problems[index] = f"its gold answer does not verify against itself (score {value:g}); " \
-                                  "check the answer field"
-    return problems

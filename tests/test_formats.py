@@ -12,7 +12,7 @@ import pytest
 
 from rlad_ds.data import load_examples
 from rlad_ds.errors import ConfigError
-from rlad_ds.rewards import check_records
+from rlad_ds.rewards import RewardRunner
 from rlad_ds.tasks import get_task
 
 
@@ -35,14 +35,23 @@ def write(path, rows):
     return path
 
 
+_RUNNERS = {}  # one worker per (task, timeout) for the whole module: a worker start costs about a second
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_runners():
+    yield
+    for runner in _RUNNERS.values():
+        runner.close()
+
+
 def load(task_name, path, **options):
-    task = get_task(task_name, options.pop("task_args", None))
+    task = get_task(task_name)
     timeout = options.pop("timeout_s", 10.0)
-
-    def check(records):
-        return check_records(task_name, records, timeout, workers=1, task_args=None)
-
-    return task, load_examples(task, path, check=check, **options)
+    key = (task_name, timeout)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = RewardRunner(task_name, timeout, workers=1)
+    return task, load_examples(task, path, check=_RUNNERS[key].check_records, **options)
 
 
 GSM8K = {"question": "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
@@ -59,8 +68,8 @@ AIME_PADDED = {"id": 60, "problem": "Every morning Aya goes for a walk ...", "so
 NUMINA_COT = {"source": "synthetic_math", "problem": "Solve for $y$: $2y = 13/3$.",
               "solution": "Dividing, $y = \\boxed{\\frac{13}{6}}$.",
               "messages": [{"content": "Solve for $y$ ...", "role": "user"}, {"content": "...", "role": "assistant"}]}
-NUMINA_15 = {"problem": "Find all primes $p$ ...", "solution": "...", "answer": "proof", "problem_type": "Number Theory",
-             "question_type": "math-word-problem", "problem_is_valid": "Yes", "solution_is_valid": "Yes",
+NUMINA_15 = {"problem": "Find all primes $p$ ...", "solution": "...", "answer": "proof",
+             "problem_type": "Number Theory", "question_type": "math-word-problem", "problem_is_valid": "Yes", "solution_is_valid": "Yes",
              "source": "olympiads", "synthetic": False}
 DEEPSCALER = {"problem": "Determine $[(1 \\otimes 2) \\otimes 3] - [1 \\otimes (2 \\otimes 3)]$.",
               "answer": "-\\frac{2}{3}", "solution": "..."}

@@ -36,10 +36,26 @@ def check_ok(proc):
 
 
 # rlad also covers PPO epochs > 1 (an old-policy pass) and adaptive alpha; kdrl padding-free packed micro-batches;
-# kd two PPO epochs without an old-policy pass (no ratio); rlad-bf16 the precision GPU users get (bf16 student and
-# teacher, fp32 log-probs and loss) on DeepSpeed's CPU accelerator.
+# kd two PPO epochs without an old-policy pass (no ratio), on a reasoning-gym export loaded with --dataset (its
+# golds checked in the reward workers of both ranks as it loads); sft prompts from reasoning-gym's generator
+# with --task_args; rlad-bf16 the precision GPU users get (bf16 student and teacher, fp32 log-probs
+# and loss) on DeepSpeed's CPU accelerator.
+RG_EXPORT = "{reasoning-gym export}"
 TWO_RANK_CASES = {"rlad": ["--ppo_epochs", "2", "--adaptive_alpha"], "grpo": [], "kdrl": ["--pack_sequences", "on"],
-                  "kd": ["--ppo_epochs", "2"], "sft": [], "rlad-bf16": ["--precision", "bf16"]}
+                  "kd": ["--ppo_epochs", "2", "--task", "rg:basic_arithmetic", "--dataset", RG_EXPORT,
+                         "--eval_dataset", RG_EXPORT, "--reward_workers", "1"],
+                  "sft": ["--task", "rg:basic_arithmetic", "--task_args", "max_terms=3,max_digits=2",
+                          "--reward_workers", "1"],
+                  "rlad-bf16": ["--precision", "bf16"]}
+
+
+def write_rg_export(path: Path) -> Path:
+    """reasoning-gym entries written as its users export them: json.dumps of each entry, one per line."""
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset("basic_arithmetic", size=24, seed=5, max_terms=3, max_digits=2)
+    path.write_text("".join(json.dumps(entry, default=str) + "\n" for entry in dataset))
+    return path
 
 
 @pytest.mark.slow
@@ -47,8 +63,8 @@ TWO_RANK_CASES = {"rlad": ["--ppo_epochs", "2", "--adaptive_alpha"], "grpo": [],
 def test_each_method_two_ranks(tiny_models, tmp_path, case):
     method = case.split("-")[0]
     out = tmp_path / case
-    proc = run_deepspeed(train_args(tiny_models, out, "--max_steps", "2", *TWO_RANK_CASES[case], method=method),
-                         nprocs=2)
+    extra = [str(write_rg_export(tmp_path / "rg.jsonl")) if arg == RG_EXPORT else arg for arg in TWO_RANK_CASES[case]]
+    proc = run_deepspeed(train_args(tiny_models, out, "--max_steps", "2", *extra, method=method), nprocs=2)
     check_ok(proc)
     records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
@@ -63,6 +79,8 @@ def test_each_method_two_ranks(tiny_models, tmp_path, case):
         assert steps[1]["alpha"] == pytest.approx(adapt_alpha(0.5, steps[0]["kl_teacher"], 0.1, 0.9))
         assert steps[1]["alpha"] != 0.5
     assert records[0]["step"] == 0 and records[-1].get("eval_accuracy") is not None
+    if case == "kd":  # reasoning-gym's per-problem difficulty knobs are the evaluation subsets
+        assert any(key.startswith("eval_accuracy/num_terms=2,num_digits=") for key in records[0]), records[0]
     export = out / "student_hf"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     from safetensors import safe_open

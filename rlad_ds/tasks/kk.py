@@ -5,7 +5,8 @@ Records use the published K&K JSONL fields: `quiz` (the puzzle text), `names` (l
 Logic-RL's K&K parquet (which adds verl's columns) and from reasoning-gym's K&K entries (`question`, with
 `names`, `solution` and the role words `knight_knave_terms` under `metadata`), all with no `--columns`.
 Puzzles whose role words are not knight/knave (reasoning-gym rotates in sage/fool, hero/villain...) are
-asked and graded in their own words. Generated records add `statements`, the puzzle as nested lists (`["telling-truth", i]` = "person i is a knight", `["lying", i]`, `["not", s]`, `["and", s, ...]`,
+asked and graded in their own words. Generated records add `statements`, the puzzle as nested lists
+(`["telling-truth", i]` = "person i is a knight", `["lying", i]`, `["not", s]`, `["and", s, ...]`,
 `["or", s, ...]`, `["->", a, b]`, `["<=>", a, b]`), so anyone can re-check the puzzle.
 
 Generation: statements are sampled with reasoning-gym's `KKProblemSampler` (the mem-kk-logic sampler the
