@@ -73,3 +73,10 @@ def test_config_loads_reasoning_gym_prompts_for_training_and_eval(tiny_tokenizer
     assert len(train) == 8 and len(held_out) == 4
     assert train[0]["prompt_text"].startswith("<|im_start|>user\nCalculate")
     assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+
+
+def test_datasets_that_record_no_answer_train_without_a_gold_check():
+    task = get_task("rg:rush_hour")  # checked by simulating the moves; its entries have answer None
+    record = task.generate("train", 1, 0)[0]
+    assert record["answer"] is None and task.reference is None
+    assert task.prompt(record).startswith(record["question"]) and task.score("no block", record) == 0.0
