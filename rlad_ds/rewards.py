@@ -14,6 +14,7 @@ raises on a record, or one that hangs on it, is found when the data loads, each 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,8 +37,12 @@ class RewardResult:
     scores: list[float]
     errors: int = 0
     timeouts: int = 0
-    messages: list[str] = field(default_factory=list)  # the first MAX_MESSAGES errors / timeouts
     failed: dict[int, str] = field(default_factory=dict)  # index -> why, for every error / timeout
+
+    @property
+    def messages(self) -> list[str]:
+        """The first MAX_MESSAGES errors / timeouts, as `#index: why`, for the log."""
+        return [f"#{index}: {why}" for index, why in itertools.islice(self.failed.items(), MAX_MESSAGES)]
 
 
 def score_one(task: str, task_args: str | None, completion: str | None, example: dict) -> float:
@@ -117,8 +122,6 @@ class RewardRunner:
     def _count(result: RewardResult, kind: str, index: int, message: str) -> None:
         setattr(result, kind, getattr(result, kind) + 1)
         result.failed[index] = message
-        if len(result.messages) < MAX_MESSAGES:
-            result.messages.append(f"#{index}: {message}")
 
     def close(self) -> None:
         for worker in self.workers:

@@ -249,7 +249,7 @@ def prompt(example: dict) -> str:
     quiz = example.get("quiz") or example.get("question")
     if not isinstance(quiz, str) or not quiz.strip():
         raise ValueError("K&K record needs 'quiz' (or reasoning-gym's 'question'), the puzzle text")
-    lines = "\n".join(f"({i}) {name} is a {knight}/{knave}" for i, name in enumerate(names, 1))
+    lines = "\n".join(f"({i}) {name} is {_article(knight)}/{knave}" for i, name in enumerate(names, 1))
     return (f"{quiz}\n\nThink it through, then give your final answer inside <answer> </answer>, one line per "
             f"person, each saying either '{_article(knight)}' or '{_article(knave)}':\n<answer>\n{lines}\n</answer>")
 
