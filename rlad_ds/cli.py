@@ -38,16 +38,17 @@ def _tokenizer(path, role: str, cfg):
         return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     except ConfigError:
         raise
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({str(error).splitlines()[0]}); save it "
-                          f"there with tokenizer.save_pretrained") from None
+    except Exception as error:  # a damaged file surfaces as OSError, ValueError, KeyError, tokenizers' own Exception
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({type(error).__name__}: {reason}); save "
+                          f"it there with tokenizer.save_pretrained") from None
 
 
-def _eval_examples(cfg, tokenizer, rewards):
+def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None):
     from rlad_ds.data import load_eval_examples
 
     try:
-        examples = load_eval_examples(cfg, tokenizer, rewards)
+        examples = load_eval_examples(cfg, tokenizer, rewards, max_prompt_tokens)
     except ConfigError:
         raise
     except Exception as error:  # e.g. `datasets` cannot reach or parse a hub dataset
@@ -67,20 +68,57 @@ def _eval_examples(cfg, tokenizer, rewards):
 
 def _validate(cfg) -> None:
     """Checks that need no model and no process group: the same on every rank, so all ranks stop together."""
+    import importlib.util
+
     from rlad_ds.checkpoint import check_output_dir
     from rlad_ds.ds_config import load_ds_config, require_zero_stage
-    from rlad_ds.models import check_model_dir
+    from rlad_ds.methods import get_method
+    from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget
 
     world = env_world_size()
     if cfg.train.prompts_per_step % world:
         raise ConfigError(f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
                           f"use a multiple of {world}")
     require_zero_stage(load_ds_config(cfg.deepspeed), 3, "student")
-    if not cfg.is_demo:
-        check_model_dir(cfg.model.student, "student")
+    if not cfg.is_demo:  # the demo's models are built (or found in the cache) after these checks
+        check_model_dir(cfg.model.student, "student", cfg.model.trust_remote_code)
+        prompt_budget(cfg.model.student, cfg.rollout.max_new_tokens, "student")
+        method = get_method(cfg.loss.method)
         if cfg.model.teacher is not None:
-            check_model_dir(cfg.model.teacher, "teacher")
+            check_model_dir(cfg.model.teacher, "teacher", cfg.model.trust_remote_code)
+            if method.needs_teacher:
+                check_vocab_sizes(cfg.model.student, cfg.model.teacher, method.teacher_generates)
+    _check_writable(cfg.train.output_dir, "--output_dir", directory=True)
     check_output_dir(cfg)
+    # The logger is built after the models; a missing package must not cost their loading first.
+    package = cfg.train.report_to
+    if package != "none" and importlib.util.find_spec(package) is None:
+        other = "tensorboard or none" if package == "wandb" else "none"
+        raise ConfigError(f"--report_to {package} needs the {package} package: pip install {package}, or pass "
+                          f"--report_to {other}")
+
+
+def _check_writable(path, flag: str, directory: bool) -> None:
+    """Refuse an output path the run could not write when it gets there: a file where a directory goes (or the
+    reverse), or a place this process cannot create files in. Writing is tried, not inferred from mode bits,
+    which root ignores; the probe leaves no file behind."""
+    import tempfile
+
+    path = Path(path).expanduser()
+    place = path.absolute() if directory else path.absolute().parent
+    try:  # exists() raises too, where a parent cannot be searched
+        if directory and path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} {path} is an existing file, not a directory; choose another {flag}")
+        if not directory and path.is_dir():
+            raise ConfigError(f"{flag} {path} is a directory; name a file to write, e.g. {path / 'results.json'}")
+        while not place.exists():  # the nearest existing ancestor: the run creates the rest inside it
+            place = place.parent
+        if not place.is_dir():
+            raise ConfigError(f"{flag} {path}: {place} is a file, not a directory; choose another {flag}")
+        tempfile.TemporaryFile(dir=place, prefix=".rlad_write_probe_").close()
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot create files in {place} ({error.strerror or error}); choose a "
+                          f"writable {flag}") from None
 
 
 def _model_paths(cfg) -> tuple[Path, Path | None]:
@@ -93,10 +131,11 @@ def _model_paths(cfg) -> tuple[Path, Path | None]:
     return paths["student"], paths["teacher"]
 
 
-def _train_examples(cfg, tokenizer, rewards):
+def _train_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None):
     from rlad_ds.data import load_train_examples
 
-    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed, rewards=rewards)
+    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed, rewards=rewards,
+                                max_prompt_tokens=max_prompt_tokens)
     if train.skipped and env_rank() == 0:
         logger.warning("--skip_bad_rows: skipped %d bad dataset rows (first: %s)", train.skipped, train.messages[0])
     world = env_world_size()
@@ -109,17 +148,19 @@ def _train_examples(cfg, tokenizer, rewards):
 
 def _train(argv: list[str]) -> int:
     from rlad_ds import demo
-    from rlad_ds.checkpoint import resolve_resume
+    from rlad_ds.checkpoint import resume_point
     from rlad_ds.config import parse_config
     from rlad_ds.methods import get_method
-    from rlad_ds.models import check_tokenizers_match
+    from rlad_ds.models import check_tokenizers_match, prompt_budget
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
     cfg, _ = parse_config(argv, profile=demo.PROFILE)
     method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
     _validate(cfg)
-    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    # This run's newest checkpoint that verifies; refused here, before any model: a finished run, another run's
+    # checkpoint, --resume PATH with --overwrite_output_dir.
+    resume_from = resume_point(cfg)
     single_process_env()
     # Tokenizers and prompts need no process group: a tokenizer mismatch or a bad dataset row stops every rank
     # here, together, before any rank can wait in a collective for one that has already left.
@@ -128,9 +169,10 @@ def _train(argv: list[str]) -> int:
     if method.needs_teacher:
         check_tokenizers_match(tokenizer, _tokenizer(teacher_path, "teacher", cfg))
     # The run's reward workers check every dataset row's gold as it loads, then score the rollouts.
+    budget = prompt_budget(student_path, cfg.rollout.max_new_tokens, "student")
     with RewardRunner.from_config(cfg.data) as rewards:
-        train_examples = _train_examples(cfg, tokenizer, rewards)
-        eval_examples = _eval_examples(cfg, tokenizer, rewards)
+        train_examples = _train_examples(cfg, tokenizer, rewards, budget)
+        eval_examples = _eval_examples(cfg, tokenizer, rewards, budget)
         return _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples,
                              eval_examples, resume_from)
 
@@ -142,13 +184,15 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
 
     import torch
 
-    from rlad_ds.checkpoint import ExportHF, write_json_atomic, run_identity
+    from rlad_ds.checkpoint import ExportHF, move_aside, write_json_atomic, run_identity
     from rlad_ds.engines import build_engines
     from rlad_ds.launch import end_process_group, init_process_group
     from rlad_ds.metrics import MetricsLogger
     from rlad_ds.trainer import Trainer
 
     init_process_group(cfg.train.collective_timeout_s)
+    if cfg.train.overwrite_output_dir:  # the old run is renamed aside, never deleted; this one starts at step 0
+        move_aside(cfg.train.output_dir)
     random.seed(cfg.train.seed + env_rank())
     torch.manual_seed(cfg.train.seed + env_rank())
     engines = build_engines(cfg, method, student_path, teacher_path, tokenizer)
@@ -179,7 +223,7 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
 
 def _eval(argv: list[str]) -> int:
     from rlad_ds.config import build_parser, config_from_layers, read_layers
-    from rlad_ds.models import check_model_dir
+    from rlad_ds.models import check_model_dir, prompt_budget
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
@@ -191,10 +235,13 @@ def _eval(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_layers(read_layers(args))
     task = get_task(cfg.data.task, cfg.data.task_args)
-    model_dir = check_model_dir(args.model)
+    if args.output is not None:  # found now, not after the whole evaluation has run
+        _check_writable(args.output, "--output", directory=False)
+    model_dir = check_model_dir(args.model, "model", cfg.model.trust_remote_code)
+    budget = prompt_budget(model_dir, cfg.rollout.max_new_tokens)
     tokenizer = _tokenizer(model_dir, "model", cfg)
     with RewardRunner.from_config(cfg.data) as rewards:
-        examples = _eval_examples(cfg, tokenizer, rewards)
+        examples = _eval_examples(cfg, tokenizer, rewards, budget)
         if not examples:
             raise ConfigError(f"nothing to evaluate: task {task.name!r} generates no problems and no "
                               "--eval_dataset was given (or --eval_size is 0)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ from rlad_ds.models import ATTENTION_BACKENDS
 ROLLOUT_ENGINES = ("auto", "gathered", "hybrid_engine", "per_layer")
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 PRECISIONS = ("auto", "bf16", "fp32")
+# Read alike in flags and files, case-insensitively (YAML 1.1 reads `false` as a bool, `"false"` as text).
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+class Switch(str):
+    """auto / on / off; a boolean (`false`, `--teacher_offload no`) reads as on / off, never as another choice."""
 
 
 def _help(text: str, scope: str = "train", **kwargs):
@@ -50,11 +57,11 @@ class ModelConfig:
     attn_implementation: str = _help("auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager, "
                                      "flash_attention_2, flex_attention", scope="both", default="auto")
     gradient_checkpointing: bool = _help("recompute activations in backward (long responses)", default=False)
-    pack_sequences: str = _help("auto (on with flash_attention_2), on, off: run micro-batches padding-free, "
-                                "sequences packed into one row", default="auto")
-    teacher_offload: str = _help("auto (on with accelerators, off on CPU, where parameters are in host memory "
-                                 "already), on, off: teacher parameters on CPU (ZeRO-3 offload_param), gathered per "
-                                 "layer", default="auto")
+    pack_sequences: Switch = _help("auto (on with flash_attention_2), on, off (true / false read as on / off): run "
+                                   "micro-batches padding-free, sequences packed into one row", default="auto")
+    teacher_offload: Switch = _help("auto (on with accelerators, off on CPU, where parameters are in host memory "
+                                    "already), on, off (true / false read as on / off): teacher parameters on CPU "
+                                    "(ZeRO-3 offload_param), gathered per layer", default="auto")
     reference_offload: bool = _help("reference model (--beta_ref > 0) parameters on CPU", default=False)
     param_persistence_threshold: int | None = _help(
         "ZeRO-3: parameters with fewer elements stay whole on every rank (every model); none = the DeepSpeed "
@@ -118,8 +125,7 @@ class LossConfig:
     beta_kd: float = _help("weight of KL(student || teacher) (kdrl, kd)", default=0.1)
     kl_estimator: str = _help("estimator of KL(student || teacher) on sampled tokens: k1, k2, k3 (kdrl, kd)",
                               default="k2")
-    beta_ref: float = _help("weight of the k3 KL to a frozen copy of the initial student (> 0 loads it)",
-                            default=0.0)
+    beta_ref: float = _help("weight of the k3 KL to a frozen copy of the initial student (> 0 loads it)", default=0.0)
     loss_agg: str = _help("seq-mean-token-mean (paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr.GRPO)",
                           default="seq-mean-token-mean")
     scale_adv_by_std: bool = _help("divide group-centred rewards by the group std", default=True)
@@ -149,12 +155,17 @@ class TrainConfig:
     max_steps: int = _help("optimizer steps", default=100)
     seed: int = _help("seed of data order, sampling, init and generated problems", scope="both", default=0)
     output_dir: str = _help("metrics, checkpoints and the exported student", default="outputs/rlad")
-    overwrite_output_dir: bool = _help("reuse an output dir that holds a different run", default=False)
+    overwrite_output_dir: bool = _help("start at step 0 in an output dir that holds a run (moved aside to "
+                                       "OUTPUT_DIR.old-<time>, never deleted)", default=False)
     save_steps: int = _help("checkpoint every N steps and at the end (0: only at the end, -1: never)", default=50)
     keep_last: int = _help("checkpoints kept", default=2)
-    resume: str = _help("auto (newest complete checkpoint in output_dir), none, or a checkpoint path",
-                        default="auto")
+    resume: str = _help("auto (newest complete checkpoint in output_dir), none, or a checkpoint path", default="auto")
     max_bad_steps: int = _help("consecutive non-finite steps tolerated before stopping", default=3)
+    max_failed_reward_steps: int = _help("steps in a row with every reward call failed: stop (0: never)", default=3)
+    save_on_signal: bool = _help("on SIGTERM / SIGINT (or the launcher's death) finish the step and save a "
+                                 "checkpoint when that fits in --signal_grace_s; off: exit at once", default=True)
+    signal_grace_s: float = _help("seconds a launcher waits after SIGTERM before SIGKILL (DeepSpeed's, SLURM's "
+                                  "and Kubernetes' default: 30)", default=30.0)
     report_to: str = _help("tensorboard, wandb, or none (metrics.jsonl is always written)", default="tensorboard")
     collective_timeout_s: int = _help("seconds a collective may wait before the job fails (a dead rank)",
                                       scope="both", default=1800)
@@ -167,6 +178,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.save_steps >= -1, "--save_steps must be >= 0, or -1 for no checkpoints")
         _check(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
+        _check(self.max_failed_reward_steps >= 0 and self.signal_grace_s >= 0,
+               "--max_failed_reward_steps and --signal_grace_s must be >= 0")
         _check(self.report_to in ("tensorboard", "wandb", "none"), "--report_to must be tensorboard, wandb or none")
 
 
@@ -203,8 +216,7 @@ class EvalConfig:
     eval_steps: int = _help("evaluate every N training steps (0: at the start and the end only)", default=0)
     eval_dataset: str | None = _help("held-out data file or saved dataset dir; none = the task's generated test "
                                      "split, or the test split of a saved --dataset", scope="both", default=None)
-    eval_split: str = _help("split of a saved dataset dict (or hub dataset) to evaluate", scope="both",
-                            default="test")
+    eval_split: str = _help("split of a saved dataset dict (or hub dataset) to evaluate", scope="both", default="test")
     eval_samples: int = _help("samples per problem (n of Mean@k / Pass@k)", scope="both", default=1)
     eval_k: tuple[int, ...] = _help("comma-separated k of Mean@k / Pass@k (each <= eval_samples)", scope="both",
                                     default=(1,))
@@ -249,10 +261,6 @@ SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "loss": LossConfig, 
             "data": DataConfig, "eval": EvalConfig}
 
 
-def _in_scope(f: dataclasses.Field, scope: str) -> bool:
-    return scope == "train" and f.metadata["scope"] != "eval" or f.metadata["scope"] in (scope, "both")
-
-
 def _base_type(kind):
     args = [t for t in typing.get_args(kind) if t is not type(None)]
     return args[0] if typing.get_origin(kind) is not tuple and args else kind
@@ -271,10 +279,14 @@ def _convert(kind, value, where: str):
         if items is None:
             raise ConfigError(f"{where} must be a comma-separated list of integers, got {value!r}")
         return tuple(_convert(int, item.strip() if isinstance(item, str) else item, where) for item in items)
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if base in (bool, Switch):
+        word = str(value).strip().lower() if isinstance(value, (str, int)) else None  # a bool is an int
+        if base is Switch and word in ("auto", "on", "off"):
+            return word
+        if word not in BOOL_WORDS:
+            raise ConfigError(f"{where} must be {'true or false' if base is bool else 'auto, on or off'}, got "
+                              f"{value!r} (true/false, yes/no, on/off and 1/0 are read alike)")
+        return BOOL_WORDS[word] if base is bool else "on" if BOOL_WORDS[word] else "off"
     if base in (int, float) and not isinstance(value, bool):
         try:
             number = base(value) if isinstance(value, str) else value
@@ -282,6 +294,9 @@ def _convert(kind, value, where: str):
             number = None
         if base is float and isinstance(number, int):
             number = float(number)
+        if base is float and isinstance(number, float) and not math.isfinite(number):
+            # Here, once for every float field: inf / nan pass every comparison a field's own check makes.
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         if isinstance(number, base):
             return number
     if base is str and isinstance(value, str):
@@ -307,19 +322,18 @@ def build_parser(scope: str = "train", description: str | None = None) -> argpar
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
-        for f in (f for f in dataclasses.fields(cls) if _in_scope(f, scope)):
-            text = f"{f.metadata['help']} (default: {_show(f.default)})"
-            if hints[f.name] is bool:
-                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+        for f in (f for f in dataclasses.fields(cls)  # "train" reads all but eval.py's own, "eval" its scope
+                  if scope == "train" and f.metadata["scope"] != "eval" or f.metadata["scope"] in (scope, "both")):
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            text = f"{f.metadata['help']} (default: {shown})"
+            if hints[f.name] is bool:  # --flag, --flag WORD (read by _convert), --no-flag
+                group.add_argument(f"--{f.name}", nargs="?", const=True, default=None, metavar="BOOL", help=text)
+                group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
             else:
                 group.add_argument(f"--{f.name}", default=None, metavar=_base_type(hints[f.name]).__name__.upper()
                                    if typing.get_origin(_base_type(hints[f.name])) is not tuple else "LIST",
                                    help=text)
     return parser
-
-
-def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _read_file(path: str) -> dict:

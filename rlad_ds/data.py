@@ -11,7 +11,8 @@ Sources:
   (a `.json` file holds a list of objects, or is JSON lines under another name).
 - `.parquet` / `.csv`: read through `datasets`; rows are reported as `file.csv row 17`.
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`datasets.load_from_disk`).
-- anything else that is not a path: a hub dataset name, passed to `datasets.load_dataset` (needs network).
+- anything else that is not a path: a hub dataset name, passed to `datasets.load_dataset` (needs network; when
+  the hub cannot be reached only the local datasets cache is tried, so that a mistyped path fails at once).
 
 `load_train_examples` reads a `rlad_ds.config.DataConfig`, `load_eval_examples` a whole `Config` (its
 `eval` section); both return the trainer's form (records with a "prompt_text" key).
@@ -21,8 +22,9 @@ A row is usable when every mapped column exists (`--columns` takes dotted paths 
 bad field), and the verifier accepts it: given a `check` (the loaders pass `RewardRunner.check_records`),
 every row's gold answer is scored against itself in the time-limited reward workers, so a gold the verifier
 cannot read, a verifier that raises on a row, or one that hangs on it is reported here as `file.jsonl:17:
-...`, not found later as a prompt that never earns a reward. A bad row is an error naming its place, or
-with `skip_bad_rows=True` is skipped and counted.
+...`, not found later as a prompt that never earns a reward. Given the model's context (`max_prompt_tokens`:
+max_position_embeddings minus max_new_tokens), a prompt longer than it is a bad row too, generated ones
+included. A bad row is an error naming its place, or with `skip_bad_rows=True` is skipped and counted.
 """
 
 from __future__ import annotations
@@ -119,35 +121,46 @@ class Renderer:
 def load_examples(task: Task, source: str | Path | None = None, *, split: str = "train", n: int | None = None,
                   seed: int = 0, columns: str | dict | None = None, tokenizer=None, template: str | None = None,
                   system_prompt: str | None = None, skip_bad_rows: bool = False,
-                  check: Callable[[Sequence[dict]], dict[int, str]] | None = None) -> Examples:
+                  check: Callable[[Sequence[dict]], dict[int, str]] | None = None,
+                  check_prompts: Callable[[Sequence[str]], dict[int, str]] | None = None) -> Examples:
     """Examples for `task` from `source` (see the module doc); `n` caps file rows or sets the generated count.
-    `check(records)` returns {index: why} for records the verifier rejects (see the module doc)."""
+    `check(records)` returns {index: why} for records the verifier rejects (see the module doc), and
+    `check_prompts(texts)` the same for rendered prompts, generated ones included."""
     render = Renderer(tokenizer, template, system_prompt)
     mapping = parse_columns(columns)
     if n is not None and n < 1:
         raise ConfigError(f"need n >= 1 examples, got {n}")
     if source is None:
-        return _generated(task, split, n, seed, render)
-    examples, places = Examples(), []
-    for place, row in read_rows(source, split):
-        try:
-            record = _checked(task, row, mapping)
-        except (ValueError, KeyError, TypeError) as error:
-            _bad_row(examples, f"{place}: {_message(error)}", skip_bad_rows)
-            continue
-        examples.append(Example(render(task.prompt(record)), record))
-        places.append(place)
-        if n is not None and len(examples) == n:
-            break
-    if check is not None and examples:
-        problems = check([example.record for example in examples])
-        for index in sorted(problems):
-            _bad_row(examples, f"{places[index]}: {problems[index]}", skip_bad_rows)
-        examples[:] = [example for index, example in enumerate(examples) if index not in problems]
+        examples = _generated(task, split, n, seed, render)
+        places, check = [f"generated {split} problem {i + 1}" for i in range(len(examples))], None
+    else:
+        examples, places = Examples(), []
+        for place, row in read_rows(source, split):
+            try:
+                record = _checked(task, row, mapping)
+            except (ValueError, KeyError, TypeError) as error:
+                _bad_row(examples, f"{place}: {_message(error)}", skip_bad_rows)
+                continue
+            examples.append(Example(render(task.prompt(record)), record))
+            places.append(place)
+            if n is not None and len(examples) == n:
+                break
+    # Prompts first: the gold check runs in the reward workers, and need not for rows dropped anyway.
+    for checker, part in ((check_prompts, "text"), (check, "record")):
+        if checker is not None and examples:
+            _drop(examples, places, checker([getattr(example, part) for example in examples]), skip_bad_rows)
     if not examples:
         detail = f" ({examples.skipped} bad rows skipped; first: {examples.messages[0]})" if examples.skipped else ""
-        raise ConfigError(f"{source}: no usable rows{detail}")
+        raise ConfigError(f"{source or f'generated {split} problems'}: no usable rows{detail}")
     return examples
+
+
+def _drop(examples: Examples, places: list[str], problems: dict[int, str], skip: bool) -> None:
+    """Report the examples at the indices of `problems` ({index: why}), or with `skip` drop and count them."""
+    for index in sorted(problems):
+        _bad_row(examples, f"{places[index]}: {problems[index]}", skip)
+    kept = [index for index in range(len(examples)) if index not in problems]
+    examples[:], places[:] = [examples[index] for index in kept], [places[index] for index in kept]
 
 
 def as_records(examples: Iterable[Example]) -> list[dict]:
@@ -155,23 +168,34 @@ def as_records(examples: Iterable[Example]) -> list[dict]:
     return [{**example.record, "prompt_text": example.text} for example in examples]
 
 
-def _options(data_cfg, tokenizer, rewards: RewardRunner | None) -> dict:
+def _options(data_cfg, tokenizer, rewards: RewardRunner | None, max_prompt_tokens: int | None) -> dict:
     def check(records):
         if rewards is not None:
             return rewards.check_records(records)
         with RewardRunner.from_config(data_cfg) as runner:
             return runner.check_records(records)
 
+    def check_prompts(texts):
+        # Counted as generation tokenizes them (no special tokens added); a longer prompt would run the response
+        # past the positions the model was built for.
+        lengths = map(len, tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+        return {index: f"the prompt is {length} tokens, more than the {max_prompt_tokens} that --max_new_tokens "
+                f"leaves of the model's context (max_position_embeddings); shorten it or lower --max_new_tokens"
+                for index, length in enumerate(lengths) if length > max_prompt_tokens}
+
     # A raw template replaces the chat template, so the tokenizer is not used for rendering then.
     return {"columns": data_cfg.columns, "system_prompt": data_cfg.system_prompt,
             "template": data_cfg.prompt_template,
             "tokenizer": None if data_cfg.prompt_template is not None else tokenizer,
-            "skip_bad_rows": data_cfg.skip_bad_rows, "check": check}
+            "skip_bad_rows": data_cfg.skip_bad_rows, "check": check,
+            "check_prompts": None if max_prompt_tokens is None or tokenizer is None else check_prompts}
 
 
-def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunner | None = None) -> Examples:
+def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunner | None = None,
+                        max_prompt_tokens: int | None = None) -> Examples:
     """Training prompts for `rlad_ds.config.DataConfig`: every row of `dataset`, else `train_size` generated.
-    Dataset rows are checked in `rewards` (the run's reward workers; None: workers started for the check).
+    Dataset rows are checked in `rewards` (the run's reward workers; None: workers started for the check);
+    with `max_prompt_tokens` (`rlad_ds.models.prompt_budget`) a longer prompt is a bad row.
 
     The items are records (see `as_records`); `.skipped` / `.messages` say what `skip_bad_rows` dropped, so
     that the caller can report it.
@@ -179,20 +203,21 @@ def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunne
     task = get_task(data_cfg.task, data_cfg.task_args)
     n = data_cfg.train_size if data_cfg.dataset is None else None
     examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed,
-                             **_options(data_cfg, tokenizer, rewards))
+                             **_options(data_cfg, tokenizer, rewards, max_prompt_tokens))
     return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
 
 
-def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None) -> Examples:
+def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None,
+                       max_prompt_tokens: int | None = None) -> Examples:
     """Held-out problems (records with "prompt_text") for the `eval` section of a `rlad_ds.config.Config`.
 
     From `eval_dataset` (its `eval_split` when it is a saved dataset dict), else the task's generated "test"
     split (disjoint from its "train" split, seeded by `train.seed`), else the "test" split of a saved
     training `dataset` dict; [] when there is none (a single training file has no held-out part) or
-    `eval_size` is 0. `eval_size` caps the rows read (none: every row).
+    `eval_size` is 0. `eval_size` caps the rows read (none: every row); `max_prompt_tokens` as for training.
     """
     task, size = get_task(cfg.data.task, cfg.data.task_args), cfg.eval.eval_size
-    options = _options(cfg.data, tokenizer, rewards)
+    options = _options(cfg.data, tokenizer, rewards, max_prompt_tokens)
     if size == 0:
         return Examples()
     source, split = cfg.eval.eval_dataset, cfg.eval.eval_split
@@ -272,7 +297,13 @@ def _looks_local(source: str) -> bool:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark, as some editors write, is not a bad row
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as "
+                          f"UTF-8 JSON") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -326,5 +357,38 @@ def _load_from_disk(path: Path, split: str):
 
 def _load_hub(name: str, split: str):
     import datasets
+    from huggingface_hub import constants
 
-    return datasets.load_dataset(name, split=split)
+    saved, offline = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE), not _hub_reachable()
+    try:
+        if offline:  # for this call: a cached dataset still loads, anything else fails now, not after ~25 s of retries
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        return datasets.load_dataset(name, split=split)
+    except Exception as error:  # ConnectionError, FileNotFoundError, ValueError...: datasets' reasons vary
+        reason = (str(error).strip().splitlines() or [""])[0]
+        why = ("the Hugging Face hub cannot be reached from here and the local datasets cache does not have it"
+               if offline else f"the hub cannot load it ({type(error).__name__}: {reason})")
+        raise ConfigError(f"{name}: no such local file or directory, and {why}; give a local data file or "
+                          f"save_to_disk dir (hub dataset names need network access)") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the hub's host accepts a connection; a proxy, when one is set, is trusted to reach it."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -11,24 +12,91 @@ from rlad_ds.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("flash_attention_2", "sdpa", "eager", "flex_attention")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class TokenizerMismatchError(ConfigError):
     """Teacher and student tokenize differently, so the teacher's log-probs of student tokens are meaningless."""
 
 
-def check_model_dir(path: str | Path, role: str = "model") -> Path:
-    """Refuse a model dir that is missing, has no config.json or has no weight files."""
+def check_model_dir(path: str | Path, role: str = "model", trust_remote_code: bool = False) -> Path:
+    """Refuse, before anything loads, a model dir that from_pretrained would fail on or load unsafely: missing, no
+    or unreadable config.json, no safetensors weights (pickled .bin only), a truncated or missing weight file, or
+    a model type whose code only the dir itself provides (unless `trust_remote_code`)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{role} dir {path} does not exist; point the {role} path at a Hugging Face model dir")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{role} dir {path} has no config.json; save the model with save_pretrained")
-    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        raise ConfigError(f"{role} dir {path} has no weights (*.safetensors or *.bin); save the model with "
-                          f"save_pretrained")
+    config = read_model_config(path, role)
+    _check_weights(path, role)
+    _check_model_code(path, role, config, trust_remote_code)
     return path
+
+
+def read_model_config(path: str | Path, role: str = "model") -> dict:
+    """A model dir's config.json as a dict; missing or unreadable is a ConfigError naming the file."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{role} dir {path} has no config.json; save the model with save_pretrained")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ConfigError(f"{file} is not valid JSON ({str(error).splitlines()[0]}); save the model again with "
+                          f"save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} holds a {type(config).__name__}, not a JSON object; save the model again with "
+                          f"save_pretrained")
+    return config
+
+
+def _check_weights(path: Path, role: str) -> None:
+    """Safetensors only (a .bin is a pickle: loading it can run code), every file named by the shard index
+    present, and every file whole: a safetensors header (read here, no tensor loaded) must cover the file."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if (path / SAFETENSORS_INDEX).is_file():
+        try:
+            names = set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{role} dir {path}: {SAFETENSORS_INDEX} is not a shard index (JSON with a "
+                              f"weight_map); save the model again with save_pretrained") from None
+        missing = sorted(name for name in names if not (path / name).is_file())
+        if missing:
+            raise ConfigError(f"{role} dir {path}: {SAFETENSORS_INDEX} names {missing[0]}, which is missing "
+                              f"({len(missing)} of {len(names)} shards); copy the missing shards there")
+        files = [path / name for name in sorted(names)]
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        if pickles:
+            convert = f"M.from_pretrained({str(path)!r}, dtype='auto').save_pretrained({str(path)!r})"
+            raise ConfigError(f"{role} dir {path} has only pickled PyTorch weights ({pickles[0]}); only safetensors "
+                              f"are loaded. If you trust the file (unpickling can run code), convert it once: python "
+                              f"-c \"from transformers import AutoModelForCausalLM as M; {convert}\"")
+        raise ConfigError(f"{role} dir {path} has no weights (*.safetensors); save the model with save_pretrained")
+    for file in files:
+        try:
+            with safe_open(str(file), "numpy"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(f"{role} dir {path}: {file.name} is not a whole safetensors file ({error}); it is "
+                              f"truncated or damaged: copy or download it again") from None
+
+
+def _check_model_code(path: Path, role: str, config: dict, trust_remote_code: bool) -> None:
+    """A model_type transformers does not know is built by code in the dir (`auto_map`), run only when trusted; a
+    known one is built by transformers' own code, as from_pretrained does without trust_remote_code."""
+    import transformers
+
+    model_type = config.get("model_type")
+    if model_type in transformers.CONFIG_MAPPING:
+        return
+    what = f"model_type {model_type!r} is not one transformers {transformers.__version__} knows"
+    if "auto_map" not in config:
+        raise ConfigError(f"{role} dir {path}: {what} and config.json has no auto_map naming model code; upgrade "
+                          f"transformers or use a supported model")
+    if not trust_remote_code:
+        raise ConfigError(f"{role} dir {path}: {what}, so it runs the model code in that dir (config.json auto_map); "
+                          f"pass --trust_remote_code, only if you trust that code")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -60,6 +128,31 @@ def check_tokenizers_match(student, teacher) -> None:
                      if student_vocab.get(t) != teacher_vocab.get(t))
         raise TokenizerMismatchError(f"token {token!r} has id {student_vocab.get(token)} for the student and "
                                      f"{teacher_vocab.get(token)} for the teacher; {fix}")
+
+
+def check_vocab_sizes(student: str | Path, teacher: str | Path, teacher_generates: bool) -> None:
+    """Refuse a sampling model whose vocab_size (config.json) exceeds the scoring model's: it samples token ids over
+    its whole embedding, padding rows included, and the scorer's log-probs index its own, smaller one."""
+    sizes = {role: read_model_config(path, role).get("vocab_size") for role, path in (("student", student),
+                                                                                        ("teacher", teacher))}
+    sampler, scorer = ("teacher", "student") if teacher_generates else ("student", "teacher")
+    if all(isinstance(size, int) for size in sizes.values()) and sizes[sampler] > sizes[scorer]:
+        raise ConfigError(f"{sampler} vocab_size {sizes[sampler]} is larger than the {scorer}'s {sizes[scorer]} "
+                          f"(config.json): the {scorer} cannot score token ids the {sampler} may sample; resize the "
+                          f"{sampler}'s embeddings to {sizes[scorer]} (resize_token_embeddings, then save_pretrained)")
+
+
+def prompt_budget(path: str | Path, max_new_tokens: int, role: str = "model") -> int | None:
+    """The most tokens a prompt may have for it and `max_new_tokens` to fit the model's context
+    (max_position_embeddings in config.json); None when the config does not say."""
+    context = read_model_config(path, role).get("max_position_embeddings")
+    if not isinstance(context, int) or isinstance(context, bool):
+        return None
+    if max_new_tokens >= context:
+        raise ConfigError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the {role}'s context of "
+                          f"{context} tokens (max_position_embeddings in {Path(path) / 'config.json'}); lower "
+                          f"--max_new_tokens below {context}")
+    return context - max_new_tokens
 
 
 def flash_attention_available() -> bool:
@@ -108,7 +201,7 @@ def load_causal_lm(path: str | Path, ds_config: dict, *, attn_implementation: st
 
     from rlad_ds.ds_config import dtype_of, require_zero_stage
 
-    path = check_model_dir(path)
+    path = check_model_dir(path, trust_remote_code=trust_remote_code)
     require_zero_stage(ds_config, 3, "model")
     # transformers holds the HfDeepSpeedConfig by weak reference: it must live until loading ends, and is
     # unset after so that no global state leaks into the next model load.
