@@ -1,72 +1,156 @@
-"""Checkpoints that survive a crash mid-save, exact resume, and the HF export of the student.
+"""Checkpoints that can be trusted, resume that never picks the wrong one, and the HF export of the student.
 
-Layout under OUTPUT_DIR/checkpoints/step_00000042/: DeepSpeed's own files (`save_checkpoint` with that
-tag), one `rng_rank{r}.safetensors` + `rng_rank{r}.json` per rank, `trainer_state.json`, and last the
-`COMPLETE` marker, written by rank 0 after every rank has finished. Resume only ever picks a directory
-with the marker, so a checkpoint interrupted at any moment (kill -9 included) is never used, and the
-previous complete one is only deleted after the new one is complete. Nothing here unpickles a file this
-package did not write through DeepSpeed; RNG states and trainer state are safetensors and JSON.
+Layout of OUTPUT_DIR/checkpoints/step_00000042/: DeepSpeed's files, `rng_rank{r}.*` per rank,
+`trainer_state.json` and last the `COMPLETE` marker, the manifest (`rlad_ds.manifest`). A save checks first that
+every parameter partition is finite; a write that fails on any rank is agreed by all ranks, the partial dir is
+removed and the run ends in one line. `--resume auto` takes the newest complete checkpoint of this run that
+verifies, else an older one. A checkpoint of another number of ranks is converted once to DeepSpeed's universal
+format (`step_N/universal`). Nothing here unpickles a file this package did not write through DeepSpeed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
-import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from rlad_ds.callbacks import Callback
-from rlad_ds.errors import ConfigError
-from rlad_ds.launch import world
+from rlad_ds.errors import ConfigError, TrainingError
+from rlad_ds.launch import env_rank, world
+from rlad_ds.manifest import (CHECKSUM, MARKER, STEP_DIR, checkpoint_root, complete_checkpoints, hash_own,
+                              marker_step, read_marker, verify, write_json_atomic)
 
-MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+logger = logging.getLogger("rlad_ds")
+UNIVERSAL = "universal"
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+def _differences(old: dict, new: dict) -> list[str]:
+    """The config fields (section.field) in which two run identities differ."""
+    keys = {(s, k) for d in (old, new) for s, v in d.items() for k in (v if isinstance(v, dict) else [None])}
+
+    def get(d, s, k):
+        return d.get(s) if k is None else (d.get(s) or {}).get(k, "<absent>")
+
+    return sorted(s if k is None else f"{s}.{k}" for s, k in keys if get(old, s, k) != get(new, s, k))
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint dir `--resume` names: auto = newest complete one (or None), none = None, or a path."""
+def _same_run(directory: Path, identity: dict | None) -> None:
+    recorded = (read_marker(directory) or {}).get("identity")
+    if identity is None or recorded is None or recorded == identity:  # old markers record no identity
+        return
+    raise ConfigError(f"checkpoint {directory} belongs to a different run (it differs in "
+                      f"{', '.join(_differences(recorded, identity)[:5])}); choose another --output_dir, or pass "
+                      f"--overwrite_output_dir to start afresh (the old run is moved aside)")
+
+
+def _unfinished(directory: Path, max_steps: int | None) -> Path:
+    step = marker_step(directory)
+    if max_steps is not None and step >= max_steps:
+        raise ConfigError(f"run in {directory.parent.parent} already finished step {step} (--max_steps "
+                          f"{max_steps}); raise --max_steps to continue it, pass --overwrite_output_dir to run it "
+                          f"again from step 0 (the old run is moved aside), or choose another --output_dir")
+    return directory
+
+
+def resolve_resume(resume: str, output_dir: str | Path, identity: dict | None = None,
+                   max_steps: int | None = None) -> Path | None:
+    """The checkpoint dir `--resume` names: auto = the newest complete one of this run that verifies (or None),
+    none = None, or a path. Another run's checkpoint, a damaged path and a finished run are refused."""
     if resume == "none":
         return None
-    if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / MARKER).is_file():
+    if resume != "auto" and not (Path(resume) / MARKER).is_file():
         raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker); pass a "
                           f"checkpoints/step_N dir written by this trainer, auto, or none")
-    return path
+    failed = []
+    for path in [Path(resume)] if resume != "auto" else reversed(complete_checkpoints(output_dir)):
+        _same_run(path, identity)
+        problem = verify(path)
+        if problem is None:
+            for bad, why in failed if env_rank() == 0 else ():
+                logger.warning("%s fails verification (%s); resuming from %s", bad.name, why, path.name)
+            return _unfinished(path, max_steps)
+        failed.append((path, problem))
+    if failed and resume != "auto":
+        raise ConfigError(f"--resume {resume} fails verification ({failed[0][1]}); resume from another checkpoint")
+    if failed:
+        raise ConfigError(f"no checkpoint in {checkpoint_root(output_dir)} verifies ({failed[0][0].name}: "
+                          f"{failed[0][1]}); pass --overwrite_output_dir to start again (the old run is moved aside)")
+    return None
+
+
+def resume_point(cfg) -> Path | None:
+    """`resolve_resume` for a run: --overwrite_output_dir starts from step 0, so an explicit path contradicts it."""
+    train = cfg.train
+    if train.overwrite_output_dir:
+        if train.resume not in ("auto", "none"):
+            raise ConfigError(f"--resume {train.resume} contradicts --overwrite_output_dir (a fresh start from step 0,"
+                              f" the old run moved aside); drop one of the two")
+        return None
+    return resolve_resume(train.resume, train.output_dir, run_identity(cfg), train.max_steps)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _barrier():
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _gather(value) -> list:
+    """Every rank's `value` (in-memory objects from the other ranks, never from files)."""
+    if not _distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _raise_first(errors, kind=TrainingError) -> None:
+    """Every rank raises the first rank's error, so that all stop together (rank 0 prints it)."""
+    errors = [e for e in errors if e]
+    if errors:
+        raise kind(errors[0])
+
+
+def _first_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f': {error.filename}' if error.filename else ''}"
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def move_aside(output_dir: str | Path) -> Path | None:
+    """--overwrite_output_dir: rank 0 renames a non-empty OUTPUT_DIR to OUTPUT_DIR.old-<time> (nothing is deleted)
+    while the others wait; collective, before anything of this run is written. Returns the new path."""
+    from deepspeed.accelerator import get_accelerator
+
+    out, target, failed = Path(output_dir), None, 0.0
+    if world()[0] == 0 and out.is_dir() and any(out.iterdir()):
+        target = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        target = target.with_name(f"{target.name}-{os.getpid()}") if target.exists() else target  # same second
+        try:
+            os.rename(out, target)
+            logger.info("--overwrite_output_dir: moved the previous run in %s aside to %s", out, target)
+        except OSError as error:
+            failed = 1.0
+            message = f"cannot move {out} aside to {target} ({_first_line(error)}); fix that or choose another " \
+                      f"--output_dir"
+    if _distributed():  # a flag, not objects: no engine has set this rank's device yet
+        flag = torch.tensor([failed], device=get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+        dist.all_reduce(flag)
+        failed = float(flag.item())
+    if failed:
+        raise ConfigError(message if world()[0] == 0 else f"rank 0 could not move {out} aside")
+    return target
 
 
 def _save_rng(directory: Path, rank: int) -> None:
@@ -80,14 +164,101 @@ def _save_rng(directory: Path, rank: int) -> None:
     write_json_atomic(directory / f"rng_rank{rank}.json", {"python": [version, list(state), gauss]})
 
 
+def _params_finite(engine) -> bool:
+    """This rank's parameters are finite: under ZeRO-3 its own partitions (`ds_tensor`), no gather."""
+    module = getattr(engine, "module", None)
+    params = list(module.parameters()) if module is not None else []
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p).data).all()) for p in params)
+
+
+def _rejoin_save(engine) -> None:
+    """A rank whose write failed inside DeepSpeed's save still joins the collectives left in it (ZeRO-3's epilogue
+    gathers persistent parameters, then a barrier), so that the other ranks reach the agreement after it."""
+    if _distributed():
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
+        dist.barrier()
+
+
+def _free_gib(path: Path) -> float:
+    path = path.absolute()
+    while not path.exists():  # the checkpoint dir may not exist yet: its filesystem is the nearest parent's
+        path = path.parent
+    return shutil.disk_usage(path).free / 2**30
+
+
+def _last_good(output_dir) -> str:
+    found = complete_checkpoints(output_dir)
+    return f"{found[-1].name} ({found[-1]})" if found else "none was written"
+
+
+def _write_files(engine, root: Path, directory: Path, rank: int, trainer_state: dict) -> dict:
+    """This rank's share of a checkpoint: DeepSpeed's files, its RNG, (rank 0) the trainer state; their hashes."""
+    try:
+        engine.save_checkpoint(str(root), tag=directory.name, save_latest=False)
+    except Exception:
+        _rejoin_save(engine)
+        raise
+    _save_rng(directory, rank)
+    if rank == 0:
+        write_json_atomic(directory / "trainer_state.json", trainer_state)
+    return hash_own(directory, rank)
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Save a complete, verified, resumable checkpoint for `step` (collective: every rank calls it)."""
+    root, rank = checkpoint_root(output_dir), world()[0]
+    directory = root / f"step_{step:08d}"
+
+    def failure(error: BaseException) -> str:
+        return (f"cannot write checkpoint {directory} on rank {rank} ({_first_line(error)}; {_free_gib(root):.1f} "
+                f"GiB free on that filesystem): nothing of it is kept, the last complete one is "
+                f"{_last_good(output_dir)}; free space or fix permissions, then run the same command to resume")
+
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(directory, ignore_errors=True)  # a partial leftover of a crashed save of this very step
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = failure(e)
+    agreed = _gather((_params_finite(engine), error))
+    if not all(finite for finite, _ in agreed):
+        raise TrainingError(f"parameters are not finite after step {step}: checkpoint not written, the last good "
+                            f"one is {_last_good(output_dir)}; lower --lr (or check the data and rewards) and resume "
+                            f"from it")
+    _raise_first(e for _, e in agreed)
+    files, error = {}, None
+    try:
+        files = _write_files(engine, root, directory, rank, trainer_state)
+    except Exception as e:  # any failure on one rank must reach all, or they would wait for it in a collective
+        error = failure(e)
+    shares = _gather((error, files))
+    if rank == 0:
+        error = next((e for e, _ in shares if e), None)
+        try:
+            if error is None:
+                write_json_atomic(directory / MARKER, {
+                    "step": step, "world_size": world()[1], "identity": trainer_state.get("identity"),
+                    "checksum": CHECKSUM, "files": {k: v for _, part in shares for k, v in part.items()}})
+        except OSError as e:
+            error = failure(e)
+        if error:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:  # only now, with the new one complete, are old checkpoints and leftovers removed
+            for old in complete_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for partial in root.iterdir():  # leftovers of crashed saves, never resumable
+                if STEP_DIR.match(partial.name) and not (partial / MARKER).exists():
+                    shutil.rmtree(partial, ignore_errors=True)
+    _raise_first([e for e, _ in shares] + _gather(error))
+    return directory
+
+
 def _load_rng(directory: Path, rank: int) -> None:
     from safetensors.torch import load_file
 
-    tensors_path = directory / f"rng_rank{rank}.safetensors"
-    if not tensors_path.is_file():
-        raise ConfigError(f"checkpoint {directory} has no RNG state for rank {rank}: it was written with a "
-                          f"different number of ranks; resume with the same world size")
-    tensors = load_file(str(tensors_path))
+    tensors = load_file(str(directory / f"rng_rank{rank}.safetensors"))
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["torch_cuda"])
@@ -95,39 +266,78 @@ def _load_rng(directory: Path, rank: int) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Save a complete, resumable checkpoint for `step` (collective: every rank calls it)."""
-    root = checkpoint_root(output_dir)
-    tag = f"step_{step:08d}"
-    directory = root / tag
-    rank = world()[0]
-    if rank == 0 and directory.exists():  # a partial leftover of a crashed save of this very step
-        shutil.rmtree(directory)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    _save_rng(directory, rank)
-    _barrier()
-    if rank == 0:
-        write_json_atomic(directory / "trainer_state.json", trainer_state)
-        write_json_atomic(directory / MARKER, {"step": step})
-        for old in complete_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in root.iterdir():  # leftovers of crashed saves, never resumable
-            if _STEP_DIR.match(partial.name) and not (partial / MARKER).exists():
-                shutil.rmtree(partial, ignore_errors=True)
-    _barrier()
-    return directory
+def seed_rng(seed: int, step: int, rank: int) -> int:
+    """Seed Python and torch from (seed, step, rank) alone: resuming on another world size, where no rank's
+    saved RNG state is this rank's."""
+    value = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little")
+    random.seed(value)
+    torch.manual_seed(value)
+    return value
 
 
-def load_checkpoint(engine, directory: Path) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from a complete checkpoint; return trainer state."""
-    load_path, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise ConfigError(f"DeepSpeed could not load checkpoint {directory}; resume from another one or use "
-                          f"--resume none")
-    _load_rng(directory, world()[0])
-    return json.loads((directory / "trainer_state.json").read_text())
+def _convert_universal(directory: Path, ranks: int) -> Path:
+    """DeepSpeed's ds_to_universal of a checkpoint, once, by rank 0 into step_N/universal (the others wait)."""
+    import argparse
+    import contextlib
+    import io
+
+    target, error = directory / UNIVERSAL, None
+    if world()[0] == 0 and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = directory / f"{UNIVERSAL}.tmp"  # renamed when done: a crash mid-conversion is redone, never used
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One worker: no process pool forked from a process inside a process group.
+        args = argparse.Namespace(input_folder=str(directory), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+            os.replace(tmp, target)
+            (directory / "latest_universal").unlink(missing_ok=True)  # names the tmp dir; tags are explicit here
+        except Exception as e:
+            error = (f"cannot convert checkpoint {directory} to DeepSpeed's universal format for another number of "
+                     f"ranks ({_first_line(e)}); resume with the {ranks} ranks that wrote "
+                     f"it")
+    _raise_first(_gather(error), ConfigError)
+    return target
+
+
+def load_checkpoint(engine, directory: Path, seed: int = 0) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a complete checkpoint (collective); return trainer state.
+
+    Written by another number of ranks: loaded through DeepSpeed's universal checkpoint, RNG seeded anew."""
+    state = json.loads((directory / "trainer_state.json").read_text())
+    rank, world_size = world()
+    universal = state.get("world_size", world_size) != world_size
+    load_dir, tag = directory.parent, directory.name
+    if universal:
+        load_dir, tag = directory, _convert_universal(directory, state["world_size"]).name
+    # The flag engine.load_checkpoint consults (the config's checkpoint.load_universal), read at load time only.
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        error = None if load_path is not None else "DeepSpeed found no model states"
+    except Exception as e:  # e.g. PytorchStreamReader errors, a bare AssertionError
+        if _distributed() and engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()  # the collective left in DeepSpeed's load
+        error = _first_line(e)
+    finally:
+        engine._config.load_universal_checkpoint = previous
+    _raise_first([e and f"cannot load checkpoint {directory} on rank {r} ({e}); --resume an older checkpoints/step_N "
+                  f"dir, or start again with --overwrite_output_dir" for r, e in enumerate(_gather(error))],
+                 ConfigError)
+    if universal:
+        seed_rng(seed, state["step"], rank)
+        if rank == 0:
+            logger.info("checkpoint %s was written by %d ranks, this run has %d: loaded through DeepSpeed's universal "
+                        "checkpoint, RNG seeded from (seed, step, rank)", directory, state["world_size"], world_size)
+    else:
+        _load_rng(directory, rank)
+    return state
 
 
 class ExportHF(Callback):
@@ -158,7 +368,8 @@ def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
 
 # Fields that may change between a run and its resumption without making it a different run.
 _RESUMABLE = {"train": {"max_steps", "resume", "save_steps", "keep_last", "overwrite_output_dir", "report_to",
-                        "collective_timeout_s", "output_dir"},
+                        "collective_timeout_s", "output_dir", "save_on_signal", "signal_grace_s", "max_bad_steps",
+                        "max_failed_reward_steps"},
               "eval": {"eval_size", "eval_steps", "eval_dataset", "eval_split", "eval_samples", "eval_k",
                        "eval_temperature", "eval_top_p", "eval_top_k", "eval_offload"}}
 
@@ -172,7 +383,7 @@ def run_identity(cfg) -> dict:
 
 
 def check_output_dir(cfg) -> None:
-    """Refuse an output dir that holds a different run, unless told to overwrite (nothing is deleted here)."""
+    """Refuse an output dir that holds a different run, unless told to overwrite (then it is moved aside later)."""
     record = Path(cfg.train.output_dir) / "run_config.json"
     if not record.is_file() or cfg.train.overwrite_output_dir:
         return
