@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlad_ds.launch import single_process_env
 
     single_process_env()
-    deepspeed.init_distributed()
+    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
+    init_process_group(1800)
     device = torch.cuda.get_device_name()
     peak = peak_tflops(device, args.peak_tflops)
     config = Qwen3Config(**QWEN3_06B, max_position_embeddings=max(args.seq_len, 40960), pad_token_id=0,

@@ -61,7 +61,8 @@ def main() -> None:
     from rlad_ds.models import load_causal_lm, load_tokenizer
     from rlad_ds.rollout import build_rollout
 
-    deepspeed.init_distributed()
+    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
+    init_process_group(1800)
     rank, world = dist.get_rank(), dist.get_world_size()
     config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_batch_size=1,
                                gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",

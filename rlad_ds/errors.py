@@ -7,3 +7,11 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
+
+
+class Interrupted(TrainingError):
+    """The run stopped on a signal (SIGTERM, SIGINT, its launcher's death); exits with 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -142,7 +142,9 @@ def sample_seed(seed: int, index: int) -> int:
 def eval_metrics(results: dict) -> dict:
     """An evaluation's log line: overall accuracy (Mean@k), Pass@k for k > 1, and the accuracy per subset."""
     overall, ks = results["overall"], results["ks"]
-    metrics = {"eval_accuracy": overall[f"mean@{ks[0]}"]}
+    # A verifier that raised or timed out scores 0 like a wrong answer; counted apart so that the two never blur.
+    metrics = {"eval_accuracy": overall[f"mean@{ks[0]}"],
+               "eval_score_errors": results.get("score_errors", 0) + results.get("score_timeouts", 0)}
     metrics.update({f"eval_pass@{k}": overall[f"pass@{k}"] for k in ks if k > 1})
     if len(results["subsets"]) > 1:
         metrics.update({f"eval_accuracy/{name}": row[f"mean@{ks[0]}"] for name, row in results["subsets"].items()})

@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import importlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,10 +40,20 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _worker_main(fd: int, target: str) -> None:
+def _worker_main(fd: int, target: str, parent_pid: int) -> None:
     """Entry point of a worker process: serve `target(*args)` calls over the socket `fd` until EOF."""
     global _IN_WORKER
     _IN_WORKER = True
+    # A worker lives and dies with the process that started it: a launcher's SIGTERM / a Ctrl-C reach every
+    # process of the job, and a worker that died of them mid-step would fail that step's rewards; it is killed
+    # by its owner instead, or by the kernel when its owner dies (even by kill -9).
+    from rlad_ds.launch import set_parent_death_signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the owner died before the line above took effect
+        return
     conn = Connection(fd)
     try:
         fn = _resolve(target)
@@ -60,8 +72,8 @@ def _worker_main(fd: int, target: str) -> None:
             conn.send(("error", f"{type(error).__name__}: {error}"))
 
 
-_WORKER_BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[3]); " \
-               "from rlad_ds.isolation import _worker_main; _worker_main(int(sys.argv[1]), sys.argv[2])"
+_WORKER_BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[3]); from rlad_ds.isolation import " \
+               "_worker_main; _worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[4]))"
 
 
 class IsolatedWorker:
@@ -80,7 +92,8 @@ class IsolatedWorker:
         """Start the process and wait until `target` is imported; raises WorkerError if it cannot be."""
         parent, child = socket.socketpair()
         path = json.dumps([p for p in sys.path if p])
-        self.process = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, str(child.fileno()), self.target, path],
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, str(child.fileno()), self.target, path,
+                                         str(os.getpid())],
                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
         self.conn = Connection(parent.detach())

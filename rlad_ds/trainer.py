@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rlad_ds import checkpoint, launch
 from rlad_ds.advantages import group_advantages
 from rlad_ds.callbacks import Callback
-from rlad_ds.errors import ConfigError, TrainingError
+from rlad_ds.errors import ConfigError, Interrupted, TrainingError
 from rlad_ds.evaluation import eval_metrics
 from rlad_ds.generation import decode_responses, evaluate_examples, generate, training_sampling
 from rlad_ds.losses import LOSS_PARTS, masked_mean
@@ -87,7 +87,9 @@ class Trainer:
         self.tokenizer, self.task, self.rewards = tokenizer, task, rewards
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.rank, self.world_size = launch.world()
-        self.step, self.bad_steps = 0, 0
+        self.step, self.bad_steps, self.failed_reward_steps = 0, 0, 0
+        self.save_seconds: float | None = None
+        self.reward_error: str | None = None  # this step's first failed reward call on this rank, for the log
         self.controls = method.initial_controls(cfg.loss)
         self.callbacks: list[Callback] = []
 
@@ -134,6 +136,7 @@ class Trainer:
         """Verifier scores of the rollouts, group advantages, the loss mask; totals for the step's metrics."""
         G = self.cfg.rollout.group_size
         scored = self.rewards.run(decode_responses(self.tokenizer, rollout), [e for e in examples for _ in range(G)])
+        self.reward_error = scored.messages[0] if scored.failed else None
         if scored.errors or scored.timeouts:
             logger.warning("rank %d: %d reward calls raised and %d timed out; they score 0 (first: %s)",
                            self.rank, scored.errors, scored.timeouts, scored.messages[0])
@@ -241,6 +244,7 @@ class Trainer:
         metrics = {"reward_mean": mean, "reward_std": math.sqrt(max(totals["reward_sq_sum"] / n - mean ** 2, 0.0)),
                    "accuracy": totals["correct"] / n, "response_len": totals["response_len_sum"] / n,
                    "truncated_frac": totals["truncated"] / n, "reward_errors": totals["reward_errors"],
+                   "reward_failed_frac": totals["reward_errors"] / n,
                    "lr": self.engines.student.get_lr()[0], "tokens": totals["tokens"]}
         if self.method.uses_advantages:
             metrics["zero_std_frac"] = totals["zero_std_groups"] / max(totals["groups"], 1.0)
@@ -258,14 +262,15 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         per_rank = self.cfg.train.prompts_per_step // self.world_size
+        # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
         return {"step": self.step, "controls": self.controls, "bad_steps": self.bad_steps,
-                "world_size": self.world_size, "samples_seen": self.step * per_rank * self.world_size}
+                "world_size": self.world_size, "samples_seen": self.step * per_rank * self.world_size,
+                "identity": checkpoint.run_identity(self.cfg)}
 
     def resume(self, directory) -> None:
-        state = checkpoint.load_checkpoint(self.engines.student, directory)
-        if state["world_size"] != self.world_size:
-            raise ConfigError(f"checkpoint {directory} was written by {state['world_size']} ranks, this run has "
-                              f"{self.world_size}; resume with the same world size")
+        # Another world size is loaded through DeepSpeed's universal checkpoint; the data order goes on unchanged
+        # (each step's prompts over all ranks are the same slice of the epoch's permutation for any world size).
+        state = checkpoint.load_checkpoint(self.engines.student, directory, seed=self.cfg.train.seed)
         self.step, self.controls, self.bad_steps = state["step"], state["controls"], state["bad_steps"]
         logger.info("resumed from %s at step %d", directory, self.step)
 
@@ -283,15 +288,46 @@ class Trainer:
                 history["eval_after"] = self._evaluate(self.step, metrics)
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step, metrics)
+            self._check_rewards(metrics)
             save_due = train.save_steps > 0 and self.step % train.save_steps == 0
-            if train.save_steps >= 0 and (save_due or self.step == train.max_steps):
-                path = checkpoint.save_checkpoint(self.engines.student, train.output_dir, self.step,
-                                                  self.trainer_state(), train.keep_last)
-                for callback in self.callbacks:
-                    callback.on_checkpoint(self, self.step, path)
+            saved = train.save_steps >= 0 and (save_due or self.step == train.max_steps)
+            if saved:
+                self._save()
+            launch.STOP.seconds_needed = metrics["time/step"] + (self.save_seconds or metrics["time/step"])
+            self._stop_if_asked(saved)
         for callback in self.callbacks:
             callback.on_train_end(self, history)
         return history
+
+    def _save(self) -> None:
+        start = time.perf_counter()
+        path = checkpoint.save_checkpoint(self.engines.student, self.cfg.train.output_dir, self.step,
+                                          self.trainer_state(), self.cfg.train.keep_last)
+        self.save_seconds = time.perf_counter() - start
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, self.step, path)
+
+    def _stop_if_asked(self, saved: bool) -> None:
+        """A SIGTERM / SIGINT on any rank (`launch.STOP`) stops every rank after the same step, with a checkpoint
+        (unless --save_steps -1): the ranks agree first, so that none waits in a collective for one that left."""
+        stop = launch.STOP
+        if not all_reduce_sum([float(stop.requested)], self.engines.device)[0]:
+            return
+        if not saved and self.cfg.train.save_steps >= 0:
+            self._save()
+        where = f"checkpoint step_{self.step:08d} saved" if self.cfg.train.save_steps >= 0 else "no checkpoint " \
+            "(--save_steps -1)"
+        raise Interrupted(f"stopped by {stop.signal_name or 'SIGTERM'} after step {self.step}: {where}; run the "
+                          f"same command to resume", stop.exit_code or 128 + 15)
+
+    def _check_rewards(self, metrics: dict) -> None:
+        """A run whose every reward call fails (the verifier raises or hangs) gets no signal: stop it."""
+        limit = self.cfg.train.max_failed_reward_steps
+        self.failed_reward_steps = self.failed_reward_steps + 1 if metrics["reward_failed_frac"] >= 1.0 else 0
+        if limit and self.failed_reward_steps >= limit:
+            raise TrainingError(f"every reward call failed in {self.failed_reward_steps} consecutive steps (raised "
+                                f"or timed out), so nothing can be learned; first error: {self.reward_error}; fix "
+                                f"the task's verifier or raise --reward_timeout_s")
 
     def _evaluate(self, step: int, metrics: dict) -> float | None:
         """Evaluate, tell the callbacks, add the results' summary to `metrics`; the accuracy, or None."""
@@ -301,6 +337,9 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_evaluate(self, step, results)
         metrics.update(eval_metrics(results))
+        if metrics["eval_score_errors"] and self.rank == 0:
+            logger.warning("evaluation at step %d: %d scoring errors / timeouts, scored 0 (not wrong answers; "
+                           "first: %s)", step, metrics["eval_score_errors"], "; ".join(results["score_messages"]))
         return metrics["eval_accuracy"]
 
     def _check_finite(self, metrics: dict) -> None:

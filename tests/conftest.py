@@ -27,8 +27,8 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(scope="session", autouse=True)
 def remove_shared_memory_buffers():
-    """DeepSpeed's CPU comm op leaves a 69 MB /dev/shm/deepspeed_allreduce_buffer_* per launch (success or not):
-    remove the ones this session's runs created once they are over."""
+    """Every rank removes its own 69 MB /dev/shm/deepspeed_allreduce_buffer_* at exit (rlad_ds.launch), but a rank
+    the tests kill -9 cannot: remove what this session's runs left once they are over."""
     import time
 
     start = time.time()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -373,10 +374,11 @@ class ListLogger(Callback):
 def test_fit_skips_non_finite_steps_and_stops_after_max_bad_steps(tmp_path, monkeypatch, caplog):
     cfg, _ = parse_config(["--output_dir", str(tmp_path), "--max_steps", "50", "--save_steps", "0",
                            "--max_bad_steps", "3"])
-    trainer = Trainer(cfg, get_method("rlad"), engines=None, tokenizer=None, task=None, rewards=None, train_examples=[],
-                      eval_examples=[])
+    trainer = Trainer(cfg, get_method("rlad"), engines=SimpleNamespace(device="cpu"), tokenizer=None, task=None,
+                      rewards=None, train_examples=[], eval_examples=[])
     pattern = iter([False, True, False, False, True, False, False, False, True])
-    trainer.train_step = lambda step: {"loss": float("nan"), "finite": next(pattern)}
+    trainer.train_step = lambda step: {"loss": float("nan"), "finite": next(pattern), "reward_failed_frac": 0.0,
+                                       "time/step": 0.1}
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: pytest.fail("no checkpoint expected"))
     metrics = ListLogger()
     with caplog.at_level(logging.WARNING, logger="rlad_ds"), pytest.raises(TrainingError) as error:

@@ -25,10 +25,11 @@ from rlad_ds.rollout import (GatheredRollout, HybridRollout, PerLayerRollout, _p
                              gathered_for_generation, generation_config)
 from rlad_ds.teacher import Scorer, load_frozen
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+from rlad_ds.launch import init_process_group
 
 # The launcher adds --local_rank=N in front of the script's own arguments.
 student_dir, tied_dir, teacher_dir, out_dir = map(Path, [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
-deepspeed.init_distributed()
+init_process_group(1800)  # (not deepspeed.init_distributed: this removes the /dev/shm buffer at exit)
 rank, world = dist.get_rank(), dist.get_world_size()
 results = {"world_size": world}
 clock = time.perf_counter()

@@ -15,6 +15,7 @@ import deepspeed
 import torch.distributed as dist
 
 from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
+from rlad_ds.launch import init_process_group
 
 
 def full_params(engine):
@@ -22,7 +23,7 @@ def full_params(engine):
         return [p.detach().clone() for p in engine.module.parameters()]
 
 
-deepspeed.init_distributed()
+init_process_group(1800)  # (not deepspeed.init_distributed: this removes the /dev/shm buffer at exit)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=1, micro_batch_size=1, gradient_accumulation_steps=1,
