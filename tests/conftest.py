@@ -41,6 +41,24 @@ def remove_shared_memory_buffers():
             pass
 
 
+class ReachedInit(Exception):
+    """Raised instead of initialising distributed: validation passed."""
+
+
+@pytest.fixture
+def no_init(monkeypatch):
+    import deepspeed
+
+    def refuse(*args, **kwargs):
+        raise ReachedInit
+
+    monkeypatch.setattr(deepspeed, "init_distributed", refuse)
+    # train_main fills these for a plain single process; set here so that monkeypatch restores them.
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29599").items():
+        monkeypatch.setenv(key, value)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_deepspeed
-import test_reliability
-from test_reliability import DS_CONFIG, ReachedInit, _script_env, base_args, expect_one_line
+from conftest import ReachedInit
+from test_reliability import DS_CONFIG, _script_env, base_args, expect_one_line
 from rlad_ds import checkpoint, manifest
 from rlad_ds.cli import train_main
 from rlad_ds.config import parse_config
@@ -32,7 +32,6 @@ from rlad_ds.errors import ConfigError, TrainingError
 from rlad_ds.methods import get_method
 from rlad_ds.trainer import Trainer
 
-no_init = test_reliability.no_init  # a fixture: distributed init replaced by a sentinel
 
 IDENTITY = {"rollout": {"group_size": 4}, "loss": {"method": "rlad"}, "deepspeed": "zero3.json"}
 

@@ -57,6 +57,8 @@ def test_file_then_flags(tmp_path):
     ("model:\n  gradient_checkpointing: 'maybe'\n", "--gradient_checkpointing must be true or false, got 'maybe'"),
     ("model:\n  teacher_offload: 2\n", "--teacher_offload must be auto, on or off, got 2"),
     ("train:\n  lr: fast\n", "--lr must be float, got 'fast'"),
+    ("train:\n  lr: .inf\n", "--lr must be a finite number, got inf"),
+    ("train: [1, 2]\n", "section train must be a mapping of field: value"),
     ("train: 3\n", "section train must be a mapping of field: value"),
     ("trainer:\n  lr: 1\n", "unknown section(s) ['trainer']"),
     ("train:\n  learning_rate: 1\n", "unknown field(s) ['learning_rate'] in section train"),

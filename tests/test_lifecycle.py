@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, free_port
-from test_reliability import _script_env, base_args, expect_one_line, no_init  # noqa: F401  (no_init: a fixture)
+from test_reliability import _script_env, base_args, expect_one_line
 from rlad_ds import checkpoint, launch
 from rlad_ds.config import parse_config
 from rlad_ds.errors import ConfigError, Interrupted, TrainingError

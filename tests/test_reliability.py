@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, free_port, run_deepspeed
+from conftest import ROOT, ReachedInit, free_port, run_deepspeed
 from rlad_ds import checkpoint
 from rlad_ds.callbacks import Callback
 from rlad_ds.checkpoint import run_identity
@@ -32,24 +32,6 @@ from rlad_ds.methods import get_method
 from rlad_ds.trainer import Trainer
 
 DS_CONFIG = str(ROOT / "ds_configs" / "zero3.json")
-
-
-class ReachedInit(Exception):
-    """Raised instead of initialising distributed: validation passed."""
-
-
-@pytest.fixture
-def no_init(monkeypatch):
-    import deepspeed
-
-    def refuse(*args, **kwargs):
-        raise ReachedInit
-
-    monkeypatch.setattr(deepspeed, "init_distributed", refuse)
-    # train_main fills these for a plain single process; set here so that monkeypatch restores them.
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29599").items():
-        monkeypatch.setenv(key, value)
 
 
 def base_args(models, out, *extra):

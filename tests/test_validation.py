@@ -22,10 +22,9 @@ from conftest import ROOT
 from rlad_ds.cli import eval_main, train_main
 from rlad_ds.config import SECTIONS, parse_config
 from rlad_ds.errors import ConfigError
-import test_reliability
-from test_reliability import DS_CONFIG, ReachedInit, base_args, expect_one_line, write_jsonl
+from conftest import ReachedInit
+from test_reliability import DS_CONFIG, base_args, expect_one_line, write_jsonl
 
-no_init = test_reliability.no_init  # the fixture, found by pytest under this name in this module
 
 SHARD = "model-0000{}-of-00002.safetensors"
 
@@ -78,22 +77,6 @@ def run_train(models, tmp_path, *flags, **replace):
 
 
 # ---- 1, 2, 9: value types, finite numbers ----------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, message", [
-    ("train:\n  max_steps: 1.5\n", "--max_steps must be int, got 1.5"),
-    ("model:\n  gradient_checkpointing: maybe\n", "--gradient_checkpointing must be true or false, got 'maybe'"),
-    ("model:\n  teacher_offload: 2\n", "--teacher_offload must be auto, on or off, got 2"),
-    ("train:\n  lr: .inf\n", "--lr must be a finite number, got inf"),
-    ("train: [1, 2]\n", "section train must be a mapping of field: value"),
-    ("- train\n- model\n", "must hold a mapping of sections"),
-])
-def test_wrong_types_in_a_file(tmp_path, text, message):
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as error:
-        parse_config(["--config", str(path), "--student", "s", "--teacher", "t"])
-    assert message in str(error.value) and "\n" not in str(error.value)
-
 
 @pytest.mark.parametrize("word, flag, offload", [("'false'", False, "off"), ("false", False, "off"),
                                                  ("'No'", False, "off"), ("'0'", False, "off"),
