@@ -76,6 +76,18 @@ def _fill_precision(config: dict, precision: str, device: str) -> None:
                           "remove the fp16 section")
 
 
+def _cpu_optimizer(config: dict, device: str) -> None:
+    """On CPU, Adam / AdamW run as torch's own (`torch_adam`): DeepSpeed's FusedAdam for the CPU accelerator is
+    JIT-compiled on first use (79 s on a 2-core machine), and a run killed mid-build leaves a lock that hangs every
+    later start-up. A config that sets `torch_adam` itself, or offloads the optimizer (DeepSpeed's prebuilt-or-JIT
+    CPUAdam, its choice), is left as it is."""
+    optimizer = config.get("optimizer")
+    offloaded = isinstance(config.get("zero_optimization", {}).get("offload_optimizer"), dict)
+    if device == "cpu" and isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
+            and not offloaded:
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+
+
 def _fill_zero(config: dict, device: str, persistence_threshold: int | None) -> None:
     zero = config.setdefault("zero_optimization", {})
     if persistence_threshold is not None:
@@ -119,6 +131,7 @@ def fill_train_config(config: str | Path | dict, *, world_size: int, micro_batch
                 scheduler_params[key] = float(lr) if key == "warmup_max_lr" else 0.0
     _fill_precision(config, precision, device)
     _fill_zero(config, device, persistence_threshold)
+    _cpu_optimizer(config, device)
     return config
 
 

@@ -107,3 +107,36 @@ def test_a_fixed_weight_decay_that_disagrees_is_refused():
     assert fill_train_config(config, device="cpu", **TRAIN)["optimizer"]["params"]["weight_decay"] == 0.0
     with pytest.raises(ConfigError, match="weight_decay=0.0 but the trainer needs 0.1"):
         fill_train_config(config, device="cpu", weight_decay=0.1, **TRAIN)
+
+
+def test_cpu_adam_needs_no_jit_build():
+    """On CPU the shipped config's AdamW runs as torch's (no FusedAdam JIT build, no build lock to leave behind);
+    accelerators keep DeepSpeed's FusedAdam; a config's own choice and an offloaded optimizer are left alone."""
+    cpu = fill_train_config(CONFIG_DIR / "zero3.json", device="cpu", **TRAIN)
+    assert cpu["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in fill_train_config(CONFIG_DIR / "zero3.json", device="cuda", **TRAIN)["optimizer"]["params"]
+    own = load_ds_config(CONFIG_DIR / "zero3.json")
+    own["optimizer"]["params"]["torch_adam"] = False
+    assert fill_train_config(own, device="cpu", **TRAIN)["optimizer"]["params"]["torch_adam"] is False
+    offload = fill_train_config(CONFIG_DIR / "zero3_offload.json", device="cpu", **TRAIN)
+    assert "torch_adam" not in offload["optimizer"]["params"]
+
+
+def test_the_cpu_student_engine_uses_torch_adamw(monkeypatch):
+    """What DeepSpeed builds from that config: torch.optim.AdamW inside ZeRO-3 (FusedAdam would need the build)."""
+    import deepspeed
+
+    from conftest import free_port
+    from rlad_ds.launch import end_process_group, init_process_group
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    init_process_group(60)
+    try:
+        config = fill_train_config(CONFIG_DIR / "zero3.json", device="cpu", **{**TRAIN, "world_size": 1})
+        model = torch.nn.Linear(4, 4)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        assert type(engine.optimizer.optimizer) is torch.optim.AdamW
+    finally:
+        end_process_group()
