@@ -53,7 +53,7 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> in
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING,
                         format="[rlad_ds %(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    guard_signals()
+    previous = guard_signals()
     try:
         return main(argv)
     except (ConfigError, TrainingError) as error:
@@ -64,6 +64,9 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> in
             print(f"rlad_ds: {kind}{error}", file=sys.stderr)
         end_process_group(barrier=False)
         return 2 if isinstance(error, ConfigError) else getattr(error, "exit_code", 1)
+    finally:  # an entry point called in-process (tests, notebooks) leaves the caller's handlers as they were
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def world() -> tuple[int, int]:
@@ -142,13 +145,14 @@ class StopRequest:
 STOP = StopRequest()
 
 
-def guard_signals() -> None:
-    """SIGTERM / SIGINT go to `STOP`; under DeepSpeed's launcher, this rank also stops when the launcher dies."""
+def guard_signals() -> dict:
+    """SIGTERM / SIGINT go to `STOP`; under DeepSpeed's launcher, this rank also stops when the launcher dies.
+    Returns the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, STOP.handle)
+        return {}
+    previous = {signum: signal.signal(signum, STOP.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     _watch_launcher()
+    return previous
 
 
 def set_parent_death_signal(signum: int) -> None:
