@@ -277,6 +277,7 @@ class Trainer:
     def fit(self, callbacks=()) -> dict:
         """Train until `max_steps`, evaluating and saving as configured; returns the accuracies before and after."""
         self.callbacks, train = list(callbacks), self.cfg.train
+        launch.STOP.save, launch.STOP.grace_s = train.save_on_signal, train.signal_grace_s
         history = {"eval_before": None, "eval_after": None}
         if self.step == 0:
             history["eval_before"] = self._evaluate(0, {})

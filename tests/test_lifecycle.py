@@ -87,6 +87,24 @@ def test_a_recorded_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp
     assert "stopped by SIGTERM after step 3: checkpoint step_00000003 saved" in str(error.value)
 
 
+@pytest.mark.parametrize("flags", [["--no-save_on_signal"], ["--signal_grace_s", "0.1"]])
+def test_the_signal_flags_reach_the_handler(tmp_path, stop, monkeypatch, flags):
+    """--no-save_on_signal, or a grace shorter than a step (0.5 s here): the signal exits at once, nothing saved."""
+    saved = []
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda engine, out, step, *a, **k: saved.append(step))
+    trainer = _fake_trainer(tmp_path, "--save_steps", "0", *flags)
+
+    def train_step(step):
+        if step == 2:
+            stop.handle(signal.SIGTERM, None)
+        return _step_metrics()
+
+    trainer.train_step = train_step
+    with pytest.raises(SystemExit) as exited:
+        trainer.fit([])
+    assert exited.value.code == 143 and trainer.step == 2 and saved == []
+
+
 def test_a_run_whose_every_reward_call_fails_stops_naming_the_error(tmp_path, caplog):
     trainer = _fake_trainer(tmp_path, "--save_steps", "-1", "--max_failed_reward_steps", "3")
     fractions = iter([1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 0.0])
