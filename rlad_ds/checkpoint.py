@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rlad_ds.callbacks import Callback
-from rlad_ds.errors import ConfigError, TrainingError
+from rlad_ds.errors import ConfigError, TrainingError, error_line
 from rlad_ds.launch import env_rank, world
 from rlad_ds.manifest import (CHECKSUM, MARKER, STEP_DIR, checkpoint_root, complete_checkpoints, hash_own,
                               marker_step, read_marker, verify, write_json_atomic)
@@ -125,7 +125,7 @@ def _raise_first(errors, kind=TrainingError) -> None:
 def _first_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}{f': {error.filename}' if error.filename else ''}"
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    return error_line(error, limit=300)
 
 
 def move_aside(output_dir: str | Path) -> Path | None:

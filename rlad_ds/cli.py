@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rlad_ds.errors import ConfigError
+from rlad_ds.errors import ConfigError, error_line
 from rlad_ds.launch import env_rank, env_world_size, run_main, single_process_env
 
 logger = logging.getLogger("rlad_ds")
@@ -39,9 +39,8 @@ def _tokenizer(path, role: str, cfg):
     except ConfigError:
         raise
     except Exception as error:  # a damaged file surfaces as OSError, ValueError, KeyError, tokenizers' own Exception
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({type(error).__name__}: {reason}); save "
-                          f"it there with tokenizer.save_pretrained") from None
+        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({error_line(error)}); save it there with "
+                          f"tokenizer.save_pretrained") from None
 
 
 def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None):
@@ -54,10 +53,8 @@ def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None
     except Exception as error:  # e.g. `datasets` cannot reach or parse a hub dataset
         if cfg.eval.eval_dataset is None:
             raise
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise ConfigError(f"cannot load --eval_dataset {cfg.eval.eval_dataset!r} ({type(error).__name__}: "
-                          f"{first_line}); give a local file or save_to_disk dir, or a hub name reachable from here"
-                          ) from None
+        raise ConfigError(f"cannot load --eval_dataset {cfg.eval.eval_dataset!r} ({error_line(error)}); give a local "
+                          f"file or save_to_disk dir, or a hub name reachable from here") from None
     if examples.skipped and env_rank() == 0:
         logger.warning("--skip_bad_rows: skipped %d bad held-out rows (first: %s)", examples.skipped,
                        examples.messages[0])

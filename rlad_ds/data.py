@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from rlad_ds.errors import ConfigError
+from rlad_ds.errors import ConfigError, error_line
 from rlad_ds.rewards import RewardRunner
 from rlad_ds.tasks import get_task
 from rlad_ds.tasks.base import Task
@@ -365,9 +365,8 @@ def _load_hub(name: str, split: str):
             datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
         return datasets.load_dataset(name, split=split)
     except Exception as error:  # ConnectionError, FileNotFoundError, ValueError...: datasets' reasons vary
-        reason = (str(error).strip().splitlines() or [""])[0]
         why = ("the Hugging Face hub cannot be reached from here and the local datasets cache does not have it"
-               if offline else f"the hub cannot load it ({type(error).__name__}: {reason})")
+               if offline else f"the hub cannot load it ({error_line(error)})")
         raise ConfigError(f"{name}: no such local file or directory, and {why}; give a local data file or "
                           f"save_to_disk dir (hub dataset names need network access)") from None
     finally:

@@ -1,6 +1,12 @@
 """Errors the user can fix: each carries a one-line message that names the fix."""
 
 
+def error_line(error: BaseException, limit: int | None = None) -> str:
+    """`Type: the first line of its message` (at most `limit` characters of it): a library's exception, quoted in
+    a one-line error."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:limit]}"
+
+
 class ConfigError(ValueError):
     """A configuration, file or model-directory problem, reported as one line that says what to change."""
 
