@@ -144,7 +144,7 @@ def eval_metrics(results: dict) -> dict:
     overall, ks = results["overall"], results["ks"]
     # A verifier that raised or timed out scores 0 like a wrong answer; counted apart so that the two never blur.
     metrics = {"eval_accuracy": overall[f"mean@{ks[0]}"],
-               "eval_score_errors": results.get("score_errors", 0) + results.get("score_timeouts", 0)}
+               "eval_score_errors": results["score_errors"] + results["score_timeouts"]}
     metrics.update({f"eval_pass@{k}": overall[f"pass@{k}"] for k in ks if k > 1})
     if len(results["subsets"]) > 1:
         metrics.update({f"eval_accuracy/{name}": row[f"mean@{ks[0]}"] for name, row in results["subsets"].items()})
