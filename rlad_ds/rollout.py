@@ -149,6 +149,25 @@ def gathered_for_generation(engine):
         raise
 
 
+@contextmanager
+def plain_linear():
+    """torch's own F.linear while the block runs. ZeRO-3 replaces it process-wide with an autograd Function that
+    saves memory in training (`memory_efficient_linear`); decoding under no_grad pays its overhead per call for
+    nothing."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    replaced = original is not None and torch.nn.functional.linear is zero3_linear_wrap
+    if replaced:
+        torch.nn.functional.linear = original
+    try:
+        yield
+    finally:
+        if replaced:
+            torch.nn.functional.linear = zero3_linear_wrap
+
+
 class _HFGenerateRollout(RolloutEngine):
     """transformers' generate on a ZeRO-3 engine's model (student, teacher or evaluated model): expand prompts n times,
     decode, finish. Subclasses choose how the model is made whole."""
@@ -173,7 +192,7 @@ class _HFGenerateRollout(RolloutEngine):
         if self._module is not None:  # already inside a session
             yield
             return
-        with self._generating_model() as module, eval_mode(module):
+        with self._generating_model() as module, eval_mode(module), plain_linear():
             self._module = module
             try:
                 yield
