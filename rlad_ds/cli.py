@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rlad_ds.errors import ConfigError, error_line
+from rlad_ds.errors import VLLM_INSTALL, ConfigError, error_line
 from rlad_ds.launch import env_rank, env_world_size, run_main, single_process_env
 
 logger = logging.getLogger("rlad_ds")
@@ -87,6 +87,8 @@ def _validate(cfg) -> None:
                 check_vocab_sizes(cfg.model.student, cfg.model.teacher, method.teacher_generates)
     _check_writable(cfg.train.output_dir, "--output_dir", directory=True)
     check_output_dir(cfg)
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"--engine vllm needs vLLM: {VLLM_INSTALL}; or pass --engine auto")
     # The logger is built after the models; a missing package must not cost their loading first.
     package = cfg.train.report_to
     if package != "none" and importlib.util.find_spec(package) is None:

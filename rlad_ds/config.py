@@ -8,8 +8,7 @@ in its group's `__post_init__`; checks across groups that depend on the method a
 Every mistake is a one-line `ConfigError` that names the fix. The DeepSpeed JSON is built from this tree
 in `ds_config.py` only.
 
-Both launchers read this tree: `launchers/train.py` every field, `launchers/eval.py` the fields marked
-`scope="both"` (generation, data, evaluation, model loading), with the same names and defaults.
+Both launchers read this tree: `launchers/train.py` every field, `launchers/eval.py` those marked `scope="both"`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from rlad_ds.losses import KL_ESTIMATORS, LOSS_AGGS
 from rlad_ds.methods import METHODS, check_config, get_method
 from rlad_ds.models import ATTENTION_BACKENDS
 
-ROLLOUT_ENGINES = ("auto", "gathered", "hybrid_engine", "per_layer")
+ROLLOUT_ENGINES = ("auto", "vllm", "gathered", "hybrid_engine", "per_layer")
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 PRECISIONS = ("auto", "bf16", "fp32")
 # Read alike in flags and files, case-insensitively (YAML 1.1 reads `false` as a bool, `"false"` as text).
@@ -84,8 +83,13 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _help("auto, gathered (student gathered once per rollout), hybrid_engine (DeepSpeed inference "
-                        "kernels), per_layer (ZeRO-3 gathers per layer, synced ranks)", scope="both", default="auto")
+    engine: str = _help("auto (vllm if installed and able, else hybrid_engine if DeepSpeed has a CUDA policy, else "
+                        "gathered), vllm (colocated vLLM, weights synced each step), gathered (student gathered per "
+                        "rollout), hybrid_engine, per_layer (ZeRO-3 per-layer gathers, synced ranks)", scope="both",
+                        default="auto")
+    vllm_gpu_memory_utilization: float = _help("vllm on GPUs: fraction of device memory vLLM may take while it "
+                                               "samples (it sleeps while the student trains)", default=0.3)
+    vllm_kv_cache_gb: float = _help("vllm on CPU: GiB of KV cache per rank", default=1.0)
     gather_budget_gb: float = _help("largest model (GB of parameters) a gathered rollout may materialise; above "
                                     "it the per-layer path is used", scope="both", default=32.0)
     group_size: int = _help("G: responses sampled per prompt", default=8)
@@ -101,11 +105,11 @@ class RolloutConfig:
     def __post_init__(self):
         _check(self.engine in ROLLOUT_ENGINES, f"--engine {self.engine!r} is unknown; use one of "
                f"{', '.join(ROLLOUT_ENGINES)}")
-        _check(self.group_size >= 1, f"--group_size must be >= 1, got {self.group_size}")
-        _check(self.max_new_tokens > 0, f"--max_new_tokens must be > 0, got {self.max_new_tokens}")
+        for name in ("group_size", "max_new_tokens", "gather_budget_gb", "vllm_kv_cache_gb"):
+            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.temperature > 0, f"--temperature must be > 0 for sampled rollouts, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
-        _check(self.gather_budget_gb > 0, "--gather_budget_gb must be > 0")
+        _check(0 < self.vllm_gpu_memory_utilization < 1, "--vllm_gpu_memory_utilization must be in (0, 1)")
         _check(self.rollout_batch_size >= 0, "--rollout_batch_size must be >= 0 (0: all prompts at once)")
 
 
@@ -172,12 +176,10 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("prompts_per_step", "ppo_epochs", "micro_batch_tokens", "max_steps", "keep_last",
-                     "collective_timeout_s"):
+                     "collective_timeout_s", "lr", "max_bad_steps"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.save_steps >= -1, "--save_steps must be >= 0, or -1 for no checkpoints")
-        _check(self.max_bad_steps >= 1, "--max_bad_steps must be >= 1")
         _check(self.max_failed_reward_steps >= 0 and self.signal_grace_s >= 0,
                "--max_failed_reward_steps and --signal_grace_s must be >= 0")
         _check(self.report_to in ("tensorboard", "wandb", "none"), "--report_to must be tensorboard, wandb or none")
@@ -204,9 +206,8 @@ class DataConfig:
     reward_workers: int = _help("verifier processes per rank", scope="both", default=2)
 
     def __post_init__(self):
-        _check(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0, got {self.reward_timeout_s}")
-        _check(self.reward_workers >= 1, f"--reward_workers must be >= 1, got {self.reward_workers}")
-        _check(self.train_size >= 1, f"--train_size must be >= 1, got {self.train_size}")
+        for name in ("reward_timeout_s", "reward_workers", "train_size"):
+            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -392,8 +393,7 @@ def config_from_layers(*layers: dict | None) -> Config:
 
 
 def parse_config(argv: list[str], profile: dict | None = None) -> tuple[Config, argparse.Namespace]:
-    """The training Config from `argv`; `profile` (layers) sits under the file and flags when no --student is
-    given (the launcher passes the demo's). Raises ConfigError."""
+    """The training Config from `argv`; `profile` (the demo's layers) sits under file and flags without --student."""
     args = build_parser("train").parse_args(argv)
     layers = read_layers(args)
     demo = (layers.get("model") or {}).get("student") in (None, "none")

@@ -9,14 +9,20 @@ the benchmarks receive an `Engines` and never build one themselves.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlad_ds import launch
 from rlad_ds.ds_config import frozen_ds_config, student_ds_config
+from rlad_ds.errors import ConfigError
 from rlad_ds.models import choose_attention, load_causal_lm
 from rlad_ds.rollout import build_rollout, resolve_rollout_kind
 from rlad_ds.teacher import Scorer, load_frozen
+from rlad_ds.vllm_rollout import VLLMRollout, vllm_unavailable_reason
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Engines:
@@ -48,6 +54,24 @@ def _attention(cfg, device: str) -> str:
     return choose_attention(device, None if override == "auto" else override)
 
 
+def _rollout_kind(cfg, model, device: str) -> str:
+    """--engine resolved before deepspeed.initialize (the hybrid engine changes how the student is built),
+    the choice and the reasons for it logged; --engine vllm that cannot run is refused in one line."""
+    kind = cfg.rollout.engine
+    if kind in ("auto", "vllm"):
+        reason = vllm_unavailable_reason(model.config, device)
+        if reason is None:
+            logger.info("rollout engine: vllm (%s)", "--engine vllm" if kind == "vllm" else
+                        "auto: vLLM is installed and supports the model")
+            return "vllm"
+        if kind == "vllm":
+            raise ConfigError(f"--engine vllm cannot run here: {reason}; pass --engine auto or gathered")
+        logger.info("rollout: vLLM not used (%s)", reason)
+    kind = resolve_rollout_kind(kind, model, device)
+    logger.info("rollout engine: %s", kind)
+    return kind
+
+
 def build_engines(cfg, method, student_path: Path, teacher_path: Path | None, tokenizer) -> Engines:
     """Every engine `method` needs, partitioned over the ranks of the (initialised) process group."""
     import deepspeed
@@ -58,7 +82,7 @@ def build_engines(cfg, method, student_path: Path, teacher_path: Path | None, to
     model = load_causal_lm(student_path, student_ds, attn_implementation=attn,
                            gradient_checkpointing=cfg.model.gradient_checkpointing,
                            trust_remote_code=cfg.model.trust_remote_code)
-    kind = resolve_rollout_kind(cfg.rollout.engine, model, device)
+    kind = _rollout_kind(cfg, model, device)
     if kind == "hybrid_engine":
         student_ds["hybrid_engine"] = {"enabled": True}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,8 +93,9 @@ def build_engines(cfg, method, student_path: Path, teacher_path: Path | None, to
     packed = cfg.model.pack_sequences == "on" or (cfg.model.pack_sequences == "auto" and attn == "flash_attention_2")
     scoring = dict(temperature=cfg.rollout.temperature, chunk_size=cfg.model.logprob_chunk_size or None,
                    max_tokens_per_microbatch=cfg.train.micro_batch_tokens, packed=packed)
-    engines = Engines(student, build_rollout(kind, student, tokenizer, budget), Scorer(student, tokenizer, **scoring),
-                      packed=packed)
+    rollout = (VLLMRollout(student, tokenizer, student_path, cfg.rollout, seed=cfg.train.seed) if kind == "vllm"
+               else build_rollout(kind, student, tokenizer, budget))
+    engines = Engines(student, rollout, Scorer(student, tokenizer, **scoring), packed=packed)
 
     def frozen(path: Path, offload: bool) -> object:
         return load_frozen(path, frozen_ds_config(cfg, offload, world, device), student_tokenizer=tokenizer,
@@ -95,6 +120,6 @@ def build_eval_engine(cfg, model_path: Path, tokenizer):
                            trust_remote_code=cfg.model.trust_remote_code)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
-    # A frozen engine has no hybrid engine: "auto" and "hybrid_engine" take the gathered path.
+    # A frozen engine has no hybrid engine, and vLLM serves training rollouts only: the others take the gathered path.
     kind = "per_layer" if cfg.rollout.engine == "per_layer" else "gathered"
     return engine, build_rollout(kind, engine, tokenizer, _gather_budget(cfg))

