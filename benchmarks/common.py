@@ -141,11 +141,13 @@ def run_worker(cmd: list[str], out_json: Path, timeout: float, env: dict | None 
 
 
 def deepspeed_cmd(module: str, args: list[str], nprocs: int, workdir: Path) -> list[str]:
-    """The real deepspeed launcher on localhost with `nprocs` ranks running `python -m module` (as tests run it)."""
+    """The real deepspeed launcher on localhost with `nprocs` ranks running `python -m module`, or the script
+    `module` if it ends in .py (as tests run it)."""
     hostfile = Path(workdir) / f"hostfile_{nprocs}"
     hostfile.write_text(f"localhost slots={nprocs}\n")
+    target = [module] if module.endswith(".py") else ["--module", module]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", module, *map(str, args)]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, args)]
 
 
 # ---- models -----------------------------------------------------------------------------------------------------

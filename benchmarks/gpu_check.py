@@ -1,5 +1,6 @@
 """GPU check (needs CUDA; not run on the CPU CI): training tokens/s and MFU of a Qwen3-0.6B-shaped student at 8K
-tokens, flash-attn vs sdpa, bf16 ZeRO-3 (one process); then the gathered rollout's tokens/s.
+tokens, flash-attn vs sdpa, bf16 ZeRO-3 (one process); then rollout tokens/s: the gathered engine and, with
+vLLM installed, the colocated vLLM engine (`--engine vllm`) and its weight sync from the ZeRO-3 partitions.
 
     python -m benchmarks.gpu_check [--seq_len 8192] [--steps 5] [--peak_tflops 989] [--json gpu_check.json]
 
@@ -98,15 +99,11 @@ def train_rate(engine, seq_len: int, steps: int, warmup: int = 2) -> tuple[float
     return seq_len * steps / (time.perf_counter() - start), torch.cuda.max_memory_allocated() / 2**30
 
 
-def rollout_rate(engine, prompts: int, prompt_len: int, new_tokens: int) -> float:
-    """Generated tokens/s of the gathered ZeRO-3 rollout (greedy, a real tokenizer's pad / EOS ids)."""
+def rollout_rate(rollout, engine, prompts: int, prompt_len: int, new_tokens: int) -> float:
+    """Generated tokens/s of a rollout engine on the student (greedy, a real tokenizer's pad / EOS ids)."""
     import torch
     from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-    from rlad_ds.rollout import build_rollout
-    from rlad_ds.tiny import char_tokenizer
-
-    rollout = build_rollout("gathered", engine, char_tokenizer())
     ids = torch.randint(3, 100, (prompts, prompt_len), device=engine.device)
     request = RolloutRequest(prompt_ids=ids, prompt_attention_mask=torch.ones_like(ids))
     rollout.generate(request, SamplingConfig(max_new_tokens=8, temperature=0.0))
@@ -115,6 +112,33 @@ def rollout_rate(engine, prompts: int, prompt_len: int, new_tokens: int) -> floa
     out = rollout.generate(request, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
     torch.cuda.synchronize()
     return float(out.response_lengths.sum()) / (time.perf_counter() - start)
+
+
+def rollout_rows(engine, model_dir: Path, args) -> list[dict]:
+    """Rollout tokens/s of the gathered engine and the vLLM engine (if it can run), and vLLM's weight sync time."""
+    from rlad_ds.config import RolloutConfig
+    from rlad_ds.rollout import build_rollout
+    from rlad_ds.tiny import char_tokenizer
+    from rlad_ds.vllm_rollout import VLLMRollout, vllm_unavailable_reason
+
+    shape = f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"
+    gathered = rollout_rate(build_rollout("gathered", engine, char_tokenizer()), engine, args.rollout_prompts, 64,
+                            args.rollout_tokens)
+    rows = [{"name": "gathered rollout tokens/s (sdpa, greedy)", "value": gathered, "unit": "tok/s", "detail": shape}]
+    reason = vllm_unavailable_reason(engine.module.config, "cuda")
+    names = ("vLLM rollout tokens/s (greedy)", "vLLM / gathered rollout tokens/s", "vLLM weight sync from ZeRO-3")
+    if reason is not None:
+        return rows + [{"name": name, "value": None, "unit": unit, "detail": reason}
+                       for name, unit in zip(names, ("tok/s", "x", "s"))]
+    vllm = VLLMRollout(engine, char_tokenizer(), model_dir, RolloutConfig(vllm_gpu_memory_utilization=0.3))
+    rate = rollout_rate(vllm, engine, args.rollout_prompts, 64, args.rollout_tokens)
+    vllm.synced_step = None
+    vllm.sync_weights()
+    rows += [{"name": names[0], "value": rate, "unit": "tok/s", "detail": shape},
+             {"name": names[1], "value": rate / gathered, "unit": "x", "detail": "goal >= 4"},
+             {"name": names[2], "value": vllm.sync_seconds, "unit": "s", "detail": "every weight, layer by layer"}]
+    vllm.shutdown()
+    return rows
 
 
 def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, device: str) -> list[dict]:
@@ -133,9 +157,7 @@ def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, 
             {"name": f"MFU, {attn}", "value": mfu(rate, flops, peak), "unit": "fraction",
              "detail": f"{flops / 1e9:.2f} GFLOP/token, peak {peak} TFLOP/s ({device})"}]
     if attn == "sdpa":
-        rate = rollout_rate(engine, args.rollout_prompts, 64, args.rollout_tokens)
-        rows.append({"name": "gathered rollout tokens/s (sdpa, greedy)", "value": rate, "unit": "tok/s",
-                     "detail": f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"})
+        rows += rollout_rows(engine, model_dir, args)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -163,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from rlad_ds.launch import single_process_env
+    from rlad_ds.tiny import char_tokenizer
 
     single_process_env()
     from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
@@ -179,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        char_tokenizer().save_pretrained(tmp)  # vLLM reads the tokenizer beside the weights
         del model
         for attn in ("flash_attention_2", "sdpa"):
             rows += measure(Path(tmp), attn, args, flops, peak, device)

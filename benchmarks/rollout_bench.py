@@ -1,9 +1,10 @@
-"""P1 worker, run by the deepspeed launcher on N ranks: gathered rollout vs ZeRO-3 per-layer generation.
+"""P1 worker, run by the deepspeed launcher on N ranks: vLLM vs gathered rollout vs ZeRO-3 per-layer generation.
 
-Both engines are rlad_ds's own (`build_rollout("gathered" | "per_layer", ...)`) around one ZeRO-3 student
-engine; per-layer is DeepSpeed's fallback (`engine.module.generate` with ZeRO-3's hooks on, synced ranks).
-Greedy decoding, so both must produce identical tokens; every rank has its own prompts. Each repeat is timed
-between barriers; tokens/s = generated tokens of all ranks / wall time of the slowest rank.
+Every engine is rlad_ds's own around one ZeRO-3 student engine: `build_rollout("gathered" | "per_layer", ...)`
+(per-layer is DeepSpeed's fallback: `engine.module.generate` with ZeRO-3's hooks on, synced ranks) and, when vLLM
+is installed and supports the model, `VLLMRollout` (a colocated vLLM engine per rank, weights synced from the
+ZeRO-3 partitions). Greedy decoding; every rank has its own prompts. Each repeat is timed between barriers;
+tokens/s = generated tokens of all ranks / wall time of the slowest rank. vLLM's weight sync is timed apart.
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ def time_rollout(rollout, request, sampling, warmup, repeats: int) -> tuple[dict
     return {"seconds": seconds, "tokens": tokens[best], "tokens_per_s": tokens[best] / seconds[best]}, out.input_ids
 
 
+def time_vllm(engine, tokenizer, args, request, sampling, warmup, results: dict, outputs: dict) -> str | None:
+    """Time the vLLM engine into `results` / `outputs` (with its weight-sync seconds); or say why it cannot run."""
+    import torch.distributed as dist
+
+    from rlad_ds.config import RolloutConfig
+    from rlad_ds.vllm_rollout import VLLMRollout, vllm_unavailable_reason
+
+    reason = vllm_unavailable_reason(engine.module.config, "cpu")
+    if reason is not None:
+        return reason
+    start = time.perf_counter()
+    rollout = VLLMRollout(engine, tokenizer, args.model, RolloutConfig(vllm_kv_cache_gb=args.vllm_kv_cache_gb))
+    startup = time.perf_counter() - start
+    rollout.sync_weights()
+    syncs = []
+    for _ in range(args.repeats):  # a sync moves every weight whether or not it changed: time it on its own
+        rollout.synced_step = None
+        dist.barrier()
+        rollout.sync_weights()
+        syncs.append(rollout.sync_seconds)
+    timing, outputs["vllm"] = time_rollout(rollout, request, sampling, warmup, args.repeats)
+    results["vllm"] = {**timing, "startup_seconds": startup, "sync_seconds": min(syncs)}
+    return None
+
+
 def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -43,9 +69,24 @@ def parse_args():
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vllm_kv_cache_gb", type=float, default=1.0)
     parser.add_argument("--persistence_threshold", type=int, default=0, help="0: every parameter is partitioned")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     return parser.parse_args()
+
+
+def student_engine(args, world: int):
+    import deepspeed
+
+    from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
+    from rlad_ds.models import load_causal_lm
+
+    config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_batch_size=1,
+                               gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",
+                               persistence_threshold=args.persistence_threshold)
+    model = load_causal_lm(args.model, config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=config)
+    return engine
 
 
 def main() -> None:
@@ -53,23 +94,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-    from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
-    from rlad_ds.models import load_causal_lm, load_tokenizer
+    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
+    from rlad_ds.models import load_tokenizer
     from rlad_ds.rollout import build_rollout
 
-    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
     init_process_group(1800)
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_batch_size=1,
-                               gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",
-                               persistence_threshold=args.persistence_threshold)
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=config)
+    tokenizer, engine = load_tokenizer(args.model), student_engine(args, world)
     partitioned = all(getattr(p, "ds_numel", 0) > p.numel() for p in engine.module.parameters()) if world > 1 else True
 
     # Random prompts of ordinary tokens, different on every rank; greedy, so both engines must agree token for token.
@@ -82,12 +116,19 @@ def main() -> None:
     for kind in ("gathered", "per_layer"):
         results[kind], outputs[kind] = time_rollout(build_rollout(kind, engine, tokenizer), request, sampling, warmup,
                                                     args.repeats)
-    same = torch.tensor([float(torch.equal(outputs["gathered"], outputs["per_layer"]))])
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    vllm_skipped = time_vllm(engine, tokenizer, args, request, sampling, warmup, results, outputs)
+    same = {name: torch.tensor([float(torch.equal(outputs["gathered"], outputs[name]))]) for name in outputs}
+    for flag in same.values():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if rank == 0:
-        result = {"world_size": world, "partitioned": partitioned, "identical_tokens": bool(same.item() == 1.0),
+        result = {"world_size": world, "partitioned": partitioned, "identical_tokens": bool(same["per_layer"] == 1.0),
                   "threads": torch.get_num_threads(), **results,
                   "speedup": results["gathered"]["tokens_per_s"] / results["per_layer"]["tokens_per_s"]}
+        if vllm_skipped is None:
+            result.update(vllm_identical_tokens=bool(same["vllm"] == 1.0),
+                          vllm_speedup=results["vllm"]["tokens_per_s"] / results["gathered"]["tokens_per_s"])
+        else:
+            result["vllm_skipped"] = vllm_skipped
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()

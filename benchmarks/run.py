@@ -2,10 +2,11 @@
 
     python -m benchmarks.run [--quick] [--json FILE] [--markdown FILE] [--only P1,P3]
 
-P1  rollout tokens/s on 2 ranks (1 thread each): gathered ZeRO-3 rollout vs DeepSpeed's per-layer fallback
+P1  rollout tokens/s on 2 ranks (1 thread each): vLLM vs gathered ZeRO-3 rollout vs DeepSpeed's per-layer fallback
 P2  per-token log-prob peak memory and time, forward + backward, T=8192, V=151936: chunked vs full logits
 P3  cost of distillation: (RLAD step - GRPO step) / teacher scoring pass alone, same batch and models
 P4  training-step peak memory, 8K vs 2K response tokens, through a ZeRO-3 student engine
+P5  the demo recipe end to end on 2 ranks, --engine vllm vs gathered: step time, weight-sync share, accuracy
 
 Each benchmark runs in its own worker process (benchmarks/*.py; P1 under the real deepspeed launcher), so
 memory is measured in fresh processes and no process group leaks between them. Every record is
@@ -23,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.engine_e2e import p5_records, run_p5 as run_p5_worker
 from benchmarks.common import (MEMORY_ENV, ROOT, available_memory_bytes, count_params, deepspeed_cmd,
                                machine_info, make_record, markdown_table, run_worker, save_model_dir, write_json)
 
@@ -49,6 +51,8 @@ class Settings:
     p4_vocab: int = 32768
     p4_lengths: tuple = (2048, 8192)
     p4_checkpointing: tuple = (False, )
+    p5_steps: int = 10
+    p5_seeds: int = 1
 
 
 def settings(quick: bool) -> Settings:
@@ -56,7 +60,7 @@ def settings(quick: bool) -> Settings:
         return Settings()
     return Settings(p1_model=dict(hidden=512, layers=12, heads=8, kv_heads=4, intermediate=2048),
                     p1_max_new_tokens=128, p1_repeats=3, p2_hidden=1024, p2_repeats=2, p3_steps=10,
-                    p4_checkpointing=(False, True))
+                    p4_checkpointing=(False, True), p5_steps=60, p5_seeds=3)
 
 
 # ---- records from measurements (pure: unit-tested with fake measurements) -----------------------------------
@@ -71,7 +75,17 @@ def p1_records(m: dict, model_params: int) -> tuple[list[dict], dict]:
                                 f"{m['per_layer']['tokens_per_s']:.0f} tok/s ({m['gathered']['tokens']:.0f} tokens; "
                                 f"partitioned={m['partitioned']})",
                same["name"]: "identical" if m["identical_tokens"] else "DIFFERENT"}
-    return [speedup, same], details
+    records = [speedup, same]
+    if "vllm" in m:
+        vllm = make_record(f"P1 rollout tokens/s, vLLM / gathered ({size})", m["vllm_speedup"], "x", ">= 4")
+        v = m["vllm"]
+        details[vllm["name"]] = (f"vLLM {v['tokens_per_s']:.0f} tok/s; weight sync {v['sync_seconds']:.2f} s, engine "
+                                 f"start {v['startup_seconds']:.0f} s; greedy tokens "
+                                 f"{'identical to' if m['vllm_identical_tokens'] else 'differ from'} gathered's")
+        records.append(vllm)
+    elif m.get("vllm_skipped"):
+        details[speedup["name"]] += f"; vLLM not run: {m['vllm_skipped']}"
+    return records, details
 
 
 def p2_records(chunked: dict, full: dict) -> tuple[list[dict], dict]:
@@ -123,6 +137,12 @@ def run_p1(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
                          "--max_new_tokens", s.p1_max_new_tokens, "--repeats", s.p1_repeats], 2, work)
     m = run_worker(cmd, out, timeout=900, env={"OMP_NUM_THREADS": "1"})
     records, details = p1_records(m, count_params(model))
+    return records, details, m
+
+
+def run_p5(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
+    m = run_p5_worker(s.p5_steps, s.p5_seeds, work)
+    records, details = p5_records(m)
     return records, details, m
 
 
@@ -194,7 +214,8 @@ BENCHMARKS = {"P1": (run_p1, [("P1 rollout tokens/s, gathered / per-layer ZeRO-3
               "P2": (run_p2, [("P2 log-prob peak memory, chunked / full logits", "x", "<= 0.10"),
                               ("P2 log-prob fwd+bwd time, chunked / full logits", "x", "<= 1.0")]),
               "P3": (run_p3, [("P3 distillation cost, (RLAD - GRPO step) / teacher pass", "x", "<= 1.10")]),
-              "P4": (run_p4, [("P4 training-step peak memory, 8K / 2K response tokens", "x", "<= 4.5")])}
+              "P4": (run_p4, [("P4 training-step peak memory, 8K / 2K response tokens", "x", "<= 4.5")]),
+              "P5": (run_p5, [("P5 step time, vLLM / gathered", "x", "<= 1.0")])}
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
@@ -208,6 +229,10 @@ METHODS = """\
   on and `synced_gpus=True`, DeepSpeed's fallback). Greedy decoding of the same per-rank prompts; one short
   warm-up call each, then the best of the timed repeats, each timed between barriers; tokens/s = generated
   tokens of both ranks / wall time. The token check compares the full output ids of both engines on every rank.
+  With vLLM installed, the third engine is `rlad_ds.vllm_rollout.VLLMRollout` on the same ZeRO-3 engine (one
+  colocated in-process vLLM per rank, fp32, `--vllm_kv_cache_gb 1`, weights synced from the partitions first),
+  timed the same way; its weight sync (every parameter gathered layer by layer and reloaded) is timed apart,
+  best of the repeats, and its engine start once.
 - **P2** (`benchmarks/logprob_memory.py`, one fresh process per variant): a bare lm-head, hidden states
   [1, T, H] and weight [V, H] both requiring grad; chunked = `rlad_ds.logprobs.chunked_token_logprobs`, full =
   `torch.log_softmax(h @ W.T, -1).gather(...)`; loss = sum of log-probs, backward fills both gradients.
@@ -230,6 +255,12 @@ METHODS = """\
   + `engine.backward` on one row of a 64-token prompt + L response tokens. Memory as in P2, after a 64-token
   warm-up forward + backward (ZeRO-3's gradient buffers then exist and sit in the baseline with parameters
   and optimizer state). The chunked head's fixed [chunk, V] workspace is part of both peaks.
+- **P5** (`benchmarks/engine_e2e.py`, deepspeed launcher, 2 ranks, `OMP_NUM_THREADS=1`): `launchers/train.py`
+  with the demo's recipe as flags and `--engine gathered` / `--engine vllm`, seed by seed, on the same SFT
+  models; the student is the demo's regrouped to head_dim 32 (vLLM's CPU attention needs >= 32; same size).
+  Step time = median `time/step` of each run after its first step, then the median over seeds; sync share =
+  median `time/weight_sync / time/step` of the vLLM runs; accuracy = held-out greedy `eval_accuracy` (200
+  problems) after the last step.
 """
 
 
@@ -258,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"),
                         help="write the table and methods here ('' to skip)")
-    parser.add_argument("--only", default="P1,P2,P3,P4", help="comma-separated subset, e.g. P2,P4")
+    parser.add_argument("--only", default="P1,P2,P3,P4,P5", help="comma-separated subset, e.g. P2,P4")
     parser.add_argument("--workdir", help="keep model dirs and raw worker results here (default: a temp dir)")
     args = parser.parse_args(argv)
 

@@ -30,7 +30,7 @@ def test_bad_goals_are_refused(goal):
 
 def check_record(record):
     assert tuple(record) == RECORD_KEYS
-    assert isinstance(record["name"], str) and record["name"][:2] in ("P1", "P2", "P3", "P4")
+    assert isinstance(record["name"], str) and record["name"][:2] in ("P1", "P2", "P3", "P4", "P5")
     assert isinstance(record["value"], float) and isinstance(record["unit"], str)
     assert isinstance(record["meets"], bool)
     assert record["meets"] == meets_goal(record["value"], record["goal"])
@@ -64,6 +64,28 @@ def test_records_from_fake_measurements():
         check_record(record)
     different, _ = run.p1_records({**P1, "identical_tokens": False, "speedup": 4.0}, 7_900_000)
     assert [r["meets"] for r in different] == [False, False]
+
+
+def test_vllm_records_when_vllm_ran_and_a_note_when_not():
+    from benchmarks.engine_e2e import p5_records
+
+    with_vllm = {**P1, "vllm": {"tokens_per_s": 2700.0, "tokens": 1024.0, "sync_seconds": 0.2, "startup_seconds": 9.0},
+                 "vllm_speedup": 4.5, "vllm_identical_tokens": False}
+    records, details = run.p1_records(with_vllm, 47_000_000)
+    assert [r["value"] for r in records] == [6.0, 1.0, 4.5] and records[2]["meets"]
+    assert "vLLM / gathered (47.0M Qwen3" in records[2]["name"]
+    assert "differ from gathered's" in details[records[2]["name"]]
+    records, details = run.p1_records({**P1, "vllm_skipped": "vLLM is not installed"}, 7_900_000)
+    assert len(records) == 2 and "vLLM not run: vLLM is not installed" in details[records[0]["name"]]
+    runs = [{"engine": e, "seed": s, "step_s": t, "rollout_s": t / 2, "sync_share": 0.04 if e == "vllm" else 0.0,
+             "eval_before": 0.5, "eval_after": a}
+            for e, t, a in (("gathered", 2.0, 0.8), ("vllm", 1.5, 0.79)) for s in (0, 1)]
+    p5, details = p5_records({"steps": 60, "seeds": 2, "runs": runs})
+    assert [r["value"] for r in p5] == [0.75, 0.04] and all(r["meets"] for r in p5)
+    assert "vllm 0.790, 0.790" in details[p5[1]["name"]]
+    for record in records + p5:
+        check_record(record)
+    assert p5_records({"skipped": "vLLM not installed"}) == ([], {})
 
 
 def test_json_and_table_hold_exactly_the_records(tmp_path):
