@@ -1,12 +1,11 @@
 """Checkpoints that can be trusted, resume that never picks the wrong one, and the HF export of the student.
 
-Layout of OUTPUT_DIR/checkpoints/step_00000042/: DeepSpeed's files, `rng_rank{r}.*` per rank,
-`trainer_state.json` and last the `COMPLETE` marker, the manifest (`rlad_ds.manifest`). A save checks first that
-every parameter partition is finite; a write that fails on any rank is agreed by all ranks, the partial dir is
-removed and the run ends in one line. `--resume auto` takes the newest complete checkpoint of this run that
-verifies, else an older one. A checkpoint of another number of ranks is converted once to DeepSpeed's universal
-format (`step_N/universal`). Nothing here unpickles a file this package did not write through DeepSpeed.
-"""
+Layout of OUTPUT_DIR/checkpoints/step_00000042/: DeepSpeed's files, `rng_rank{r}.*` per rank, `trainer_state.json`
+and last the `COMPLETE` marker, the manifest (`rlad_ds.manifest`). A save checks first that every parameter
+partition is finite; a write that fails on any rank is agreed by all ranks, the partial dir is removed and the run
+ends in one line. `--resume auto` takes the newest complete checkpoint of this run that verifies, else an older one;
+another number of ranks resumes through DeepSpeed's universal format (`step_N/universal`). Nothing here unpickles
+what this package did not write."""
 
 from __future__ import annotations
 
@@ -370,6 +369,7 @@ def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
 _RESUMABLE = {"train": {"max_steps", "resume", "save_steps", "keep_last", "overwrite_output_dir", "report_to",
                         "collective_timeout_s", "output_dir", "save_on_signal", "signal_grace_s", "max_bad_steps",
                         "max_failed_reward_steps"},
+              "rollout": {"engine", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"},  # how samples are made
               "eval": {"eval_size", "eval_steps", "eval_dataset", "eval_split", "eval_samples", "eval_k",
                        "eval_temperature", "eval_top_p", "eval_top_k", "eval_offload"}}
 

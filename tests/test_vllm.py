@@ -8,6 +8,7 @@ need no vLLM run. vLLM's CPU attention needs head sizes of 32 or more, so these 
 import importlib.util
 import json
 import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -157,16 +158,30 @@ def test_vllm_samples_logprobs_and_weights_match_the_zero3_student(vllm_models, 
 
 @needs_vllm
 @pytest.mark.slow
-def test_rlad_trains_with_vllm_rollouts_two_ranks(vllm_models, tmp_path):
-    out = tmp_path / "run"
-    args = ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", vllm_models["student"],
-            "--teacher", vllm_models["teacher"], "--output_dir", out, *TINY_RUN, "--max_steps", "3",
-            "--engine", "vllm", "--vllm_kv_cache_gb", "0.25"]
-    proc = run_deepspeed(args, nprocs=2, timeout=300)
-    check_ok(proc)
-    assert "rollout engine: vllm (--engine vllm)" in proc.stdout
-    metrics = [m for m in read_metrics(out) if "loss" in m]
+def test_rlad_trains_with_vllm_rollouts_and_resumes_exactly_two_ranks(vllm_models, tmp_path):
+    """3 steps straight; then a copy resumed from its step-2 checkpoint redoes step 3: vLLM's samples are seeded from
+    the checkpointed RNG and its weights come from the restored student, so step 3 is the same step."""
+    def train(out, *extra):
+        args = ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", vllm_models["student"],
+                "--teacher", vllm_models["teacher"], "--output_dir", out, *TINY_RUN, "--max_steps", "3",
+                "--save_steps", "1", "--keep_last", "3", "--eval_size", "0", "--engine", "vllm",
+                "--vllm_kv_cache_gb", "0.25", *extra]
+        proc = run_deepspeed(args, nprocs=2, timeout=300)
+        check_ok(proc)
+        return proc
+
+    straight = tmp_path / "straight"
+    assert "rollout engine: vllm (--engine vllm)" in train(straight).stdout
+    metrics = read_metrics(straight)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "reward_mean", "time/weight_sync"))
         assert 0 < m["time/weight_sync"] < m["time/step"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000003")
+    train(resumed, "--resume", "auto")
+    again = read_metrics(resumed)
+    assert [m["step"] for m in again] == [1, 2, 3]
+    for key in ("loss", "reward_mean", "response_len", "grad_norm"):
+        assert again[2][key] == pytest.approx(metrics[2][key], rel=1e-5, abs=1e-7), key
