@@ -69,6 +69,8 @@ def parse_args():
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engines", default="gathered,per_layer", help="comma-separated: gathered (always, the "
+                        "reference), per_layer, vllm")
     parser.add_argument("--vllm_kv_cache_gb", type=float, default=1.0)
     parser.add_argument("--persistence_threshold", type=int, default=0, help="0: every parameter is partitioned")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -112,23 +114,22 @@ def main() -> None:
     request = RolloutRequest(prompt_ids=prompt_ids, prompt_attention_mask=torch.ones_like(prompt_ids))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, n_samples_per_prompt=args.samples)
     warmup = SamplingConfig(max_new_tokens=4, temperature=0.0, n_samples_per_prompt=args.samples)
+    engines = args.engines.split(",")
     results, outputs = {}, {}
-    for kind in ("gathered", "per_layer"):
+    for kind in (k for k in engines if k != "vllm"):
         results[kind], outputs[kind] = time_rollout(build_rollout(kind, engine, tokenizer), request, sampling, warmup,
                                                     args.repeats)
-    vllm_skipped = time_vllm(engine, tokenizer, args, request, sampling, warmup, results, outputs)
-    same = {name: torch.tensor([float(torch.equal(outputs["gathered"], outputs[name]))]) for name in outputs}
+    skipped = time_vllm(engine, tokenizer, args, request, sampling, warmup, results, outputs) if "vllm" in engines \
+        else None
+    same = {name: torch.tensor([float(torch.equal(outputs["gathered"], ids))]) for name, ids in outputs.items()}
     for flag in same.values():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if rank == 0:
-        result = {"world_size": world, "partitioned": partitioned, "identical_tokens": bool(same["per_layer"] == 1.0),
-                  "threads": torch.get_num_threads(), **results,
-                  "speedup": results["gathered"]["tokens_per_s"] / results["per_layer"]["tokens_per_s"]}
-        if vllm_skipped is None:
-            result.update(vllm_identical_tokens=bool(same["vllm"] == 1.0),
-                          vllm_speedup=results["vllm"]["tokens_per_s"] / results["gathered"]["tokens_per_s"])
-        else:
-            result["vllm_skipped"] = vllm_skipped
+        result = {"world_size": world, "partitioned": partitioned, "threads": torch.get_num_threads(), **results,
+                  "identical_to_gathered": {name: bool(flag == 1.0) for name, flag in same.items() if name != "gathered"},
+                  "rows_per_rank": args.prompts * args.samples, "max_new_tokens": args.max_new_tokens}
+        if skipped is not None:
+            result["vllm_skipped"] = skipped
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()

@@ -40,6 +40,8 @@ class Settings:
     p1_samples: int = 2
     p1_max_new_tokens: int = 64
     p1_repeats: int = 2
+    p1_rl_prompts: int = 8  # per rank: vLLM vs gathered at an RL batch, 16 prompts x G=8 over the 2 ranks
+    p1_rl_samples: int = 8
     p2_tokens: int = 8192
     p2_vocab: int = 151936
     p2_hidden: int = 256
@@ -65,26 +67,29 @@ def settings(quick: bool) -> Settings:
 
 # ---- records from measurements (pure: unit-tested with fake measurements) -----------------------------------
 
-def p1_records(m: dict, model_params: int) -> tuple[list[dict], dict]:
+def p1_records(m: dict, model_params: int, rl: dict | None = None) -> tuple[list[dict], dict]:
+    """Records of the small-batch run `m` (gathered vs per-layer) and of the RL-batch run `rl` (vLLM vs gathered)."""
     size = f"{model_params / 1e6:.1f}M Qwen3, {m['world_size']} ranks x {m['threads']} thread"
-    speedup = make_record(f"P1 rollout tokens/s, gathered / per-layer ZeRO-3 ({size})", m["speedup"], "x",
-                          ">= 5")
-    same = make_record("P1 rollout tokens identical, gathered vs per-layer (greedy)",
-                       1.0 if m["identical_tokens"] else 0.0, "bool", "== 1")
+    speedup = make_record(f"P1 rollout tokens/s, gathered / per-layer ZeRO-3 ({size})",
+                          m["gathered"]["tokens_per_s"] / m["per_layer"]["tokens_per_s"], "x", ">= 5")
+    identical = m["identical_to_gathered"]["per_layer"]
+    same = make_record("P1 rollout tokens identical, gathered vs per-layer (greedy)", float(identical), "bool", "== 1")
     details = {speedup["name"]: f"gathered {m['gathered']['tokens_per_s']:.0f} tok/s, per-layer "
                                 f"{m['per_layer']['tokens_per_s']:.0f} tok/s ({m['gathered']['tokens']:.0f} tokens; "
                                 f"partitioned={m['partitioned']})",
-               same["name"]: "identical" if m["identical_tokens"] else "DIFFERENT"}
+               same["name"]: "identical" if identical else "DIFFERENT"}
     records = [speedup, same]
-    if "vllm" in m:
-        vllm = make_record(f"P1 rollout tokens/s, vLLM / gathered ({size})", m["vllm_speedup"], "x", ">= 4")
-        v = m["vllm"]
-        details[vllm["name"]] = (f"vLLM {v['tokens_per_s']:.0f} tok/s; weight sync {v['sync_seconds']:.2f} s, engine "
-                                 f"start {v['startup_seconds']:.0f} s; greedy tokens "
-                                 f"{'identical to' if m['vllm_identical_tokens'] else 'differ from'} gathered's")
+    if rl is not None and "vllm" in rl:
+        batch = f"{rl['world_size']} x {rl['rows_per_rank']} rows x {rl['max_new_tokens']} tokens"
+        vllm = make_record(f"P1 rollout tokens/s, vLLM / gathered ({size}, {batch})",
+                           rl["vllm"]["tokens_per_s"] / rl["gathered"]["tokens_per_s"], "x", ">= 4")
+        v, agree = rl["vllm"], "identical to" if rl["identical_to_gathered"]["vllm"] else "differ from"
+        details[vllm["name"]] = (f"vLLM {v['tokens_per_s']:.0f} tok/s, gathered {rl['gathered']['tokens_per_s']:.0f} "
+                                 f"tok/s; weight sync {v['sync_seconds']:.2f} s, engine start "
+                                 f"{v['startup_seconds']:.0f} s; greedy tokens {agree} gathered's")
         records.append(vllm)
-    elif m.get("vllm_skipped"):
-        details[speedup["name"]] += f"; vLLM not run: {m['vllm_skipped']}"
+    elif rl is not None:
+        details[speedup["name"]] += f"; vLLM not run: {rl.get('vllm_skipped')}"
     return records, details
 
 
@@ -131,13 +136,16 @@ def run_p1(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
     from rlad_ds.tiny import char_tokenizer
 
     model = save_model_dir(work / "p1_model", char_tokenizer(), never_eos=True, seed=0, **s.p1_model)
-    out = work / "p1.json"
-    cmd = deepspeed_cmd("benchmarks.rollout_bench",
-                        ["--model", model, "--out", out, "--prompts", s.p1_prompts, "--samples", s.p1_samples,
-                         "--max_new_tokens", s.p1_max_new_tokens, "--repeats", s.p1_repeats], 2, work)
-    m = run_worker(cmd, out, timeout=900, env={"OMP_NUM_THREADS": "1"})
-    records, details = p1_records(m, count_params(model))
-    return records, details, m
+    runs = {}
+    for name, engines, prompts, samples in (("small", "gathered,per_layer", s.p1_prompts, s.p1_samples),
+                                            ("rl", "gathered,vllm", s.p1_rl_prompts, s.p1_rl_samples)):
+        out = work / f"p1_{name}.json"
+        cmd = deepspeed_cmd("benchmarks.rollout_bench",
+                            ["--model", model, "--out", out, "--prompts", prompts, "--samples", samples, "--engines",
+                             engines, "--max_new_tokens", s.p1_max_new_tokens, "--repeats", s.p1_repeats], 2, work)
+        runs[name] = run_worker(cmd, out, timeout=1800, env={"OMP_NUM_THREADS": "1"})
+    records, details = p1_records(runs["small"], count_params(model), runs["rl"])
+    return records, details, runs
 
 
 def run_p5(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:

@@ -36,7 +36,7 @@ def check_record(record):
     assert record["meets"] == meets_goal(record["value"], record["goal"])
 
 
-P1 = {"world_size": 2, "threads": 1, "partitioned": True, "identical_tokens": True, "speedup": 6.0,
+P1 = {"world_size": 2, "threads": 1, "partitioned": True, "identical_to_gathered": {"per_layer": True},
       "gathered": {"tokens_per_s": 600.0, "tokens": 1024.0}, "per_layer": {"tokens_per_s": 100.0, "tokens": 1024.0}}
 P2_FULL = {"tokens": 8192, "vocab": 151936, "hidden": 256, "chunk_size": 0, "peak_growth_bytes": 15 * 2**30,
            "median_seconds": 40.0, "threads": 2}
@@ -62,20 +62,23 @@ def test_records_from_fake_measurements():
     assert p4[0]["value"] == pytest.approx(4.2) and p4[0]["meets"] and "8K / 2K" in p4[0]["name"]
     for record in p1 + p2 + p3 + p4:
         check_record(record)
-    different, _ = run.p1_records({**P1, "identical_tokens": False, "speedup": 4.0}, 7_900_000)
+    different, _ = run.p1_records({**P1, "identical_to_gathered": {"per_layer": False},
+                                   "per_layer": {"tokens_per_s": 150.0, "tokens": 1024.0}}, 7_900_000)
     assert [r["meets"] for r in different] == [False, False]
 
 
 def test_vllm_records_when_vllm_ran_and_a_note_when_not():
     from benchmarks.engine_e2e import p5_records
 
-    with_vllm = {**P1, "vllm": {"tokens_per_s": 2700.0, "tokens": 1024.0, "sync_seconds": 0.2, "startup_seconds": 9.0},
-                 "vllm_speedup": 4.5, "vllm_identical_tokens": False}
-    records, details = run.p1_records(with_vllm, 47_000_000)
+    rl = {"world_size": 2, "threads": 1, "rows_per_rank": 64, "max_new_tokens": 128,
+          "gathered": {"tokens_per_s": 600.0, "tokens": 16384.0}, "identical_to_gathered": {"vllm": False},
+          "vllm": {"tokens_per_s": 2700.0, "tokens": 16384.0, "sync_seconds": 0.2, "startup_seconds": 9.0}}
+    records, details = run.p1_records(P1, 47_000_000, rl)
     assert [r["value"] for r in records] == [6.0, 1.0, 4.5] and records[2]["meets"]
-    assert "vLLM / gathered (47.0M Qwen3" in records[2]["name"]
+    assert "vLLM / gathered (47.0M Qwen3, 2 ranks x 1 thread, 2 x 64 rows x 128 tokens)" in records[2]["name"]
     assert "differ from gathered's" in details[records[2]["name"]]
-    records, details = run.p1_records({**P1, "vllm_skipped": "vLLM is not installed"}, 7_900_000)
+    skipped = {k: v for k, v in rl.items() if k != "vllm"} | {"vllm_skipped": "vLLM is not installed"}
+    records, details = run.p1_records(P1, 7_900_000, skipped)
     assert len(records) == 2 and "vLLM not run: vLLM is not installed" in details[records[0]["name"]]
     runs = [{"engine": e, "seed": s, "step_s": t, "rollout_s": t / 2, "sync_share": 0.04 if e == "vllm" else 0.0,
              "eval_before": 0.5, "eval_after": a}
