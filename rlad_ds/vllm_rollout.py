@@ -22,6 +22,7 @@ The returned batch is the same `RolloutOutput` as every other engine's (`rlad_ds
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -151,6 +152,10 @@ class VLLMRollout(RolloutEngine):
                       seed=seed + rank, distributed_executor_backend="external_launcher" if world > 1 else None,
                       tensor_parallel_size=1, enforce_eager=self.device == "cpu", disable_log_stats=True,
                       trust_remote_code=False, **memory)
+        # The engine's many long-lived objects would be re-scanned by every full garbage collection of the training
+        # loop: move them (and everything before) out of the collector's generations.
+        gc.collect()
+        gc.freeze()
         logger.info("rollout: vLLM %s engine ready in %.1f s (%s, %s)", __import__("vllm").__version__,
                     time.perf_counter() - start, self.device, dtype)
         return llm
