@@ -66,7 +66,7 @@ def decode_responses(tokenizer, output: RolloutOutput) -> list[str]:
             for ids, mask in zip(output.input_ids, output.response_mask)]
 
 
-def _forked_rng():
+def forked_rng():
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
 
@@ -85,7 +85,7 @@ def evaluate_examples(rollout, tokenizer, task, records: Sequence[dict], cfg, re
     indices = own + [own[0] if own else 0] * (per_rank - len(own) if rollout.collective_calls else 0)
     prompts = [records[i]["prompt_text"] for i in indices] if records else []
     start = time.perf_counter()
-    with _forked_rng():
+    with forked_rng():
         output = generate(rollout, tokenizer, prompts, eval_sampling(cfg), device,
                           batch_size=cfg.rollout.rollout_batch_size,
                           seeds=[sample_seed(cfg.train.seed, i) for i in indices])

@@ -35,6 +35,7 @@ import torch
 from deepspeed.runtime.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 
 from rlad_ds.errors import VLLM_INSTALL, ConfigError
+from rlad_ds.generation import forked_rng
 from rlad_ds.rollout import finish_rollout
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _kept_process_state():
     import numpy as np
 
     python_state, numpy_state, set_num_threads = random.getstate(), np.random.get_state(), torch.set_num_threads
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+    with forked_rng():
         try:
             yield
         finally:

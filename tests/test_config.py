@@ -95,6 +95,7 @@ def test_the_run_record_round_trips():
     from rlad_ds.checkpoint import run_identity
 
     cfg, _ = parse_config(["--eval_k", "1", "--max_steps", "5"])
-    other, _ = parse_config(["--eval_k", "1", "--max_steps", "50", "--eval_steps", "3"])
+    other, _ = parse_config(["--eval_k", "1", "--max_steps", "50", "--eval_steps", "3", "--engine", "vllm",
+                             "--vllm_kv_cache_gb", "2"])
     assert json.loads(json.dumps(run_identity(cfg))) == run_identity(other)  # resumable fields left out
     assert run_identity(cfg) != run_identity(parse_config(["--alpha", "0.2"])[0])

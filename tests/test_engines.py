@@ -60,6 +60,28 @@ def test_engines_two_ranks(small_vocab_models, tmp_path):
     assert max(results[0]["gathered_response_lengths"]) < max(results[1]["gathered_response_lengths"])
 
 
+def test_generation_runs_torchs_own_linear_and_gives_zero3_its_own_back():
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+    from rlad_ds.rollout import plain_linear
+
+    torch_linear = getattr(Init, "linear_bk", torch.nn.functional.linear)
+    before, had_backup = torch.nn.functional.linear, hasattr(Init, "linear_bk")
+    Init.linear_bk, torch.nn.functional.linear = torch_linear, zero3_linear_wrap  # as zero.Init leaves them
+    try:
+        with plain_linear():
+            assert torch.nn.functional.linear is torch_linear
+        assert torch.nn.functional.linear is zero3_linear_wrap
+        with pytest.raises(KeyError), plain_linear():
+            raise KeyError("generation failed")
+        assert torch.nn.functional.linear is zero3_linear_wrap
+    finally:
+        torch.nn.functional.linear = before
+        if not had_backup:
+            del Init.linear_bk
+
+
 def test_finish_rollout_masks_and_flags():
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     eos, pad = 2, 0
