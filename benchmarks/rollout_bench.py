@@ -48,7 +48,7 @@ def time_vllm(engine, tokenizer, args, request, sampling, warmup, results: dict,
     start = time.perf_counter()
     rollout = VLLMRollout(engine, tokenizer, args.model, RolloutConfig(vllm_kv_cache_gb=args.vllm_kv_cache_gb))
     startup = time.perf_counter() - start
-    rollout.sync_weights()
+    rollout.sync_weights()  # untimed: the first load of the student's weights also warms vLLM's loader up
     syncs = []
     for _ in range(args.repeats):  # a sync moves every weight whether or not it changed: time it on its own
         rollout.synced_step = None

@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 
+from rlad_ds import launch
 from rlad_ds.errors import VLLM_INSTALL, ConfigError
 from rlad_ds.generation import forked_rng
 from rlad_ds.rollout import finish_rollout
 
 logger = logging.getLogger(__name__)
+
 
 def head_dim(model_config) -> int:
     return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
@@ -127,7 +129,7 @@ class VLLMRollout(RolloutEngine):
         self.engine, self.tokenizer = engine, tokenizer
         self.device = engine.device.type
         self.synced_step: int | None = None
-        self.sync_seconds = 0.0  # of the last sync, for the step's metrics
+        self.sync_seconds = 0.0  # of the last sync that moved weights (benchmarks; the trainer times its own)
         self._in_session = False
         self.llm = self._start(model_path, rollout_cfg, seed)
         self._asleep = False
@@ -139,8 +141,7 @@ class VLLMRollout(RolloutEngine):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-            if torch.distributed.is_initialized() else (0, 1)
+        rank, world = launch.world()
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", os.environ.get("LOCAL_RANK", 0))):
             os.environ.setdefault(name, str(value))
         dtype = next(self.engine.module.parameters()).dtype
