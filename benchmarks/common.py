@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlad_ds.launch import free_port
+from rlad_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = ("name", "value", "unit", "goal", "meets")

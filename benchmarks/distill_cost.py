@@ -2,7 +2,7 @@
 
     python -m benchmarks.distill_cost --student DIR --teacher DIR --out FILE [--steps 5]
 
-One set of engines (`rlad_ds.engines.build_engines` for rlad: student + teacher) and two trainers over it, one
+One set of models (`rlad_ds.run_models.build_run_models` for rlad: student + teacher) and two trainers over it, one
 per method object (`rlad`, `grpo`: no teacher pass, grpo_loss), each running the real loop (`Trainer.fit`)
 with a timing callback. The learning rate is 0, so the weights never change and, with the same seed at the
 start of each run, both methods sample the very same rollouts (checked: the response lengths of each pair of
@@ -39,7 +39,7 @@ class StepTimes(Callback):
                "tokens": metrics["response_len"]}
         if trainer.method.teacher_scores:
             start = time.perf_counter()
-            trainer.engines.teacher.score(self.batch.input_ids, self.batch.attention_mask)
+            trainer.models.teacher_scorer.logprobs(self.batch.input_ids, self.batch.attention_mask)
             row["teacher_alone"] = time.perf_counter() - start
         self.rows.append(row)
 
@@ -70,10 +70,10 @@ def main() -> None:
 
     import torch
 
-    from rlad_ds.config import config_from_layers
+    from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_train_examples
-    from rlad_ds.engines import build_engines
-    from rlad_ds.launch import init_process_group, single_process_env
+    from rlad_ds.run_models import build_run_models
+    from rlad_ds.distributed import init_process_group, single_process_env
     from rlad_ds.methods import get_method
     from rlad_ds.models import load_tokenizer
     from rlad_ds.rewards import RewardRunner
@@ -93,14 +93,14 @@ def main() -> None:
     single_process_env()
     init_process_group(600)
     tokenizer = load_tokenizer(args.student)
-    engines = build_engines(cfgs["rlad"], get_method("rlad"), Path(args.student), Path(args.teacher), tokenizer)
+    models = build_run_models(cfgs["rlad"], get_method("rlad"), Path(args.student), Path(args.teacher), tokenizer)
     train = load_train_examples(cfgs["rlad"].data, tokenizer)
     runs = {}
     with RewardRunner("arith") as rewards:
         for index, method in enumerate(("rlad", "grpo", "grpo", "rlad")):
             times = StepTimes()
             torch.manual_seed(1234)
-            Trainer(cfgs[method], get_method(method), engines, tokenizer, get_task("arith"), rewards, train,
+            Trainer(cfgs[method], get_method(method), models, tokenizer, get_task("arith"), rewards, train,
                     []).fit([times])
             runs.setdefault(method, []).append(times.rows[1:])  # the first step of a run is its warm-up
     result = {"student_params": count_params(args.student), "teacher_params": count_params(args.teacher),

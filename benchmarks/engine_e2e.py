@@ -1,7 +1,7 @@
 """P5: the demo recipe end to end with each rollout engine, on 2 ranks through the real launcher.
 
-`launchers/train.py` runs the demo's task and recipe (`rlad_ds.demo.PROFILE`: arith, 16 prompts x G=8 per step,
-48 new tokens, lr 1e-5) with `--engine gathered` and `--engine vllm`, seed by seed, on the same SFT models. The
+`launchers/train.py` runs the demo's task and recipe (`rlad_ds.demo.recipe.PROFILE`: arith, 16 prompts x G=8 per step,
+48 new tokens, lr 1e-5) with `--rollout gathered` and `--rollout vllm`, seed by seed, on the same SFT models. The
 demo's own student has head_dim 16, below the 32 that vLLM's CPU attention needs, so these runs use
 `VLLM_RECIPE`: the demo recipe with the student's 4 x 16 query heads (2 x 16 key/value) regrouped as 2 x 32
 (1 x 32): the same hidden size, layers and parameter count give or take the q/k norms, SFT-trained once by
@@ -27,18 +27,17 @@ VLLM_SKIP = "vLLM not installed"
 def vllm_recipe():
     """The demo recipe with the student regrouped to head_dim 32. Its SFT gets up to 1200 steps (the demo's: 400)
     to reach the same early-stop target (sampled accuracy 0.25): with 400 this build stopped at 0.04."""
-    from rlad_ds import demo
+    from rlad_ds.demo.recipe import DEFAULT_RECIPE
 
-    recipe = demo.DEFAULT_RECIPE
-    return dataclasses.replace(recipe, student=dataclasses.replace(recipe.student, heads=2, kv_heads=1),
-                               student_sft=dataclasses.replace(recipe.student_sft, steps=1200))
+    return dataclasses.replace(DEFAULT_RECIPE, student=dataclasses.replace(DEFAULT_RECIPE.student, heads=2, kv_heads=1),
+                               student_sft=dataclasses.replace(DEFAULT_RECIPE.student_sft, steps=1200))
 
 
 def train_flags(models: dict, out: Path, engine: str, seed: int, steps: int) -> list[str]:
-    """The demo's PROFILE as flags (it applies only without --student), plus the engine, seed and length."""
-    from rlad_ds.demo import PROFILE
+    """The demo's PROFILE as flags (it applies only without --student), plus the rollout, seed and length."""
+    from rlad_ds.demo.recipe import PROFILE
 
-    flags = ["--student", models["student"], "--teacher", models["teacher"], "--output_dir", out, "--engine", engine,
+    flags = ["--student", models["student"], "--teacher", models["teacher"], "--output_dir", out, "--rollout", engine,
              "--seed", seed, "--max_steps", steps, "--report_to", "none", "--eval_steps", 0]
     for section, values in PROFILE.items():
         for name, value in values.items():
@@ -68,11 +67,11 @@ def run_one(models: dict, work: Path, engine: str, seed: int, steps: int, timeou
 def run_p5(steps: int, seeds: int, work: Path) -> dict:
     import importlib.util
 
-    from rlad_ds.demo import CACHE_DIR, prepare_demo
+    from rlad_ds.demo.cache import cache_dir, prepare_demo
 
     if importlib.util.find_spec("vllm") is None:
         return {"skipped": VLLM_SKIP}
-    models = {k: str(v) for k, v in prepare_demo(CACHE_DIR, recipe=vllm_recipe()).items()}
+    models = {k: str(v) for k, v in prepare_demo(cache_dir(), recipe=vllm_recipe()).items()}
     runs = [run_one(models, work, engine, seed, steps) for seed in range(seeds) for engine in ("gathered", "vllm")]
     return {"steps": steps, "seeds": seeds, "runs": runs}
 

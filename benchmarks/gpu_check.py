@@ -1,6 +1,6 @@
 """GPU check (needs CUDA; not run on the CPU CI): training tokens/s and MFU of a Qwen3-0.6B-shaped student at 8K
 tokens, flash-attn vs sdpa, bf16 ZeRO-3 (one process); then rollout tokens/s: the gathered engine and, with
-vLLM installed, the colocated vLLM engine (`--engine vllm`) and its weight sync from the ZeRO-3 partitions.
+vLLM installed, the colocated vLLM rollout (`--rollout vllm`) and its weight sync from the ZeRO-3 partitions.
 
     python -m benchmarks.gpu_check [--seq_len 8192] [--steps 5] [--peak_tflops 989] [--json gpu_check.json]
 
@@ -116,13 +116,13 @@ def rollout_rate(rollout, engine, prompts: int, prompt_len: int, new_tokens: int
 
 def rollout_rows(engine, model_dir: Path, args) -> list[dict]:
     """Rollout tokens/s of the gathered engine and the vLLM engine (if it can run), and vLLM's weight sync time."""
-    from rlad_ds.config import RolloutConfig
-    from rlad_ds.rollout import build_rollout
+    from rlad_ds.config.schema import RolloutConfig
+    from rlad_ds.rollout.hf import GatheredRollout
     from rlad_ds.tiny import char_tokenizer
-    from rlad_ds.vllm_rollout import VLLMRollout, vllm_unavailable_reason
+    from rlad_ds.rollout.vllm import VLLMRollout, vllm_unavailable_reason
 
     shape = f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"
-    gathered = rollout_rate(build_rollout("gathered", engine, char_tokenizer()), engine, args.rollout_prompts, 64,
+    gathered = rollout_rate(GatheredRollout(engine, char_tokenizer()), engine, args.rollout_prompts, 64,
                             args.rollout_tokens)
     rows = [{"name": "gathered rollout tokens/s (sdpa, greedy)", "value": gathered, "unit": "tok/s", "detail": shape}]
     reason = vllm_unavailable_reason(engine.module.config, "cuda")
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from rlad_ds.launch import single_process_env
+    from rlad_ds.distributed import single_process_env
     from rlad_ds.tiny import char_tokenizer
 
     single_process_env()
-    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
+    from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
     init_process_group(1800)
     device = torch.cuda.get_device_name()
     peak = peak_tflops(device, args.peak_tflops)

@@ -1,6 +1,6 @@
 """P1 worker, run by the deepspeed launcher on N ranks: vLLM vs gathered rollout vs ZeRO-3 per-layer generation.
 
-Every engine is rlad_ds's own around one ZeRO-3 student engine: `build_rollout("gathered" | "per_layer", ...)`
+Every rollout is rlad_ds's own around one ZeRO-3 student engine: `rlad_ds.rollout.hf`'s gathered and per-layer
 (per-layer is DeepSpeed's fallback: `engine.module.generate` with ZeRO-3's hooks on, synced ranks) and, when vLLM
 is installed and supports the model, `VLLMRollout` (a colocated vLLM engine per rank, weights synced from the
 ZeRO-3 partitions). Greedy decoding; every rank has its own prompts. Each repeat is timed between barriers;
@@ -39,8 +39,8 @@ def time_vllm(engine, tokenizer, args, request, sampling, warmup, results: dict,
     """Time the vLLM engine into `results` / `outputs` (with its weight-sync seconds); or say why it cannot run."""
     import torch.distributed as dist
 
-    from rlad_ds.config import RolloutConfig
-    from rlad_ds.vllm_rollout import VLLMRollout, vllm_unavailable_reason
+    from rlad_ds.config.schema import RolloutConfig
+    from rlad_ds.rollout.vllm import VLLMRollout, vllm_unavailable_reason
 
     reason = vllm_unavailable_reason(engine.module.config, "cpu")
     if reason is not None:
@@ -99,9 +99,9 @@ def main() -> None:
     import torch.distributed as dist
     from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
+    from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
     from rlad_ds.models import load_tokenizer
-    from rlad_ds.rollout import build_rollout
+    from rlad_ds.rollout.registry import KINDS
 
     init_process_group(1800)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -117,7 +117,7 @@ def main() -> None:
     engines = args.engines.split(",")
     results, outputs = {}, {}
     for kind in (k for k in engines if k != "vllm"):
-        results[kind], outputs[kind] = time_rollout(build_rollout(kind, engine, tokenizer), request, sampling, warmup,
+        results[kind], outputs[kind] = time_rollout(KINDS[kind].load()(engine, tokenizer), request, sampling, warmup,
                                                     args.repeats)
     skipped = time_vllm(engine, tokenizer, args, request, sampling, warmup, results, outputs) if "vllm" in engines \
         else None

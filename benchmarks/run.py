@@ -6,7 +6,7 @@ P1  rollout tokens/s on 2 ranks (1 thread each): vLLM vs gathered ZeRO-3 rollout
 P2  per-token log-prob peak memory and time, forward + backward, T=8192, V=151936: chunked vs full logits
 P3  cost of distillation: (RLAD step - GRPO step) / teacher scoring pass alone, same batch and models
 P4  training-step peak memory, 8K vs 2K response tokens, through a ZeRO-3 student engine
-P5  the demo recipe end to end on 2 ranks, --engine vllm vs gathered: step time, weight-sync share, accuracy
+P5  the demo recipe end to end on 2 ranks, --rollout vllm vs gathered: step time, weight-sync share, accuracy
 
 Each benchmark runs in its own worker process (benchmarks/*.py; P1 under the real deepspeed launcher), so
 memory is measured in fresh processes and no process group leaks between them. Every record is
@@ -186,7 +186,7 @@ def run_p2(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
 
 
 def run_p3(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
-    from rlad_ds.demo import DEFAULT_RECIPE, demo_tokenizer
+    from rlad_ds.demo.recipe import DEFAULT_RECIPE, demo_tokenizer
 
     tokenizer = demo_tokenizer()
     student = save_model_dir(work / "p3_student", tokenizer, seed=0, max_positions=256,
@@ -233,11 +233,11 @@ METHODS = """\
   `torch.set_num_threads(1)`): one ZeRO-3 student engine (`ds_configs/zero3.json`,
   `stage3_param_persistence_threshold: 0`, so every parameter is partitioned), random weights whose EOS
   lm-head row is zero (greedy never stops early, every response is max_new_tokens long). Both engines are
-  `rlad_ds.rollout.build_rollout`: `gathered` and `per_layer` (`engine.module.generate` with ZeRO-3's hooks
+  `rlad_ds.rollout.hf`: `gathered` and `per_layer` (`engine.module.generate` with ZeRO-3's hooks
   on and `synced_gpus=True`, DeepSpeed's fallback). Greedy decoding of the same per-rank prompts; one short
   warm-up call each, then the best of the timed repeats, each timed between barriers; tokens/s = generated
   tokens of both ranks / wall time. The token check compares the full output ids of both engines on every rank.
-  With vLLM installed, the third engine is `rlad_ds.vllm_rollout.VLLMRollout` on the same ZeRO-3 engine (one
+  With vLLM installed, the third engine is `rlad_ds.rollout.vllm.VLLMRollout` on the same ZeRO-3 engine (one
   colocated in-process vLLM per rank, fp32, `--vllm_kv_cache_gb 1`, weights synced from the partitions first),
   timed the same way; its weight sync (every parameter gathered layer by layer and reloaded) is timed apart,
   best of the repeats, and its engine start once.
@@ -252,7 +252,7 @@ METHODS = """\
   T is 8192 unless the full variant would not fit in 90% of the available memory (then halved; the name says
   which T ran).
 - **P3** (`benchmarks/distill_cost.py`, one process): the demo's model sizes (student and a ~30x teacher,
-  random weights, the demo tokenizer, the arith task), one set of engines (`rlad_ds.engines.build_engines`)
+  random weights, the demo tokenizer, the arith task), one set of models (`rlad_ds.run_models.build_run_models`)
   and two trainers over it, the `rlad` and `grpo` method objects (grpo: no teacher pass, grpo_loss), each
   running the real loop (`Trainer.fit`) with a timing callback and lr ~0 (weights never change), so both
   sample the same rollouts from the same seed. Runs go rlad, grpo, grpo, rlad; the first step of each is a
@@ -264,7 +264,7 @@ METHODS = """\
   warm-up forward + backward (ZeRO-3's gradient buffers then exist and sit in the baseline with parameters
   and optimizer state). The chunked head's fixed [chunk, V] workspace is part of both peaks.
 - **P5** (`benchmarks/engine_e2e.py`, deepspeed launcher, 2 ranks, `OMP_NUM_THREADS=1`): `launchers/train.py`
-  with the demo's recipe as flags and `--engine gathered` / `--engine vllm`, seed by seed, on the same SFT
+  with the demo's recipe as flags and `--rollout gathered` / `--rollout vllm`, seed by seed, on the same SFT
   models; the student is the demo's regrouped to head_dim 32 (vLLM's CPU attention needs >= 32; same size).
   Step time = median `time/step` of each run after its first step, then the median over seeds; sync share =
   median `time/weight_sync / time/step` of the vLLM runs; accuracy = held-out greedy `eval_accuracy` (200

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import current_rss_bytes, peak_rss_bytes
-from rlad_ds.launch import single_process_env
+from rlad_ds.distributed import single_process_env
 
 PROMPT = 64
 
@@ -57,7 +57,7 @@ def main() -> None:
     from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
     from rlad_ds.models import load_causal_lm
 
-    from rlad_ds.launch import init_process_group  # removes this process's /dev/shm buffer at exit
+    from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
     init_process_group(1800)
     config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=1, micro_batch_size=1,
                                gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",

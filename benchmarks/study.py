@@ -2,10 +2,10 @@
 
     python -m benchmarks.study [--quick] [--out docs/study] [--workers 2]
 
-Everything runs on the embedded `arith` demo (`rlad_ds.demo.prepare_demo`), at the demo recipe
-(`rlad_ds.demo.PROFILE`: max_new_tokens 48, 16 prompts x G=8 per step, lr 1e-5, teacher not offloaded,
-60 steps; see `MODES`). Each run is the real loop (`rlad_ds.trainer.Trainer.fit` over engines from
-`rlad_ds.engines.build_engines`) in a worker process (one thread each), with a callback that evaluates the
+Everything runs on the embedded `arith` demo (`rlad_ds.demo.cache.prepare_demo`), at the demo recipe
+(`rlad_ds.demo.recipe.PROFILE`: max_new_tokens 48, 16 prompts x G=8 per step, lr 1e-5, teacher not offloaded,
+60 steps; see `MODES`). Each run is the real loop (`rlad_ds.trainer.Trainer.fit` over the models of
+`rlad_ds.run_models.build_run_models`) in a worker process (one thread each), with a callback that evaluates the
 student on a fixed held-out set through the evaluation path (`rlad_ds.generation.evaluate_examples`); the
 workers take runs from a shared queue, so `--workers 2` keeps two CPU cores busy.
 
@@ -47,7 +47,7 @@ from pathlib import Path
 from benchmarks.study_report import (KD, SWEEP_ALPHAS, carry_subset, plot, render_table, subset_accuracy, summarise,
                                     tables, token_confidence)
 from rlad_ds.callbacks import Callback
-from rlad_ds.demo import CACHE_DIR
+from rlad_ds.demo.cache import cache_dir
 from rlad_ds.tasks import arith
 
 MISALIGNED_VERSION = 2
@@ -112,23 +112,23 @@ def build_jobs(seeds: int, sweep_seeds: int) -> list[Job]:
 
 def prepare_misaligned_teacher(cache_dir: Path, seed: int = 0, progress: bool = True) -> Path:
     """The misaligned teacher's HF dir: demo teacher architecture + SFT recipe on `misaligned_solution` targets."""
-    from rlad_ds import demo
+    from rlad_ds.demo import cache, recipe, sft
 
-    recipe = demo.DEFAULT_RECIPE
-    blob = json.dumps({"teacher": dataclasses.asdict(recipe.teacher), "sft": dataclasses.asdict(recipe.teacher_sft),
-                       "seed": seed, "version": MISALIGNED_VERSION, "demo_version": demo.FORMAT_VERSION,
+    spec = recipe.DEFAULT_RECIPE
+    blob = json.dumps({"teacher": dataclasses.asdict(spec.teacher), "sft": dataclasses.asdict(spec.teacher_sft),
+                       "seed": seed, "version": MISALIGNED_VERSION, "demo_version": recipe.FORMAT_VERSION,
                        "rule": "tens column counts the units carry twice", "alphabet": arith.ALPHABET,
-                       "template": demo.DEMO_CHAT_TEMPLATE}, sort_keys=True)
+                       "template": recipe.DEMO_CHAT_TEMPLATE}, sort_keys=True)
 
     def complete(root: Path) -> bool:
         return (root / "info.json").is_file() and (root / "teacher" / "config.json").is_file()
 
     def build(tmp: Path) -> None:
-        tokenizer = demo.demo_tokenizer()
-        model = demo.build_model(recipe.teacher, tokenizer, seed * 1000 + 7)
+        tokenizer = recipe.demo_tokenizer()
+        model = recipe.build_model(spec.teacher, tokenizer, seed * 1000 + 7)
         start = time.perf_counter()
-        with demo._threads(1):
-            losses = demo.train_sft(model, tokenizer, recipe.teacher_sft, seed * 1000 + 7, progress,
+        with cache._threads(1):
+            losses = sft.train_sft(model, tokenizer, spec.teacher_sft, seed * 1000 + 7, progress,
                                     desc="misaligned teacher SFT", solution=misaligned_solution)
         info = {"rule": "when the units column carries, the tens column counts the carry twice",
                 "sft_steps": len(losses), "sft_seconds": round(time.perf_counter() - start, 1),
@@ -136,14 +136,14 @@ def prepare_misaligned_teacher(cache_dir: Path, seed: int = 0, progress: bool = 
         test = arith.generate("test", 256, seed)
         for name in ("carry", "no_carry"):
             part = [e for e in test if carry_subset(e) == name]
-            info[f"heldout_greedy_{name}"] = demo.evaluate_accuracy(model, tokenizer, part, greedy=True)
+            info[f"heldout_greedy_{name}"] = sft.accuracy(model, tokenizer, part, greedy=True)
             info[f"heldout_examples_{name}"] = len(part)
         model.save_pretrained(tmp / "teacher", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "teacher")
         (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
 
     name = f"arith-misaligned-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-    return demo.build_cached(Path(cache_dir), name, complete, build) / "teacher"
+    return cache.build_cached(Path(cache_dir), name, complete, build) / "teacher"
 
 
 # ---- a worker process ------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class _Recorder(Callback):
         self.alphas.append(metrics.get("alpha"))
         self.step_seconds.append(round(metrics["time/step"], 3))
         if step % self.mode["eval_every"] == 0 or step == self.mode["steps"]:
-            self.curve.append([step, subset_accuracy(_eval_scores(trainer.engines.rollout), _STATE["eval"])])
+            self.curve.append([step, subset_accuracy(_eval_scores(trainer.models.student_rollout), _STATE["eval"])])
 
 
 def _worker_init(paths: dict, threads: int) -> None:
@@ -188,7 +188,7 @@ def _worker_init(paths: dict, threads: int) -> None:
     torch.set_num_threads(threads)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         os.environ.pop(key, None)
-    from rlad_ds.launch import init_process_group, single_process_env
+    from rlad_ds.distributed import init_process_group, single_process_env
     from rlad_ds.models import load_tokenizer
     from rlad_ds.rewards import RewardRunner
 
@@ -200,9 +200,9 @@ def _worker_init(paths: dict, threads: int) -> None:
 
 
 def _config(job: Job, mode: dict):
-    """The demo recipe (`rlad_ds.demo.PROFILE`) with the job's method, seed, teacher and loss fields."""
-    from rlad_ds.config import config_from_layers
-    from rlad_ds.demo import PROFILE
+    """The demo recipe (`rlad_ds.demo.recipe.PROFILE`) with the job's method, seed, teacher and loss fields."""
+    from rlad_ds.config.parsing import config_from_layers
+    from rlad_ds.demo.recipe import PROFILE
     from rlad_ds.methods import get_method
 
     method, paths = get_method(job.method), _STATE["paths"]
@@ -219,9 +219,9 @@ def _config(job: Job, mode: dict):
 def _held_out(mode: dict) -> None:
     """The fixed held-out prompts of every run (the arith test split, seed 0) and the demo's evaluation settings
     (greedy, max_new_tokens 48), loaded once per worker."""
-    from rlad_ds.config import config_from_layers
+    from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_eval_examples
-    from rlad_ds.demo import PROFILE
+    from rlad_ds.demo.recipe import PROFILE
 
     if "eval" not in _STATE:
         _STATE["eval_cfg"] = config_from_layers(PROFILE, {"eval": {"eval_size": mode["eval_size"]}})
@@ -238,10 +238,10 @@ def _eval_scores(rollout) -> list[float]:
     return [p["scores"][0] for p in results["problems"]]
 
 
-def _engines(job: Job, mode: dict):
+def _models(job: Job, mode: dict):
     import torch
 
-    from rlad_ds.engines import build_engines
+    from rlad_ds.run_models import build_run_models
     from rlad_ds.methods import get_method
 
     cfg = _config(job, mode)
@@ -250,17 +250,17 @@ def _engines(job: Job, mode: dict):
     _held_out(mode)
     method = get_method(job.method)
     teacher = cfg.model.teacher and Path(cfg.model.teacher)
-    return cfg, method, build_engines(cfg, method, Path(cfg.model.student), teacher, _STATE["tokenizer"])
+    return cfg, method, build_run_models(cfg, method, Path(cfg.model.student), teacher, _STATE["tokenizer"])
 
 
 def run_references(mode: dict) -> dict:
     """Greedy held-out scores of the initial student and of both teachers (same eval set and path as the runs)."""
     out = {}
     for teacher in ("aligned", "misaligned"):
-        _, _, engines = _engines(Job("ref", "ref", "kdrl", 0, teacher=teacher), mode)
+        _, _, models = _models(Job("ref", "ref", "kdrl", 0, teacher=teacher), mode)
         if teacher == "aligned":
-            out["student_before"] = _eval_scores(engines.rollout)
-        out[f"teacher_{teacher}"] = _eval_scores(engines.teacher_rollout)
+            out["student_before"] = _eval_scores(models.student_rollout)
+        out[f"teacher_{teacher}"] = _eval_scores(models.teacher_rollout)
     return {"scores": out, "examples": [{"a": e["a"], "b": e["b"]} for e in _STATE["eval"]]}
 
 
@@ -272,13 +272,13 @@ def run_job(job_and_mode) -> dict:
     job, mode = job_and_mode
     job = Job(**job)
     start = time.perf_counter()
-    cfg, method, engines = _engines(job, mode)
+    cfg, method, models = _models(job, mode)
     rewards = _ShuffledRewards(_STATE["rewards"], 10_000 + job.seed) if job.control == "shuffled" \
         else _STATE["rewards"]
     train = list(load_train_examples(cfg.data, _STATE["tokenizer"], seed=job.seed))
     setup_s = time.perf_counter() - start
     recorder = _Recorder(mode)
-    Trainer(cfg, method, engines, _STATE["tokenizer"], get_task("arith"), rewards, train, []).fit([recorder])
+    Trainer(cfg, method, models, _STATE["tokenizer"], get_task("arith"), rewards, train, []).fit([recorder])
     final = recorder.curve[-1][1]
     return {"job": dataclasses.asdict(job), "final": final["all"], "subsets": final, "curve": recorder.curve,
             "train_accuracy": recorder.train_accuracy, "alpha_trace": recorder.alphas,
@@ -301,9 +301,9 @@ def _positive_int(text: str) -> int:
 
 
 def _print_confidence() -> None:
-    from rlad_ds.demo import prepare_demo
+    from rlad_ds.demo.cache import prepare_demo
 
-    rows = token_confidence(str(prepare_demo(CACHE_DIR, seed=0)["student"]), arith.generate("test", 300, 0))
+    rows = token_confidence(str(prepare_demo(cache_dir(), seed=0)["student"]), arith.generate("test", 300, 0))
     cells = [[str(r["position"]), f"`{r['example_char']}`".replace("|", "\\|"), f"{r['mean_p']:.3f}",
               f"{r['frac_below_0.9']:.2f}"] for r in rows]
     print(render_table(["position", "char (first example)", "mean p(correct)", "fraction p < 0.9"], cells))
@@ -361,10 +361,10 @@ def main(argv=None) -> int:
     mode = dict(MODES["quick" if args.quick else "full"])
     mode.update({key: getattr(args, key) for key in ("steps", "seeds", "sweep_seeds") if getattr(args, key)})
     wall = time.perf_counter()
-    from rlad_ds.demo import demo_info, prepare_demo
+    from rlad_ds.demo.cache import demo_info, prepare_demo
 
-    demo_paths = prepare_demo(CACHE_DIR, seed=0)
-    paths = {**{k: str(v) for k, v in demo_paths.items()}, "misaligned_teacher": str(prepare_misaligned_teacher(CACHE_DIR))}
+    demo_paths = prepare_demo(cache_dir(), seed=0)
+    paths = {**{k: str(v) for k, v in demo_paths.items()}, "misaligned_teacher": str(prepare_misaligned_teacher(cache_dir()))}
     prep_s = time.perf_counter() - wall
     results, refs = _run_grid(paths, mode, args.workers, wall)
     wall_s = time.perf_counter() - wall

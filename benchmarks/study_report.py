@@ -178,7 +178,7 @@ def token_confidence(student_dir: str, examples: list[dict]) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlad_ds.demo import render_prompt
+    from rlad_ds.demo.recipe import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()

@@ -10,13 +10,13 @@ thing. `--json FILE` writes the same numbers plus every step's times.
 
 rlad_ds: `launchers/train.py --deepspeed ds_configs/zero3.json --method grpo --max_steps N --eval_size 0
 --report_to none --save_steps -1 --output_dir TMP --overwrite_output_dir` (no --student: the built-in demo, its
-recipe `rlad_ds.demo.PROFILE` over the defaults of `rlad_ds.config`) through the real launcher, `python -m
+recipe `rlad_ds.demo.recipe.PROFILE` over the defaults of `rlad_ds.config`) through the real launcher, `python -m
 deepspeed.launcher.runner --hostfile (localhost slots=1) --no_ssh_check ...`, OMP_NUM_THREADS=1,
 DS_ACCELERATOR=cpu. Times: `time/step` and `time/rollout` of TMP/metrics.jsonl.
 
 TRL: this file re-run with `--trl_worker` in the TRL venv's python (TRL never enters the project's environment;
 the venv holds rlad_ds itself with --no-deps, for the data and the verifier only). The worker parses the same
-config tree (`rlad_ds.config.parse_config` of the same flags under `demo.PROFILE`) and takes every setting from
+config tree (`rlad_ds.config.parse_config` of the same flags under `recipe.PROFILE`) and takes every setting from
 it: the demo student (`prepare_demo`, cached), its tokenizer and raw chat template, the first N x 16 prompts in
 rlad_ds's own order (`load_train_examples`, then the DistributedSampler order of `Trainer.prompts_for_step`,
 with TRL's shuffling off), the reward `rlad_ds.rewards.score` (the task's verifier, called in-process), and
@@ -82,10 +82,10 @@ def median_after_warmup(values: list[float]) -> float:
 
 def recipe_config(steps: int):
     """The config tree of the rlad_ds run: the same flags under the demo's profile."""
-    from rlad_ds import demo
-    from rlad_ds.config import parse_config
+    from rlad_ds.demo import recipe
+    from rlad_ds.config.parsing import parse_config
 
-    cfg, _ = parse_config([*RECIPE_FLAGS, "--max_steps", str(steps)], profile=demo.PROFILE)
+    cfg, _ = parse_config([*RECIPE_FLAGS, "--max_steps", str(steps)], profile=recipe.PROFILE)
     return cfg
 
 
@@ -190,10 +190,10 @@ def trl_worker(steps: int, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from rlad_ds.demo import CACHE_DIR, prepare_demo
+    from rlad_ds.demo.cache import cache_dir, prepare_demo
 
     cfg = recipe_config(steps)
-    student = prepare_demo(CACHE_DIR, seed=0, progress=False)["student"]
+    student = prepare_demo(cache_dir(), seed=0, progress=False)["student"]
     tokenizer = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, attn_implementation="sdpa")
     records = step_prompts(cfg, tokenizer, steps)

@@ -2,19 +2,48 @@
 
 Each parses the one config tree, checks everything a user can get wrong before any process group or model
 exists (the same on every rank, so all ranks stop together, with one line printed once), then builds the
-engines (`rlad_ds.engines`) and runs the trainer loop or the evaluation path. Nothing imports this module.
+run's models (`rlad_ds.run_models`) and runs the trainer loop or the evaluation path. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+import warnings
 from pathlib import Path
+from typing import Callable, Sequence
 
-from rlad_ds.errors import VLLM_INSTALL, ConfigError, error_line
-from rlad_ds.launch import env_rank, env_world_size, run_main, single_process_env
+from rlad_ds.distributed import end_process_group, env_rank, env_world_size, single_process_env
+from rlad_ds.errors import VLLM_INSTALL, ConfigError, TrainingError, error_line
+from rlad_ds.signals import guard_signals
 
 logger = logging.getLogger("rlad_ds")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+    """Run an entry point: a user mistake (ConfigError) is one line on stderr from rank 0 and exit code 2, a
+    run that cannot go on (TrainingError) one line and exit code 1; `--debug` shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # torch deprecates the collectives DeepSpeed 0.19 calls; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING,
+                        format="[rlad_ds %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    previous = guard_signals()
+    try:
+        return main(argv)
+    except (ConfigError, TrainingError) as error:
+        if "--debug" in argv:
+            raise
+        if env_rank() == 0:
+            kind = "" if hasattr(error, "exit_code") else "error: "  # a stop that was asked for is no error
+            print(f"rlad_ds: {kind}{error}", file=sys.stderr)
+        end_process_group(barrier=False)
+        return 2 if isinstance(error, ConfigError) else getattr(error, "exit_code", 1)
+    finally:  # an entry point called in-process (tests, notebooks) leaves the caller's handlers as they were
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -67,7 +96,7 @@ def _validate(cfg) -> None:
     """Checks that need no model and no process group: the same on every rank, so all ranks stop together."""
     import importlib.util
 
-    from rlad_ds.checkpoint import check_output_dir
+    from rlad_ds.checkpoint.run_dir import check_output_dir
     from rlad_ds.ds_config import load_ds_config, require_zero_stage
     from rlad_ds.methods import get_method
     from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget
@@ -87,8 +116,8 @@ def _validate(cfg) -> None:
                 check_vocab_sizes(cfg.model.student, cfg.model.teacher, method.teacher_generates)
     _check_writable(cfg.train.output_dir, "--output_dir", directory=True)
     check_output_dir(cfg)
-    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"--engine vllm needs vLLM: {VLLM_INSTALL}; or pass --engine auto")
+    if cfg.rollout.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"--rollout vllm needs vLLM: {VLLM_INSTALL}; or pass --rollout auto")
     # The logger is built after the models; a missing package must not cost their loading first.
     package = cfg.train.report_to
     if package != "none" and importlib.util.find_spec(package) is None:
@@ -123,10 +152,10 @@ def _check_writable(path, flag: str, directory: bool) -> None:
 def _model_paths(cfg) -> tuple[Path, Path | None]:
     if not cfg.is_demo:
         return Path(cfg.model.student), cfg.model.teacher and Path(cfg.model.teacher)
-    from rlad_ds.demo import CACHE_DIR, prepare_demo
+    from rlad_ds.demo.cache import cache_dir, prepare_demo
 
     # A file lock inside prepare_demo makes one process build the cache while the others wait for it.
-    paths = prepare_demo(CACHE_DIR, seed=0, progress=env_rank() == 0)
+    paths = prepare_demo(cache_dir(cfg.model.cache_dir), seed=0, progress=env_rank() == 0)
     return paths["student"], paths["teacher"]
 
 
@@ -146,15 +175,15 @@ def _train_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None):
 
 
 def _train(argv: list[str]) -> int:
-    from rlad_ds import demo
-    from rlad_ds.checkpoint import resume_point
-    from rlad_ds.config import parse_config
+    from rlad_ds.checkpoint.run_dir import resume_point
+    from rlad_ds.config.parsing import parse_config
+    from rlad_ds.demo.recipe import PROFILE
     from rlad_ds.methods import get_method
     from rlad_ds.models import check_tokenizers_match, prompt_budget
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
-    cfg, _ = parse_config(argv, profile=demo.PROFILE)
+    cfg, _ = parse_config(argv, profile=PROFILE)
     method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
     _validate(cfg)
     # This run's newest checkpoint that verifies; refused here, before any model: a finished run, another run's
@@ -183,9 +212,11 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
 
     import torch
 
-    from rlad_ds.checkpoint import ExportHF, move_aside, write_json_atomic, run_identity
-    from rlad_ds.engines import build_engines
-    from rlad_ds.launch import end_process_group, init_process_group
+    from rlad_ds.checkpoint.export import ExportHF
+    from rlad_ds.checkpoint.manifest import write_json_atomic
+    from rlad_ds.checkpoint.run_dir import move_aside, run_identity
+    from rlad_ds.distributed import init_process_group
+    from rlad_ds.run_models import build_run_models
     from rlad_ds.metrics import MetricsLogger
     from rlad_ds.trainer import Trainer
 
@@ -194,20 +225,20 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
         move_aside(cfg.train.output_dir)
     random.seed(cfg.train.seed + env_rank())
     torch.manual_seed(cfg.train.seed + env_rank())
-    engines = build_engines(cfg, method, student_path, teacher_path, tokenizer)
+    models = build_run_models(cfg, method, student_path, teacher_path, tokenizer)
     output_dir = Path(cfg.train.output_dir)
     if env_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
         write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
-    trainer = Trainer(cfg, method, engines, tokenizer, task, rewards, train_examples, eval_examples)
+    trainer = Trainer(cfg, method, models, tokenizer, task, rewards, train_examples, eval_examples)
     if resume_from is not None:
         trainer.resume(resume_from)
     metrics = MetricsLogger(output_dir, rank=env_rank(), total_steps=cfg.train.max_steps,
                             start_step=trainer.step, report_to=cfg.train.report_to, config=cfg.to_dict())
     callbacks = [metrics, ExportHF(output_dir / "student_hf")]
     if cfg.is_demo:
-        from rlad_ds.summary import DemoSummary
+        from rlad_ds.demo.summary import DemoSummary
 
         callbacks.append(DemoSummary(output_dir))
     try:
@@ -221,7 +252,7 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
 # ---- evaluation --------------------------------------------------------------------------------------------------
 
 def _eval(argv: list[str]) -> int:
-    from rlad_ds.config import build_parser, config_from_layers, read_layers
+    from rlad_ds.config.parsing import build_parser, config_from_layers, read_layers
     from rlad_ds.models import check_model_dir, prompt_budget
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
@@ -254,14 +285,14 @@ def _eval(argv: list[str]) -> int:
 def _run_evaluation(cfg, task, model_dir, tokenizer, examples, rewards, args) -> int:
     import time
 
-    from rlad_ds.engines import build_eval_engine
+    from rlad_ds.distributed import init_process_group
     from rlad_ds.evaluation import format_table, write_json
     from rlad_ds.generation import evaluate_examples
-    from rlad_ds.launch import end_process_group, init_process_group
+    from rlad_ds.run_models import build_eval_model
 
     start = time.perf_counter()
     init_process_group(cfg.train.collective_timeout_s)
-    engine, rollout = build_eval_engine(cfg, model_dir, tokenizer)
+    engine, rollout = build_eval_model(cfg, model_dir, tokenizer)
     load_seconds = time.perf_counter() - start
     results = evaluate_examples(rollout, tokenizer, task, examples, cfg, rewards, engine.device,
                                 keep_completions=args.save_completions)

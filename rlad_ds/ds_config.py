@@ -3,7 +3,7 @@
 Config files under `ds_configs/` leave the values the trainer knows as "auto"; the functions here fill
 them from plain keyword arguments (`fill_train_config`, `inference_config`) or from the `rlad_ds.config`
 tree (`student_ds_config`, `frozen_ds_config`), resolve the precision (`--precision auto`: bf16 on
-accelerators, fp32 on CPU; bf16 also runs on DeepSpeed's CPU accelerator) and check what the engines rely on
+accelerators, fp32 on CPU; bf16 also runs on DeepSpeed's CPU accelerator) and check what the models rely on
 (ZeRO stage 3). Every function returns a new dict and leaves its input untouched.
 """
 
@@ -54,7 +54,7 @@ def zero_stage(config: dict) -> int:
 
 
 def require_zero_stage(config: dict, stage: int = 3, role: str = "student") -> None:
-    """Refuse a config whose ZeRO stage is not `stage` (the engines here partition with ZeRO-3)."""
+    """Refuse a config whose ZeRO stage is not `stage` (every model here is partitioned with ZeRO-3)."""
     found = zero_stage(config)
     if found != stage:
         raise ConfigError(f"the {role} DeepSpeed config uses ZeRO stage {found}; set "
@@ -78,7 +78,7 @@ def _fill_precision(config: dict, precision: str, device: str) -> None:
 
 def _cpu_optimizer(config: dict, device: str) -> None:
     """On CPU, Adam / AdamW run as torch's own (`torch_adam`): DeepSpeed's FusedAdam for the CPU accelerator is
-    JIT-compiled on first use (79 s on a 2-core machine), and a run killed mid-build leaves a lock that hangs every
+    JIT-compiled on first use (a minute or more on a small machine), and a run killed mid-build leaves a lock that hangs every
     later start-up. A config that sets `torch_adam` itself, or offloads the optimizer (DeepSpeed's prebuilt-or-JIT
     CPUAdam, its choice), is left as it is."""
     optimizer = config.get("optimizer")

@@ -7,6 +7,14 @@ def error_line(error: BaseException, limit: int | None = None) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:limit]}"
 
 
+def reason_line(error: BaseException) -> str:
+    """Why an operation failed, in one line: an OSError as its reason and file ("No space left on device: F"),
+    anything else as `error_line`."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f': {error.filename}' if error.filename else ''}"
+    return error_line(error, limit=300)
+
+
 class ConfigError(ValueError):
     """A configuration, file or model-directory problem, reported as one line that says what to change."""
 

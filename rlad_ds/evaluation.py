@@ -2,7 +2,7 @@
 
 - Pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k) from n samples with c correct (Chen et al.
   2021), computed as the product 1 - prod_{i=n-c+1..n} (1 - k/i), which never forms huge binomials.
-  A sample counts as correct only with score 1.0 (a fully correct answer).
+  A sample counts as correct only with score 1.0 (a fully correct answer, `rlad_ds.tasks.base.correct`).
 - Mean@k is the average accuracy over k samples. With n >= k samples the expected mean over a random
   k-subset equals the mean over all n, so we report that (same expectation, lower variance).
 - Subset and overall values are averages over problems; "overall" pools every problem.
@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from rlad_ds.tasks.base import Task
+from rlad_ds.tasks.base import Task, correct
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,9 +43,9 @@ def mean_at_k(scores: Sequence[float], k: int) -> float:
 
 def problem_metrics(scores: Sequence[float], ks: Sequence[int]) -> dict[str, float]:
     """{"mean@k": ..., "pass@k": ...} for one problem's n sample scores."""
-    correct = sum(score == 1.0 for score in scores)
+    n_correct = sum(bool(correct(score)) for score in scores)
     metrics = {f"mean@{k}": mean_at_k(scores, k) for k in ks}
-    metrics.update({f"pass@{k}": pass_at_k(len(scores), correct, k) for k in ks})
+    metrics.update({f"pass@{k}": pass_at_k(len(scores), n_correct, k) for k in ks})
     return metrics
 
 

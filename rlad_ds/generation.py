@@ -1,7 +1,7 @@
 """The one generation and evaluation path: prompts -> rollout engine -> texts -> verifier -> Mean@k / Pass@k.
 
-Training rollouts, training-time evaluation (`Trainer.evaluate`) and `launchers/eval.py` all call these
-functions over a rollout engine of `rlad_ds.rollout`, with the sampling knobs of one config tree, so the
+Training rollouts, training-time evaluation (`Trainer.evaluate`), `launchers/eval.py` and the demo's SFT all
+call these functions over a rollout of `rlad_ds.rollout`, with the sampling knobs of one config tree, so the
 same model and prompts give the same greedy accuracy everywhere.
 
 - `generate`: prompts in batches of `rollout_batch_size` (each batch left-padded on its own, so a prompt's
@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-from rlad_ds import launch
+from rlad_ds.distributed import world
 from rlad_ds.evaluation import merge_shards, results_from_scores, sample_seed, shard_indices
-from rlad_ds.rollout import RolloutOutput, concat_rollouts
+from rlad_ds.rng import forked_rng
+from rlad_ds.rollout.output import RolloutOutput, concat_rollouts
 
 
 def training_sampling(rollout_cfg) -> SamplingConfig:
@@ -48,11 +49,9 @@ def generate(rollout, tokenizer, prompts: Sequence[str], sampling: SamplingConfi
     """
     size = batch_size or max(len(prompts), 1)
     outputs = []
-    tokenizer.padding_side = "left"
     with rollout.session():
         for start in range(0, len(prompts), size):
-            enc = tokenizer(list(prompts[start:start + size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+            enc = _left_padded(tokenizer, list(prompts[start:start + size]))
             if seeds is not None:
                 torch.manual_seed(seeds[start])
             request = RolloutRequest(prompt_ids=enc["input_ids"].to(device),
@@ -61,14 +60,18 @@ def generate(rollout, tokenizer, prompts: Sequence[str], sampling: SamplingConfi
     return concat_rollouts(outputs, tokenizer.pad_token_id) if outputs else None
 
 
+def _left_padded(tokenizer, texts: list[str]):
+    """Prompts left-padded, as generation appends after them; the tokenizer's own padding side is left as it was."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+
+
 def decode_responses(tokenizer, output: RolloutOutput) -> list[str]:
     return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
             for ids, mask in zip(output.input_ids, output.response_mask)]
-
-
-def forked_rng():
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
 
 
 def evaluate_examples(rollout, tokenizer, task, records: Sequence[dict], cfg, rewards, device, *,
@@ -78,9 +81,9 @@ def evaluate_examples(rollout, tokenizer, task, records: Sequence[dict], cfg, re
     Returns `rlad_ds.evaluation.results_from_scores`'s dict plus "generated_tokens", "generate_seconds"
     (slowest rank) and, with `keep_completions`, each problem's completions.
     """
-    rank, world = launch.world()
+    rank, world_size = world()
     n = cfg.eval.eval_samples
-    own, per_rank = shard_indices(len(records), rank, world)
+    own, per_rank = shard_indices(len(records), rank, world_size)
     # Throw-away problems keep the generate calls of every rank in step where the engine needs it.
     indices = own + [own[0] if own else 0] * (per_rank - len(own) if rollout.collective_calls else 0)
     prompts = [records[i]["prompt_text"] for i in indices] if records else []
@@ -95,10 +98,10 @@ def evaluate_examples(rollout, tokenizer, task, records: Sequence[dict], cfg, re
     scored = rewards.run(texts, [records[i] for i in own for _ in range(n)])
     groups = [(i, (scored.scores[j * n:(j + 1) * n], texts[j * n:(j + 1) * n] if keep_completions else None))
               for j, i in enumerate(own)]
-    gathered = [None] * world
+    gathered = [None] * world_size
     part = {"items": groups, "errors": scored.errors, "timeouts": scored.timeouts, "tokens": tokens,
             "seconds": seconds, "messages": scored.messages[:3]}
-    if world > 1:
+    if world_size > 1:
         dist.all_gather_object(gathered, part)
     else:
         gathered = [part]

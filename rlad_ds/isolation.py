@@ -47,7 +47,7 @@ def _worker_main(fd: int, target: str, parent_pid: int) -> None:
     # A worker lives and dies with the process that started it: a launcher's SIGTERM / a Ctrl-C reach every
     # process of the job, and a worker that died of them mid-step would fail that step's rewards; it is killed
     # by its owner instead, or by the kernel when its owner dies (even by kill -9).
-    from rlad_ds.launch import set_parent_death_signal
+    from rlad_ds.hygiene import set_parent_death_signal
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)

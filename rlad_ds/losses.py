@@ -1,9 +1,10 @@
-"""Policy losses: TRRD (the RLAD method), GRPO and KDRL, with their KL estimators and aggregations.
+"""Every loss of the trainer: TRRD (the RLAD method), GRPO, KDRL, KD and SFT, with their KL estimators and
+aggregations. docs/method.md derives each formula and its conventions.
 
 Pure torch, no DeepSpeed. Shapes: log-prob tensors are `[B, T]` (any float dtype) on the *sampled*
 tokens; `advantages` is `[B]` (one per sequence) or `[B, T]`; `mask` is `[B, T]` (bool or float), 1 on
 response tokens that count. Every loss returns `(loss, metrics)`: the scalar to minimise and a dict of
-floats. Formulas follow shared METHOD.md:
+detached 0-dim tensors (or floats), so that a trainer can reduce them without a host transfer per micro-batch:
 
     log r_TRRD = alpha * (logp - old_logp) + (1 - alpha) * clamp(logp - teacher_logp, -c, c)
     surr       = min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
@@ -99,10 +100,10 @@ def _clipped_surrogate(log_ratio, advantages, mask, clip_low, clip_high, dual_cl
         surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
     with torch.no_grad():
         stats = {
-            "ratio_mean": masked_mean(ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask),
             # Tokens whose gradient the clip removed: pushed up past 1 + clip_high, or down past 1 - clip_low.
-            "clip_frac_high": masked_mean(((ratio > 1 + clip_high) & (advantages > 0)).to(ratio.dtype), mask).item(),
-            "clip_frac_low": masked_mean(((ratio < 1 - clip_low) & (advantages < 0)).to(ratio.dtype), mask).item(),
+            "clip_frac_high": masked_mean(((ratio > 1 + clip_high) & (advantages > 0)).to(ratio.dtype), mask),
+            "clip_frac_low": masked_mean(((ratio < 1 - clip_low) & (advantages < 0)).to(ratio.dtype), mask),
         }
     return surrogate, stats
 
@@ -117,18 +118,17 @@ def _policy_loss(log_ratio, logp, advantages, mask, *, clip_low, clip_high, dual
     if ref_logp is not None and beta_ref:
         ref_kl = kl_estimate(logp, ref_logp, "k3")
         per_token = per_token + beta_ref * ref_kl
-        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask).item()
+        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask)
     loss = aggregate(per_token, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
-    metrics["policy_loss"] = aggregate(-surrogate.detach(), mask, loss_agg, max_len=max_len,
-                                       loss_norm=loss_norm).item()
+    metrics["policy_loss"] = aggregate(-surrogate.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     return loss, metrics
 
 
 def _old_and_teacher_metrics(logp, old_logp, teacher_logp, mask):
     with torch.no_grad():
-        metrics = {"kl_old": masked_mean(kl_estimate(logp, old_logp, "k3"), mask).item()}
+        metrics = {"kl_old": masked_mean(kl_estimate(logp, old_logp, "k3"), mask)}
         if teacher_logp is not None:
-            metrics["kl_teacher"] = masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask).item()
+            metrics["kl_teacher"] = masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask)
         return metrics
 
 
@@ -163,9 +163,9 @@ def trrd_loss(logp, old_logp, teacher_logp, advantages, mask, *, alpha=0.5, clip
                                  dual_clip=dual_clip, loss_agg=loss_agg, max_len=max_len, loss_norm=loss_norm,
                                  ref_logp=ref_logp, beta_ref=beta_ref)
     with torch.no_grad():
-        metrics["teacher_log_ratio_mean"] = masked_mean(teacher_log_ratio, mask).item()
+        metrics["teacher_log_ratio_mean"] = masked_mean(teacher_log_ratio, mask)
         metrics["teacher_clamp_frac"] = (0.0 if teacher_log_ratio_clip is None else masked_mean(
-            (teacher_log_ratio.abs() > teacher_log_ratio_clip).to(logp.dtype), mask).item())
+            (teacher_log_ratio.abs() > teacher_log_ratio_clip).to(logp.dtype), mask))
     metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
     return loss, metrics
 
@@ -181,7 +181,7 @@ def kdrl_loss(logp, old_logp, teacher_logp, advantages, mask, *, beta_kd, kl_est
     loss, metrics = _policy_loss(logp - old_logp, logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                                  dual_clip=dual_clip, loss_agg=loss_agg, max_len=max_len, loss_norm=loss_norm,
                                  ref_logp=ref_logp, beta_ref=beta_ref, extra_per_token=beta_kd * teacher_kl)
-    metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm).item()
+    metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
     return loss, metrics
 
@@ -200,15 +200,15 @@ def kd_loss(logp, teacher_logp, mask, *, beta_kd, kl_estimator="k2", loss_agg="s
     if ref_logp is not None and beta_ref:
         ref_kl = kl_estimate(logp, ref_logp, "k3")
         per_token = per_token + beta_ref * ref_kl
-        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask).item()
+        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask)
     loss = aggregate(per_token, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
-    metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm).item()
+    metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     with torch.no_grad():
-        metrics["kl_teacher"] = masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask).item()
+        metrics["kl_teacher"] = masked_mean(kl_estimate(logp, teacher_logp, "k3"), mask)
     return loss, metrics
 
 
 def sft_loss(logp, mask, *, loss_agg="seq-mean-token-mean", max_len=None, loss_norm=None):
     """Negative log-likelihood of the given (teacher-written, reward-filtered) tokens: offline distillation."""
     loss = aggregate(-logp, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
-    return loss, {"policy_loss": loss.item()}
+    return loss, {"policy_loss": loss.detach()}

@@ -20,27 +20,13 @@ from dataclasses import dataclass
 
 from rlad_ds.errors import ConfigError
 from rlad_ds.losses import grpo_loss, kd_loss, kdrl_loss, sft_loss, trrd_loss
+from rlad_ds.tasks.base import correct
 
 # Loss fields that only some methods read; `loss_agg` is read by every method.
 _POLICY = frozenset({"clip_low", "clip_high", "dual_clip", "beta_ref", "scale_adv_by_std"})
 _KL = frozenset({"beta_kd", "kl_estimator"})
 _TRRD = frozenset({"alpha", "adaptive_alpha", "alpha_min", "alpha_max", "teacher_log_ratio_clip"})
 METHOD_FIELDS = _POLICY | _KL | _TRRD
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """One micro-batch of loss inputs, next-token aligned [n, t] (advantages [n]); None where not computed."""
-
-    mask: object
-    advantages: object
-    old_logp: object = None
-    teacher_logp: object = None
-    ref_logp: object = None
-
-    def old(self, logp):
-        # One PPO epoch: the policy that sampled the batch is the one being trained, so old = logp (no grad).
-        return logp.detach() if self.old_logp is None else self.old_logp
 
 
 @dataclass(frozen=True)
@@ -68,11 +54,12 @@ class Method:
     def update_controls(self, controls: dict, metrics: dict, loss_cfg) -> dict:
         return controls
 
-    def loss(self, logp, batch: MicroBatch, loss_cfg, controls: dict, reduce: dict):
+    def loss(self, logp, batch, loss_cfg, controls: dict, reduce: dict):
+        """(loss, metrics) of a micro-batch (`rlad_ds.batch.Batch`) given the student's log-probs `logp`."""
         raise NotImplementedError
 
 
-def _policy_options(batch: MicroBatch, cfg) -> dict:
+def _policy_options(batch, cfg) -> dict:
     return dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, ref_logp=batch.ref_logp,
                 beta_ref=cfg.beta_ref)
 
@@ -101,35 +88,35 @@ class RLAD(Method):
         return {"alpha": adapt_alpha(controls["alpha"], metrics["kl_teacher"], cfg.alpha_min, cfg.alpha_max)}
 
     def loss(self, logp, batch, cfg, controls, reduce):
-        return trrd_loss(logp, batch.old(logp), batch.teacher_logp, batch.advantages, batch.mask,
+        return trrd_loss(logp, batch.old(logp), batch.teacher_logp, batch.advantages, batch.loss_mask,
                          alpha=controls["alpha"], teacher_log_ratio_clip=cfg.teacher_log_ratio_clip,
                          **_policy_options(batch, cfg), **reduce)
 
 
 class GRPO(Method):
     def loss(self, logp, batch, cfg, controls, reduce):
-        return grpo_loss(logp, batch.old(logp), batch.advantages, batch.mask, **_policy_options(batch, cfg), **reduce)
+        return grpo_loss(logp, batch.old(logp), batch.advantages, batch.loss_mask, **_policy_options(batch, cfg), **reduce)
 
 
 class KDRL(Method):
     def loss(self, logp, batch, cfg, controls, reduce):
-        return kdrl_loss(logp, batch.old(logp), batch.teacher_logp, batch.advantages, batch.mask,
+        return kdrl_loss(logp, batch.old(logp), batch.teacher_logp, batch.advantages, batch.loss_mask,
                          beta_kd=cfg.beta_kd, kl_estimator=cfg.kl_estimator, **_policy_options(batch, cfg), **reduce)
 
 
 class KD(Method):
     def loss(self, logp, batch, cfg, controls, reduce):
-        return kd_loss(logp, batch.teacher_logp, batch.mask, beta_kd=cfg.beta_kd, kl_estimator=cfg.kl_estimator,
+        return kd_loss(logp, batch.teacher_logp, batch.loss_mask, beta_kd=cfg.beta_kd, kl_estimator=cfg.kl_estimator,
                        ref_logp=batch.ref_logp, beta_ref=cfg.beta_ref, **reduce)
 
 
 class SFT(Method):
     def loss_mask(self, response_mask, rewards):
         # Offline distillation: learn only the teacher's traces that the verifier accepts.
-        return response_mask & (rewards >= 1.0).to(response_mask.device)[:, None]
+        return response_mask & correct(rewards).to(response_mask.device)[:, None]
 
     def loss(self, logp, batch, cfg, controls, reduce):
-        return sft_loss(logp, batch.mask, **reduce)
+        return sft_loss(logp, batch.loss_mask, **reduce)
 
 
 METHODS = {m.name: m for m in (

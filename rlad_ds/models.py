@@ -194,7 +194,7 @@ def load_causal_lm(path: str | Path, ds_config: dict, *, attn_implementation: st
     `from_pretrained` construct the model inside `deepspeed.zero.Init` and copy the checkpoint into the
     partitions. A frozen model (`trainable=False`) is in eval mode with `requires_grad` off.
     """
-    import torch._dynamo  # noqa: F401  imported before zero.Init: importing it inside fails (CPU-NOTES)
+    import torch._dynamo  # noqa: F401  imported first: its import inside zero.Init fails (new_tensor signature)
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -132,10 +132,3 @@ class RewardRunner:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def score_batch(task: str, completions: Sequence[str | None], examples: Sequence[dict], timeout_s: float = 10.0,
-                workers: int = 2, task_args: str | None = None) -> RewardResult:
-    """One-off `RewardRunner(task, timeout_s, workers, task_args).run(...)`; keep a runner for repeated batches."""
-    with RewardRunner(task, timeout_s, workers, task_args) as runner:
-        return runner.run(completions, examples)

@@ -9,7 +9,6 @@ exercised unchanged.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 PAD, BOS, EOS = "<|pad|>", "<|im_start|>", "<|im_end|>"
 PRINTABLE = string.printable[:-2]  # every printable ASCII character, minus \x0b and \x0c
@@ -44,19 +43,3 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                          intermediate_size=intermediate or 2 * hidden, max_position_embeddings=max_positions,
                          tie_word_embeddings=tie_embeddings, pad_token_id=0, eos_token_id=2, bos_token_id=1)
-
-
-def save_tiny_model(path: str | Path, arch: str = "qwen3", tokenizer=None, seed: int = 0, **size) -> Path:
-    """Write an HF model dir (safetensors weights + tokenizer) with a randomly initialised tiny model."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    tokenizer = tokenizer if tokenizer is not None else char_tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), **size))
-    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=tokenizer.eos_token_id)
-    path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path

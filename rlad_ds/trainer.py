@@ -4,8 +4,9 @@
     -> teacher / reference / old-policy log-probs of the sampled tokens
     -> ppo_epochs x token-budget micro-batches of the method's loss -> optimizer step
 
-The trainer receives its engines (`rlad_ds.engines`), its method object (`rlad_ds.methods`), its reward
-runner and its data; it never asks which method it runs. `fit(callbacks)` runs the loop and tells each
+The trainer receives its models (`rlad_ds.run_models`), its method object (`rlad_ds.methods`), its reward
+runner and its data; it never asks which method it runs. A step's metrics go into one `StepMetrics`, reduced over
+the ranks once at the end of the step. `fit(callbacks)` runs the loop and tells each
 callback about every step, evaluation, checkpoint and the end of the run: metrics logging, the demo's
 summary, the study and the benchmarks are callbacks. Everything distributed is collective: every rank runs
 the same number of forwards and backwards whatever its own data, so no configuration hangs.
@@ -17,46 +18,29 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from rlad_ds import checkpoint, launch
+from rlad_ds import signals
 from rlad_ds.advantages import group_advantages
+from rlad_ds.batch import Batch
 from rlad_ds.callbacks import Callback
+from rlad_ds.checkpoint.protocol import load_checkpoint, save_checkpoint
+from rlad_ds.checkpoint.run_dir import run_identity
+from rlad_ds.distributed import world
 from rlad_ds.errors import ConfigError, Interrupted, TrainingError
 from rlad_ds.evaluation import eval_metrics
 from rlad_ds.generation import decode_responses, evaluate_examples, generate, training_sampling
 from rlad_ds.losses import LOSS_PARTS, masked_mean
-from rlad_ds.methods import MicroBatch
+from rlad_ds.step_metrics import LOSS_SHARE, SUM, TOKEN_MEAN, StepMetrics
+from rlad_ds.tasks.base import correct
 
 logger = logging.getLogger("rlad_ds")
 
 
-@dataclass
-class Batch:
-    """One step's rollouts on this rank, everything the loss needs, aligned to next-token targets [B, T-1]."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    advantages: torch.Tensor
-    rewards: torch.Tensor
-    teacher_logp: torch.Tensor | None = None
-    ref_logp: torch.Tensor | None = None
-    old_logp: torch.Tensor | None = None
-
-    def micro(self, rows, cols) -> MicroBatch:
-        def cut(t):
-            return None if t is None else t[rows][:, cols]
-
-        return MicroBatch(cut(self.loss_mask), self.advantages[rows], cut(self.old_logp), cut(self.teacher_logp),
-                          cut(self.ref_logp))
-
-
 def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few floats over ranks in one collective."""
+    """Sum a few floats over ranks in one collective (the loss normalisers, a stop request)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
@@ -81,12 +65,12 @@ class Timer:
 
 
 class Trainer:
-    def __init__(self, cfg, method, engines, tokenizer, task, rewards, train_examples: list[dict],
+    def __init__(self, cfg, method, models, tokenizer, task, rewards, train_examples: list[dict],
                  eval_examples: list[dict]):
-        self.cfg, self.method, self.engines = cfg, method, engines
+        self.cfg, self.method, self.models = cfg, method, models
         self.tokenizer, self.task, self.rewards = tokenizer, task, rewards
         self.train_examples, self.eval_examples = train_examples, eval_examples
-        self.rank, self.world_size = launch.world()
+        self.rank, self.world_size = world()
         self.step, self.bad_steps, self.failed_reward_steps = 0, 0, 0
         self.save_seconds: float | None = None
         self.reward_error: str | None = None  # this step's first failed reward call on this rank, for the log
@@ -98,23 +82,25 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Rollout, reward, teacher (and reference, old-policy) log-probs, update: one optimizer step."""
         timer, start = Timer(), time.perf_counter()
+        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs)
         examples = self.prompts_for_step(step)
-        generator = self.engines.teacher_rollout if self.method.teacher_generates else self.engines.rollout
+        sampler = self.models.teacher_rollout if self.method.teacher_generates else self.models.student_rollout
         with timer("weight_sync"):
-            generator.sync_weights(step)  # a no-op for engines that read the training weights in place
+            sampler.sync_weights(step)  # a no-op for rollouts that read the training weights in place
         with timer("rollout"):
-            rollout = generate(generator, self.tokenizer, [e["prompt_text"] for e in examples],
-                               training_sampling(self.cfg.rollout), self.engines.device,
+            rollout = generate(sampler, self.tokenizer, [e["prompt_text"] for e in examples],
+                               training_sampling(self.cfg.rollout), self.models.device,
                                batch_size=self.cfg.rollout.rollout_batch_size)
         with timer("reward"):
-            batch, stats = self.reward(rollout, examples)
+            batch = self.reward(rollout, examples, totals)
         self.score(batch, timer)
         for callback in self.callbacks:
             callback.on_batch(self, batch)
-        update = self.update(batch, timer)
-        metrics = {**self.step_metrics(stats), **update, **self.controls, **timer.times}
+        grad_norm = self.update(batch, timer, totals)
+        metrics = self.step_metrics(totals, grad_norm)
+        metrics.update({**self.controls, **timer.times})
         metrics["time/step"] = time.perf_counter() - start
-        metrics["tokens_per_s"] = stats["tokens"] / metrics["time/step"]
+        metrics["tokens_per_s"] = float(rollout.attention_mask.sum()) / metrics["time/step"]
         self.controls = self.method.update_controls(self.controls, metrics, self.cfg.loss)
         return metrics
 
@@ -133,122 +119,108 @@ class Trainer:
         position = step % steps_per_epoch
         return [self.train_examples[i] for i in list(sampler)[position * per_rank:(position + 1) * per_rank]]
 
-    def reward(self, rollout, examples: list[dict]) -> tuple[Batch, dict]:
-        """Verifier scores of the rollouts, group advantages, the loss mask; totals for the step's metrics."""
-        G = self.cfg.rollout.group_size
+    def reward(self, rollout, examples: list[dict], totals: StepMetrics) -> Batch:
+        """Verifier scores of the rollouts, group advantages, the loss mask; their totals into `totals`."""
+        G, device = self.cfg.rollout.group_size, self.models.device
         scored = self.rewards.run(decode_responses(self.tokenizer, rollout), [e for e in examples for _ in range(G)])
         self.reward_error = scored.messages[0] if scored.failed else None
         if scored.errors or scored.timeouts:
             logger.warning("rank %d: %d reward calls raised and %d timed out; they score 0 (first: %s)",
                            self.rank, scored.errors, scored.timeouts, scored.messages[0])
-        rewards = torch.tensor(scored.scores, dtype=torch.float32)
+        rewards = torch.tensor(scored.scores, dtype=torch.float32, device=device)
         advantages, adv_stats = group_advantages(rewards, G, scale_by_std=self.cfg.loss.scale_adv_by_std) \
             if self.method.uses_advantages else (torch.zeros_like(rewards), {"zero_std_frac": float("nan")})
         loss_mask = self.method.loss_mask(rollout.response_mask[:, 1:].clone(), rewards)
-        batch = Batch(rollout.input_ids, rollout.attention_mask, loss_mask, advantages.to(self.engines.device), rewards)
-        lengths = rollout.response_lengths.float()
-        stats = {"reward_sum": float(rewards.sum()), "reward_sq_sum": float((rewards ** 2).sum()),
-                 "correct": float((rewards >= 1.0).sum()), "samples": float(len(rewards)),
-                 "response_len_sum": float(lengths.sum()), "truncated": float(rollout.truncated.sum()),
-                 "reward_errors": float(scored.errors + scored.timeouts),
-                 "zero_std_groups": adv_stats["zero_std_frac"] * len(examples), "groups": float(len(examples)),
-                 "tokens": float(rollout.attention_mask.sum())}
-        return batch, stats
+        for name, value in (("reward_sum", rewards.sum()), ("reward_sq_sum", (rewards ** 2).sum()),
+                            ("correct", correct(rewards).sum()), ("samples", len(rewards)),
+                            ("response_len_sum", rollout.response_lengths.float().sum()),
+                            ("truncated", rollout.truncated.sum()), ("reward_errors", scored.errors + scored.timeouts),
+                            ("zero_std_groups", adv_stats["zero_std_frac"] * len(examples)), ("groups", len(examples)),
+                            ("tokens", rollout.attention_mask.sum())):
+            totals.add(name, value, SUM)
+        return Batch(rollout.input_ids, rollout.attention_mask, loss_mask, advantages.to(device), rewards)
 
     def score(self, batch: Batch, timer: Timer) -> None:
         """The frozen models' (and, with several PPO epochs, the old policy's) log-probs of the sampled tokens."""
-        engines, ids, mask = self.engines, batch.input_ids, batch.attention_mask
+        models, ids, mask = self.models, batch.input_ids, batch.attention_mask
         if self.method.teacher_scores:
             with timer("teacher"):
-                batch.teacher_logp = engines.teacher.score(ids, mask)
-        if engines.reference is not None:
+                batch.teacher_logp = models.teacher_scorer.logprobs(ids, mask)
+        if models.reference_scorer is not None:
             with timer("reference"):
-                batch.ref_logp = engines.reference.score(ids, mask)
+                batch.ref_logp = models.reference_scorer.logprobs(ids, mask)
         if self.method.uses_ratio and self.cfg.train.ppo_epochs > 1:
             # With one epoch every micro-batch is seen once before the update, so the policy that sampled it is
             # the one being trained: old_logp == logp.detach() and this pass is skipped.
             with timer("old_logprobs"):
-                batch.old_logp = engines.student_scorer.score(ids, mask)
+                batch.old_logp = models.student_scorer.logprobs(ids, mask)
 
-    def update(self, batch: Batch, timer: Timer) -> dict:
-        """ppo_epochs passes of token-budget micro-batches; one optimizer step per pass."""
+    def update(self, batch: Batch, timer: Timer, totals: StepMetrics) -> float:
+        """ppo_epochs passes of token-budget micro-batches, one optimizer step per pass; the last gradient norm."""
         from rlad_ds.logprobs import microbatch_slices, synced_microbatch_count
 
-        engine, device = self.engines.student, self.engines.device
+        engine, device = self.models.student, self.models.device
         # Global normalisers, divided by the world size because DeepSpeed averages gradients over ranks: the
         # micro-batch losses of all ranks then add up to the loss of the whole batch exactly.
         n_rows, n_tokens = all_reduce_sum([batch.loss_mask.shape[0], float(batch.loss_mask.sum())], device)
         loss_norm = (n_tokens if self.cfg.loss.loss_agg == "token-mean" else n_rows) / self.world_size
-        slices = microbatch_slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.engines.packed)
+        slices = microbatch_slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.models.packed)
         n_micro = synced_microbatch_count(len(slices))
-        sums: dict[str, float] = {}
-        grad_norms, losses = [], []
+        grad_norm = 0.0
         for _ in range(self.cfg.train.ppo_epochs):
-            parts = {"loss": 0.0}
             for i in range(n_micro):
                 # A rank with fewer micro-batches than another repeats its first one with zero weight.
                 rows, cols = slices[min(i, len(slices) - 1)]
                 engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-                self.micro_step(batch, rows, cols, loss_norm, 1.0 if i < len(slices) else 0.0, sums, parts, timer)
+                self.micro_step(batch.micro(rows, cols), loss_norm, i < len(slices), timer, totals)
             with timer("optimizer"):
                 engine.step()
             norm = engine.get_global_grad_norm()
-            grad_norms.append(float(norm) if norm is not None else 0.0)
-            losses.append(parts.pop("loss"))
-        tokens = sums.pop("_tokens", 0.0)
-        # Counted over all ranks: a NaN on one rank must make every rank skip and count the step alike, or they
-        # would disagree about stopping at --max_bad_steps and the ones going on would hang.
-        non_finite = sum(not math.isfinite(x) for x in losses + grad_norms)
-        *reduced, loss, non_finite = all_reduce_sum([tokens, *sums.values(), *parts.values(), losses[-1],
-                                                     float(non_finite)], device)
-        # Token-weighted means of the per-token statistics; the loss and its parts (last epoch) are sums of
-        # micro-batch shares of the batch loss, each scaled by the world size (see loss_norm above).
-        result = {k: v / max(reduced[0], 1.0) for k, v in zip(sums, reduced[1:])}
-        result.update({k: v / self.world_size for k, v in zip(parts, reduced[1 + len(sums):])})
-        return {**result, "loss": loss / self.world_size, "grad_norm": grad_norms[-1], "finite": non_finite == 0}
+            grad_norm = float(norm) if norm is not None else 0.0
+            # Counted over all ranks: a NaN on one rank must make every rank skip and count the step alike, or
+            # they would disagree about stopping at --max_bad_steps and the ones going on would hang.
+            totals.add("non_finite", float(not math.isfinite(grad_norm)), SUM)
+        return grad_norm
 
-    def micro_step(self, batch: Batch, rows, cols, loss_norm: float, weight: float, sums: dict, parts: dict,
-                   timer: Timer) -> None:
-        """Forward, loss and backward of one micro-batch; its metrics added into `sums` and `parts`."""
+    def micro_step(self, micro: Batch, loss_norm: float, counts: bool, timer: Timer, totals: StepMetrics) -> None:
+        """Forward, loss and backward of one micro-batch; its metrics into `totals` unless it is a filler (a
+        rank's repeat, with zero weight, to run as many forwards as the other ranks)."""
         from rlad_ds.logprobs import microbatch_logprobs
 
         cfg = self.cfg
         with timer("train_forward"):
-            inputs = slice(cols.start, cols.stop + 1)
-            out = microbatch_logprobs(self.engines.student, batch.input_ids[rows, inputs],
-                                      batch.attention_mask[rows, inputs], packed=self.engines.packed,
-                                      temperature=cfg.rollout.temperature,
+            out = microbatch_logprobs(self.models.student, micro.input_ids, micro.attention_mask,
+                                      packed=self.models.packed, temperature=cfg.rollout.temperature,
                                       chunk_size=cfg.model.logprob_chunk_size or None, with_entropy=True)
             reduce = dict(loss_agg=cfg.loss.loss_agg, max_len=cfg.rollout.max_new_tokens, loss_norm=loss_norm)
-            micro = batch.micro(rows, cols)
             loss, metrics = self.method.loss(out.logprobs, micro, cfg.loss, self.controls, reduce)
-            loss = loss * weight
+            loss = loss * (1.0 if counts else 0.0)
         with timer("train_backward"):
-            self.engines.student.backward(loss, scale_wrt_gas=False)
-        if not weight:
+            self.models.student.backward(loss, scale_wrt_gas=False)
+        if not counts:
             return
-        parts["loss"] += loss.item()
-        share = float(micro.mask.sum())
-        metrics["entropy"] = masked_mean(out.entropy.detach(), micro.mask).item()
+        tokens = micro.loss_mask.sum()
+        metrics["entropy"] = masked_mean(out.entropy.detach(), micro.loss_mask)
         for key, value in metrics.items():
-            if key in LOSS_PARTS:
-                parts[key] = parts.get(key, 0.0) + value
-            else:
-                sums[key] = sums.get(key, 0.0) + value * share
-        sums["_tokens"] = sums.get("_tokens", 0.0) + share
+            totals.add(key, value, LOSS_SHARE if key in LOSS_PARTS else TOKEN_MEAN, weight=tokens)
+        totals.add("loss", loss.detach(), LOSS_SHARE)
 
-    def step_metrics(self, stats: dict) -> dict:
-        """The step's reward and rollout statistics over all ranks."""
-        totals = dict(zip(stats, all_reduce_sum(list(stats.values()), self.engines.device)))
-        n = max(totals["samples"], 1.0)
-        mean = totals["reward_sum"] / n
-        metrics = {"reward_mean": mean, "reward_std": math.sqrt(max(totals["reward_sq_sum"] / n - mean ** 2, 0.0)),
-                   "accuracy": totals["correct"] / n, "response_len": totals["response_len_sum"] / n,
-                   "truncated_frac": totals["truncated"] / n, "reward_errors": totals["reward_errors"],
-                   "reward_failed_frac": totals["reward_errors"] / n,
-                   "lr": self.engines.student.get_lr()[0], "tokens": totals["tokens"]}
+    def step_metrics(self, totals: StepMetrics, grad_norm: float) -> dict:
+        """The step's logged metrics, reduced over all ranks in one collective: rollout and reward rates, the loss
+        statistics (token means, then the loss and its parts), the gradient norm."""
+        reduced = totals.reduce()
+        n = max(reduced["samples"], 1.0)
+        mean = reduced["reward_sum"] / n
+        metrics = {"reward_mean": mean, "reward_std": math.sqrt(max(reduced["reward_sq_sum"] / n - mean ** 2, 0.0)),
+                   "accuracy": reduced["correct"] / n, "response_len": reduced["response_len_sum"] / n,
+                   "truncated_frac": reduced["truncated"] / n, "reward_errors": reduced["reward_errors"],
+                   "reward_failed_frac": reduced["reward_errors"] / n,
+                   "lr": self.models.student.get_lr()[0], "tokens": reduced["tokens"]}
         if self.method.uses_advantages:
-            metrics["zero_std_frac"] = totals["zero_std_groups"] / max(totals["groups"], 1.0)
+            metrics["zero_std_frac"] = reduced["zero_std_groups"] / max(reduced["groups"], 1.0)
+        for kind in (TOKEN_MEAN, LOSS_SHARE):
+            metrics.update({k: v for k, v in reduced.items() if totals.kinds[k] == kind})
+        metrics.update(grad_norm=grad_norm, finite=reduced["non_finite"] == 0 and math.isfinite(metrics["loss"]))
         return metrics
 
     # ---- evaluation, state, loop -------------------------------------------------------------------------------
@@ -258,27 +230,27 @@ class Trainer:
         launchers/eval.py; None without held-out prompts."""
         if not self.eval_examples:
             return None
-        return evaluate_examples(self.engines.rollout, self.tokenizer, self.task, self.eval_examples, self.cfg,
-                                 self.rewards, self.engines.device)
+        return evaluate_examples(self.models.student_rollout, self.tokenizer, self.task, self.eval_examples, self.cfg,
+                                 self.rewards, self.models.device)
 
     def trainer_state(self) -> dict:
         per_rank = self.cfg.train.prompts_per_step // self.world_size
         # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
         return {"step": self.step, "controls": self.controls, "bad_steps": self.bad_steps,
                 "world_size": self.world_size, "samples_seen": self.step * per_rank * self.world_size,
-                "identity": checkpoint.run_identity(self.cfg)}
+                "identity": run_identity(self.cfg)}
 
     def resume(self, directory) -> None:
         # Another world size is loaded through DeepSpeed's universal checkpoint; the data order goes on unchanged
         # (each step's prompts over all ranks are the same slice of the epoch's permutation for any world size).
-        state = checkpoint.load_checkpoint(self.engines.student, directory, seed=self.cfg.train.seed)
+        state = load_checkpoint(self.models.student, directory, seed=self.cfg.train.seed)
         self.step, self.controls, self.bad_steps = state["step"], state["controls"], state["bad_steps"]
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def fit(self, callbacks=()) -> dict:
         """Train until `max_steps`, evaluating and saving as configured; returns the accuracies before and after."""
         self.callbacks, train = list(callbacks), self.cfg.train
-        launch.STOP.save, launch.STOP.grace_s = train.save_on_signal, train.signal_grace_s
+        signals.STOP.save, signals.STOP.grace_s = train.save_on_signal, train.signal_grace_s
         history = {"eval_before": None, "eval_after": None}
         if self.step == 0:
             history["eval_before"] = self._evaluate(0, {})
@@ -295,7 +267,7 @@ class Trainer:
             saved = train.save_steps >= 0 and (save_due or self.step == train.max_steps)
             if saved:
                 self._save()
-            launch.STOP.seconds_needed = metrics["time/step"] + (self.save_seconds or metrics["time/step"])
+            signals.STOP.seconds_needed = metrics["time/step"] + (self.save_seconds or metrics["time/step"])
             self._stop_if_asked(saved)
         for callback in self.callbacks:
             callback.on_train_end(self, history)
@@ -303,17 +275,17 @@ class Trainer:
 
     def _save(self) -> None:
         start = time.perf_counter()
-        path = checkpoint.save_checkpoint(self.engines.student, self.cfg.train.output_dir, self.step,
+        path = save_checkpoint(self.models.student, self.cfg.train.output_dir, self.step,
                                           self.trainer_state(), self.cfg.train.keep_last)
         self.save_seconds = time.perf_counter() - start
         for callback in self.callbacks:
             callback.on_checkpoint(self, self.step, path)
 
     def _stop_if_asked(self, saved: bool) -> None:
-        """A SIGTERM / SIGINT on any rank (`launch.STOP`) stops every rank after the same step, with a checkpoint
+        """A SIGTERM / SIGINT on any rank (`signals.STOP`) stops every rank after the same step, with a checkpoint
         (unless --save_steps -1): the ranks agree first, so that none waits in a collective for one that left."""
-        stop = launch.STOP
-        if not all_reduce_sum([float(stop.requested)], self.engines.device)[0]:
+        stop = signals.STOP
+        if not all_reduce_sum([float(stop.requested)], self.models.device)[0]:
             return
         if not saved and self.cfg.train.save_steps >= 0:
             self._save()

@@ -27,7 +27,7 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(scope="session", autouse=True)
 def remove_shared_memory_buffers():
-    """Every rank removes its own 69 MB /dev/shm/deepspeed_allreduce_buffer_* at exit (rlad_ds.launch), but a rank
+    """Every rank removes its own 69 MB /dev/shm/deepspeed_allreduce_buffer_* at exit (rlad_ds.hygiene), but a rank
     the tests kill -9 cannot: remove what this session's runs left once they are over."""
     import time
 
@@ -75,7 +75,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_tokenizer):
     """HF dirs on disk: a tiny Qwen3 student, a larger Qwen3 teacher, and a tiny Llama."""
-    from rlad_ds.tiny import save_tiny_model
+    from tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {

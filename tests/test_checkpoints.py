@@ -25,9 +25,10 @@ import torch
 from conftest import ROOT, run_deepspeed
 from conftest import ReachedInit
 from test_reliability import DS_CONFIG, _script_env, base_args, expect_one_line
-from rlad_ds import checkpoint, manifest
+from rlad_ds.checkpoint import manifest, protocol, run_dir
+from rlad_ds import rng
 from rlad_ds.cli import train_main
-from rlad_ds.config import parse_config
+from rlad_ds.config.parsing import parse_config
 from rlad_ds.errors import ConfigError, TrainingError
 from rlad_ds.methods import get_method
 from rlad_ds.trainer import Trainer
@@ -59,7 +60,7 @@ class FakeEngine:
 
 
 def save(out, step, engine=None, identity=IDENTITY, keep_last=3):
-    return checkpoint.save_checkpoint(engine or FakeEngine(), out, step, {"step": step, "world_size": 1,
+    return protocol.save_checkpoint(engine or FakeEngine(), out, step, {"step": step, "world_size": 1,
                                       "controls": {}, "bad_steps": 0, "identity": identity}, keep_last)
 
 
@@ -101,7 +102,7 @@ def test_auto_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog
     (third / "trainer_state.json").write_text("{}")
     (second / "rng_rank0.safetensors").unlink()
     with caplog.at_level(logging.WARNING, logger="rlad_ds"):
-        assert checkpoint.resolve_resume("auto", tmp_path, IDENTITY, max_steps=10) == first
+        assert run_dir.resolve_resume("auto", tmp_path, IDENTITY, max_steps=10) == first
     size = (third / "trainer_state.json").stat().st_size
     warnings = [r.getMessage() for r in caplog.records]
     assert any(w.startswith("step_00000003 fails verification (file trainer_state.json: size 2 != ")
@@ -109,22 +110,27 @@ def test_auto_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog
     assert any("step_00000002 fails verification (file rng_rank0.safetensors: missing)" in w for w in warnings)
     assert size == 2
     with pytest.raises(ConfigError, match=r"--resume .*step_00000003 fails verification \(file trainer_state"):
-        checkpoint.resolve_resume(str(third), tmp_path, IDENTITY)
+        run_dir.resolve_resume(str(third), tmp_path, IDENTITY)
     (first / "trainer_state.json").unlink()
     with pytest.raises(ConfigError, match="no checkpoint in .* verifies .*--overwrite_output_dir"):
-        checkpoint.resolve_resume("auto", tmp_path, IDENTITY)
+        run_dir.resolve_resume("auto", tmp_path, IDENTITY)
 
 
-def test_markers_of_the_previous_version_are_accepted_unverified(tmp_path):
-    directory = save(tmp_path, 4)
+def test_a_marker_without_a_manifest_is_refused_like_a_damaged_one(tmp_path):
+    """A resumed checkpoint is a verified one: a marker that lists no files (rlad_ds before manifests) is refused,
+    by --resume PATH in one line naming what to do, and passed over by --resume auto for an older one."""
+    older, directory = save(tmp_path, 3), save(tmp_path, 4)
     (directory / manifest.MARKER).write_text('{"step": 4}')
-    (directory / "trainer_state.json").write_text("{}")  # nothing to check it against
-    assert checkpoint.resolve_resume("auto", tmp_path, IDENTITY, max_steps=5) == directory
-    with pytest.raises(ConfigError, match="already finished step 4"):
-        checkpoint.resolve_resume("auto", tmp_path, IDENTITY, max_steps=4)
+    with pytest.raises(ConfigError, match="its COMPLETE marker lists no files .* so it cannot be verified; resume it "
+                                          "with the rlad_ds version that wrote it, or start afresh"):
+        run_dir.resolve_resume(str(directory), tmp_path, IDENTITY)
+    assert run_dir.resolve_resume("auto", tmp_path, IDENTITY, max_steps=5) == older
+    shutil.rmtree(older)
+    with pytest.raises(ConfigError, match="no checkpoint in .* verifies \\(step_00000004: its COMPLETE marker lists"):
+        run_dir.resolve_resume("auto", tmp_path, IDENTITY)
     (directory / manifest.MARKER).write_text("{not json")
     with pytest.raises(ConfigError, match="step_00000004: its COMPLETE marker is not JSON"):
-        checkpoint.resolve_resume("auto", tmp_path, IDENTITY)
+        run_dir.resolve_resume("auto", tmp_path, IDENTITY)
 
 
 def test_another_runs_checkpoint_is_never_resumed(tmp_path):
@@ -132,8 +138,8 @@ def test_another_runs_checkpoint_is_never_resumed(tmp_path):
     other = {**IDENTITY, "rollout": {"group_size": 8}}
     for resume in ("auto", str(tmp_path / "checkpoints" / "step_00000001")):
         with pytest.raises(ConfigError, match=r"belongs to a different run \(it differs in rollout.group_size\)"):
-            checkpoint.resolve_resume(resume, tmp_path, other)
-    assert checkpoint.resolve_resume("auto", tmp_path, IDENTITY).name == "step_00000001"
+            run_dir.resolve_resume(resume, tmp_path, other)
+    assert run_dir.resolve_resume("auto", tmp_path, IDENTITY).name == "step_00000001"
 
 
 @pytest.mark.parametrize("error,piece", [
@@ -150,7 +156,7 @@ def test_a_failed_write_removes_the_partial_checkpoint_and_keeps_the_last_good(t
     assert "\n" not in message and piece in message and "GiB free on that filesystem" in message, message
     assert f"the last complete one is step_00000001 ({first})" in message and "free space or fix permissions" in message
     assert not (tmp_path / "checkpoints" / "step_00000002").exists()
-    assert manifest.verify(first) is None and checkpoint.resolve_resume("auto", tmp_path, IDENTITY) == first
+    assert manifest.verify(first) is None and run_dir.resolve_resume("auto", tmp_path, IDENTITY) == first
 
 
 def test_non_finite_parameters_are_never_checkpointed(tmp_path):
@@ -168,17 +174,17 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
 
 def test_overwrite_moves_the_old_run_aside(tmp_path, caplog):
     out = tmp_path / "run"
-    assert checkpoint.move_aside(out) is None  # nothing there: nothing to move
+    assert run_dir.move_aside(out) is None  # nothing there: nothing to move
     out.mkdir()
-    assert checkpoint.move_aside(out) is None and out.is_dir()  # empty: nothing to keep
+    assert run_dir.move_aside(out) is None and out.is_dir()  # empty: nothing to keep
     (out / "metrics.jsonl").write_text("old\n")
     with caplog.at_level(logging.INFO, logger="rlad_ds"):
-        moved = checkpoint.move_aside(out)
+        moved = run_dir.move_aside(out)
     assert not out.exists() and (moved / "metrics.jsonl").read_text() == "old\n"
     assert moved.name.startswith("run.old-") and str(moved) in caplog.text
     out.mkdir()
     (out / "metrics.jsonl").write_text("newer\n")
-    again = checkpoint.move_aside(out)  # within the same second: a distinct name, nothing overwritten
+    again = run_dir.move_aside(out)  # within the same second: a distinct name, nothing overwritten
     assert again != moved and (again / "metrics.jsonl").read_text() == "newer\n" and moved.is_dir()
 
 
@@ -187,18 +193,18 @@ def test_a_checkpoint_deepspeed_cannot_load_is_one_line(tmp_path):
     bad = FakeEngine(load_error=RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
                                              "central directory\nmore"))
     with pytest.raises(ConfigError) as failed:
-        checkpoint.load_checkpoint(bad, directory)
+        protocol.load_checkpoint(bad, directory)
     assert str(failed.value) == (f"cannot load checkpoint {directory} on rank 0 (RuntimeError: PytorchStreamReader "
                                  f"failed reading zip archive: failed finding central directory); --resume an older "
                                  f"checkpoints/step_N dir, or start again with --overwrite_output_dir")
     with pytest.raises(ConfigError, match=r"on rank 0 \(AssertionError: \)"):
-        checkpoint.load_checkpoint(FakeEngine(load_error=AssertionError()), directory)
+        protocol.load_checkpoint(FakeEngine(load_error=AssertionError()), directory)
     torch.manual_seed(123)  # the same world size: the saved RNG state comes back
     expected = torch.rand(3)
     torch.manual_seed(123)
     directory = save(tmp_path, 2)
     torch.rand(5)
-    assert checkpoint.load_checkpoint(FakeEngine(), directory)["step"] == 2 and torch.equal(torch.rand(3), expected)
+    assert protocol.load_checkpoint(FakeEngine(), directory)["step"] == 2 and torch.equal(torch.rand(3), expected)
 
 
 def test_another_world_size_converts_or_says_why(tmp_path):
@@ -208,9 +214,9 @@ def test_another_world_size_converts_or_says_why(tmp_path):
     (directory / manifest.MARKER).write_text(json.dumps({"step": 1, "world_size": 2}))
     with pytest.raises(ConfigError, match=r"cannot convert checkpoint .*step_00000001 to DeepSpeed's universal "
                                           r"format .*; resume with the 2 ranks that wrote it"):
-        checkpoint.load_checkpoint(FakeEngine(), directory)  # the fake files are no DeepSpeed checkpoint
+        protocol.load_checkpoint(FakeEngine(), directory)  # the fake files are no DeepSpeed checkpoint
     assert not (directory / "universal").exists() and not (directory / "universal.tmp").exists()
-    assert checkpoint.seed_rng(0, 5, 1) == checkpoint.seed_rng(0, 5, 1) != checkpoint.seed_rng(0, 5, 0)
+    assert rng.seed_rng(0, 5, 1) == rng.seed_rng(0, 5, 1) != rng.seed_rng(0, 5, 0)
 
 
 def test_every_world_size_trains_on_the_same_prompts_each_step():
@@ -240,8 +246,8 @@ def _checkpointed_run(models, out, *flags, step=2):
     """OUTPUT_DIR as a run of these flags leaves it, with one complete checkpoint of `step` (fake files)."""
     cfg, _ = parse_config(base_args(models, out, *flags))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(checkpoint.run_identity(cfg)))
-    return save(out, step, identity=checkpoint.run_identity(cfg))
+    (out / "run_config.json").write_text(json.dumps(run_dir.run_identity(cfg)))
+    return save(out, step, identity=run_dir.run_identity(cfg))
 
 
 def test_refusals_are_one_line_before_any_model(tiny_models, tmp_path, no_init, capsys):
@@ -259,7 +265,7 @@ def test_refusals_are_one_line_before_any_model(tiny_models, tmp_path, no_init, 
     # The old version rewrote run_config.json on --overwrite_output_dir and kept the old checkpoints: the record
     # matches, the checkpoint's identity does not.
     cfg, _ = parse_config(base_args(tiny_models, out, "--group_size", "2"))
-    (out / "run_config.json").write_text(json.dumps(checkpoint.run_identity(cfg)))
+    (out / "run_config.json").write_text(json.dumps(run_dir.run_identity(cfg)))
     expect_one_line(train_main(base_args(tiny_models, out, "--group_size", "2", "--max_steps", "5")),
                     capsys.readouterr(), "belongs to a different run (it differs in rollout.group_size)")
 

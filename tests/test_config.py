@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rlad_ds.config import SECTIONS, build_parser, parse_config
-from rlad_ds.demo import PROFILE
+from rlad_ds.config.parsing import SECTIONS, build_parser, parse_config
+from rlad_ds.demo.recipe import PROFILE
 from rlad_ds.errors import ConfigError
 
 
@@ -64,6 +64,7 @@ def test_file_then_flags(tmp_path):
     ("train:\n  learning_rate: 1\n", "unknown field(s) ['learning_rate'] in section train"),
     ("[1, 2]\n", "must hold a mapping of sections"),
     ("eval:\n  eval_k: one\n", "--eval_k must be int, got 'one'"),
+    ("rollout:\n  engine: vllm\n", "--engine was renamed --rollout (in a --config file: rollout: rollout: ...)"),
 ])
 def test_wrong_values_in_a_file_are_one_line_naming_the_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -78,6 +79,8 @@ def test_wrong_values_in_a_file_are_one_line_naming_the_field(tmp_path, text, me
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--report_to", "none", "--teacher_log_ratio_clip", "none", "--dataset", "none"], None),
     (["--precision", "fp16"], "--precision 'fp16' is unknown"),
+    (["--engine", "vllm"], "--engine was renamed --rollout"),
+    (["--rollout", "fast"], "--rollout 'fast' is unknown; use one of auto, vllm, hybrid_engine, gathered, per_layer"),
     (["--eval_temperature", "-1"], "--eval_temperature must be >= 0"),
     (["--save_steps", "-2"], "--save_steps must be >= 0, or -1"),
 ])
@@ -92,10 +95,10 @@ def test_flags(flags, message):
 
 
 def test_the_run_record_round_trips():
-    from rlad_ds.checkpoint import run_identity
+    from rlad_ds.checkpoint.run_dir import run_identity
 
     cfg, _ = parse_config(["--eval_k", "1", "--max_steps", "5"])
-    other, _ = parse_config(["--eval_k", "1", "--max_steps", "50", "--eval_steps", "3", "--engine", "vllm",
+    other, _ = parse_config(["--eval_k", "1", "--max_steps", "50", "--eval_steps", "3", "--rollout", "vllm",
                              "--vllm_kv_cache_gb", "2"])
     assert json.loads(json.dumps(run_identity(cfg))) == run_identity(other)  # resumable fields left out
     assert run_identity(cfg) != run_identity(parse_config(["--alpha", "0.2"])[0])

@@ -220,7 +220,7 @@ def test_published_kk_jsonl(tmp_path):
 def test_trainer_adapters_read_the_config(tmp_path, tiny_tokenizer):
     import datasets
 
-    from rlad_ds.config import config_from_layers
+    from rlad_ds.config.parsing import config_from_layers
 
     def config(data=None, eval=None, seed=0):
         return config_from_layers({"data": data or {}, "eval": eval or {}, "train": {"seed": seed}})

@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from rlad_ds import demo
+from rlad_ds.demo import cache, recipe, sft
 from rlad_ds.tasks import arith
 from rlad_ds.tasks.arith import TASK
 
 # A recipe small enough to train in a second: the real one's code path with tiny models and few steps.
-MINI = demo.DemoRecipe(teacher=demo.ModelSpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
-                       teacher_sft=demo.SFTSpec(steps=3, batch_size=8, warmup_steps=1),
-                       student=demo.ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
-                       student_sft=demo.SFTSpec(steps=2, batch_size=8, warmup_steps=1),
+MINI = recipe.DemoRecipe(teacher=recipe.ModelSpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+                       teacher_sft=recipe.SFTSpec(steps=3, batch_size=8, warmup_steps=1),
+                       student=recipe.ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+                       student_sft=recipe.SFTSpec(steps=2, batch_size=8, warmup_steps=1),
                        eval_examples=4, student_target=0.0, student_check_every=1, student_check_examples=4)
 
 
@@ -83,7 +83,7 @@ def test_solution_round_trips_through_score():
 # ---- the demo tokenizer ---------------------------------------------------------------------------------
 
 def test_tokenizer_covers_every_prompt_and_solution_character():
-    tokenizer = demo.demo_tokenizer()
+    tokenizer = recipe.demo_tokenizer()
     assert len(tokenizer) == 17 and tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|pad|>"
     vocab = tokenizer.get_vocab()
     examples = TASK.generate("train", 200, 0) + TASK.generate("test", 200, 0)
@@ -96,18 +96,18 @@ def test_tokenizer_covers_every_prompt_and_solution_character():
 
 
 def test_raw_chat_template_renders_the_bare_prompt():
-    tokenizer = demo.demo_tokenizer()
+    tokenizer = recipe.demo_tokenizer()
     messages = [{"role": "user", "content": "347+285="}]
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "347+285="
-    assert demo.render_prompt(tokenizer, "347+285=") == "347+285="
+    assert recipe.render_prompt(tokenizer, "347+285=") == "347+285="
     full = messages + [{"role": "assistant", "content": ">0632"}]
     assert tokenizer.apply_chat_template(full, tokenize=False) == "347+285=>0632<|im_end|>"
 
 
 def test_sft_batch_masks_the_prompt_and_ends_with_eos():
-    tokenizer = demo.demo_tokenizer()
+    tokenizer = recipe.demo_tokenizer()
     example = arith.make_example(347, 285)
-    input_ids, attention_mask, labels = demo.sft_batch(tokenizer, [example])
+    input_ids, attention_mask, labels = sft.sft_batch(tokenizer, [example])
     assert tokenizer.decode(input_ids[0]) == "347+285=7+5+0=12|4+8+1=13|3+2+1=06|>0632<|im_end|>"
     assert (labels[0, :8] == -100).all() and (labels[0, 8:] == input_ids[0, 8:]).all()
     assert attention_mask.all()
@@ -118,7 +118,7 @@ def test_sft_batch_masks_the_prompt_and_ends_with_eos():
 def test_prepare_demo_builds_loadable_dirs_and_reuses_the_cache(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    paths = demo.prepare_demo(tmp_path, seed=0, progress=False, recipe=MINI)
+    paths = cache.prepare_demo(tmp_path, seed=0, progress=False, recipe=MINI)
     assert set(paths) == {"student", "teacher"}
     sizes = {}
     for role, path in paths.items():
@@ -129,9 +129,9 @@ def test_prepare_demo_builds_loadable_dirs_and_reuses_the_cache(tmp_path, monkey
         assert model.generation_config.pad_token_id == tokenizer.pad_token_id == 0
         assert tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
                                              tokenize=False) == "1+2="
-        sizes[role] = demo.count_parameters(model)
+        sizes[role] = recipe.count_parameters(model)
     assert sizes["teacher"] > sizes["student"]
-    info = demo.demo_info(paths)
+    info = cache.demo_info(paths)
     assert info["recipe"] == dataclasses.asdict(MINI) and info["teacher"]["parameters"] == sizes["teacher"]
     assert 0.0 <= info["student"]["heldout_sampled_t1"] <= 1.0
     # a student target of 0 is met at the first check: the student's SFT stops after one of its two steps
@@ -142,53 +142,53 @@ def test_prepare_demo_builds_loadable_dirs_and_reuses_the_cache(tmp_path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the cache was complete")
 
-    monkeypatch.setattr(demo, "train_sft", no_training)
-    assert demo.prepare_demo(tmp_path, seed=0, progress=False, recipe=MINI) == paths
+    monkeypatch.setattr(cache, "train_sft", no_training)
+    assert cache.prepare_demo(tmp_path, seed=0, progress=False, recipe=MINI) == paths
 
     # A recipe change (or a seed change) trains anew, into a different dir.
     calls = []
-    monkeypatch.setattr(demo, "train_sft", lambda *args, **kwargs: calls.append(args[2].steps) or [0.0])
+    monkeypatch.setattr(cache, "train_sft", lambda *args, **kwargs: calls.append(args[2].steps) or [0.0])
     changed = dataclasses.replace(MINI, student_sft=dataclasses.replace(MINI.student_sft, steps=1))
-    other = demo.prepare_demo(tmp_path, seed=0, progress=False, recipe=changed)
+    other = cache.prepare_demo(tmp_path, seed=0, progress=False, recipe=changed)
     assert other["student"] != paths["student"] and calls == [3, 1]
     assert json.loads((other["student"].parent / "demo.json").read_text())["recipe"]["student_sft"]["steps"] == 1
-    demo.prepare_demo(tmp_path, seed=1, progress=False, recipe=changed)
+    cache.prepare_demo(tmp_path, seed=1, progress=False, recipe=changed)
     assert calls == [3, 1, 3, 1]
 
 
 def test_an_interrupted_build_leaves_no_cache_that_is_reused(tmp_path, monkeypatch):
-    real = demo.train_sft
+    real = sft.train_sft
 
     def dies_on_the_student(model, tokenizer, spec, seed, progress=True, desc="", **kwargs):
         if "student" in desc:
             raise KeyboardInterrupt
         return real(model, tokenizer, spec, seed, progress, desc, **kwargs)
 
-    monkeypatch.setattr(demo, "train_sft", dies_on_the_student)
+    monkeypatch.setattr(cache, "train_sft", dies_on_the_student)
     with pytest.raises(KeyboardInterrupt):
-        demo.prepare_demo(tmp_path, progress=False, recipe=MINI)
+        cache.prepare_demo(tmp_path, progress=False, recipe=MINI)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
-    monkeypatch.setattr(demo, "train_sft", real)
-    stale = tmp_path / f".arith-{demo.recipe_key(MINI, 0)}.tmp-999999"  # as a SIGKILLed build leaves it
+    monkeypatch.setattr(cache, "train_sft", real)
+    stale = tmp_path / f".arith-{recipe.recipe_key(MINI, 0)}.tmp-999999"  # as a SIGKILLed build leaves it
     (stale / "teacher").mkdir(parents=True)
-    paths = demo.prepare_demo(tmp_path, progress=False, recipe=MINI)
+    paths = cache.prepare_demo(tmp_path, progress=False, recipe=MINI)
     assert not stale.exists()
     assert (paths["student"] / "model.safetensors").is_file() and (paths["teacher"] / "model.safetensors").is_file()
 
 
 def test_sft_reduces_the_loss():
-    tokenizer = demo.demo_tokenizer()
-    model = demo.build_model(MINI.student, tokenizer, seed=0)
-    losses = demo.train_sft(model, tokenizer, demo.SFTSpec(steps=30, batch_size=16, lr=1e-2, warmup_steps=2),
+    tokenizer = recipe.demo_tokenizer()
+    model = recipe.build_model(MINI.student, tokenizer, seed=0)
+    losses = sft.train_sft(model, tokenizer, recipe.SFTSpec(steps=30, batch_size=16, lr=1e-2, warmup_steps=2),
                             seed=0, progress=False)
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5]) and not model.training
 
 
 def test_sft_stops_early_when_told():
-    tokenizer = demo.demo_tokenizer()
-    model = demo.build_model(MINI.student, tokenizer, seed=0)
+    tokenizer = recipe.demo_tokenizer()
+    model = recipe.build_model(MINI.student, tokenizer, seed=0)
     checks = []
-    losses = demo.train_sft(model, tokenizer, demo.SFTSpec(steps=20, batch_size=4), seed=0, progress=False,
+    losses = sft.train_sft(model, tokenizer, recipe.SFTSpec(steps=20, batch_size=4), seed=0, progress=False,
                             stop=lambda m: checks.append(m.training) or len(checks) == 2, check_every=3)
     assert len(losses) == 6 and checks == [False, False] and not model.training
 
@@ -197,8 +197,8 @@ def test_evaluate_accuracy_matches_one_by_one_generation(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    paths = demo.prepare_demo(tmp_path, progress=False, recipe=dataclasses.replace(MINI, eval_examples=0))
-    tokenizer = demo.demo_tokenizer()
+    paths = cache.prepare_demo(tmp_path, progress=False, recipe=dataclasses.replace(MINI, eval_examples=0))
+    tokenizer = recipe.demo_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(paths["student"])
     examples = TASK.generate("test", 6, 0)
     # Prompts of different lengths exercise the left padding (arith prompts all have 8 characters).
@@ -207,21 +207,21 @@ def test_evaluate_accuracy_matches_one_by_one_generation(tmp_path, monkeypatch):
     expected = []
     for example in examples:
         ids = tokenizer(prompts[id(example)], return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out = model.generate(ids, do_sample=False, max_new_tokens=demo.MAX_NEW_TOKENS)
+        out = model.generate(ids, do_sample=False, max_new_tokens=recipe.MAX_NEW_TOKENS)
         expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     seen = []  # the scorer sees each completion with its example; every other one is "right"
     monkeypatch.setattr(arith, "score", lambda c, e: seen.append((c, e)) or float(len(seen) % 2))
-    assert demo.evaluate_accuracy(model, tokenizer, examples, greedy=True, batch_size=4) == 0.5
+    assert sft.accuracy(model, tokenizer, examples, greedy=True, batch_size=4) == 0.5
     assert seen == list(zip(expected, examples))
     seen.clear()
-    assert demo.evaluate_accuracy(paths["student"], None, examples, greedy=True) == 0.5
+    assert sft.accuracy(paths["student"], None, examples, greedy=True) == 0.5
     assert seen == list(zip(expected, examples))
     assert tokenizer.padding_side == "right"  # restored after left-padded generation
 
     monkeypatch.setattr(arith, "score", lambda c, e: float(c == expected[examples.index(e)]))
-    assert demo.evaluate_accuracy(model, tokenizer, examples, greedy=True) == 1.0
+    assert sft.accuracy(model, tokenizer, examples, greedy=True) == 1.0
     state = torch.random.get_rng_state()
-    sampled = demo.evaluate_accuracy(model, tokenizer, examples, greedy=False, seed=3)
+    sampled = sft.accuracy(model, tokenizer, examples, greedy=False, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
-    assert sampled == demo.evaluate_accuracy(model, tokenizer, examples, greedy=False, seed=3)
-    assert demo.evaluate_accuracy(model, tokenizer, [], greedy=True) == 0.0
+    assert sampled == sft.accuracy(model, tokenizer, examples, greedy=False, seed=3)
+    assert sft.accuracy(model, tokenizer, [], greedy=True) == 0.0

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rlad_ds.config import config_from_layers
+from rlad_ds.config.parsing import config_from_layers
 from rlad_ds.ds_config import (CONFIG_DIR, dtype_of, fill_train_config, frozen_ds_config, inference_config,
                                load_ds_config, require_zero_stage, student_ds_config)
 from rlad_ds.errors import ConfigError
@@ -127,7 +127,7 @@ def test_the_cpu_student_engine_uses_torch_adamw(monkeypatch):
     import deepspeed
 
     from conftest import free_port
-    from rlad_ds.launch import end_process_group, init_process_group
+    from rlad_ds.distributed import end_process_group, init_process_group
 
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(free_port())).items():

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, run_deepspeed
-from rlad_ds.rollout import (RolloutOutput, finish_rollout, generation_config, hybrid_engine_unavailable_reason,
-                             resolve_rollout_kind)
+from rlad_ds.rollout.hf import generation_config
+from rlad_ds.rollout.output import RolloutOutput, finish_rollout
 
 SCRIPT = ROOT / "tests" / "dist" / "engines_check.py"
 
@@ -24,7 +24,8 @@ SCRIPT = ROOT / "tests" / "dist" / "engines_check.py"
 @pytest.fixture(scope="module")
 def small_vocab_models(tmp_path_factory):
     """A 7-token vocabulary makes EOS frequent, so rows and ranks stop at different lengths."""
-    from rlad_ds.tiny import char_tokenizer, save_tiny_model
+    from rlad_ds.tiny import char_tokenizer
+    from tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("small_vocab")
     tokenizer = char_tokenizer("abcd")
@@ -64,7 +65,7 @@ def test_generation_runs_torchs_own_linear_and_gives_zero3_its_own_back():
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
 
-    from rlad_ds.rollout import plain_linear
+    from rlad_ds.rollout.hf import plain_linear
 
     torch_linear = getattr(Init, "linear_bk", torch.nn.functional.linear)
     before, had_backup = torch.nn.functional.linear, hasattr(Init, "linear_bk")
@@ -114,21 +115,28 @@ def test_generation_config_overrides_every_sampling_knob(tiny_tokenizer):
     assert greedy.do_sample is False and greedy.eos_token_id == tiny_tokenizer.eos_token_id
 
 
-def test_hybrid_engine_choice(tiny_tokenizer, caplog):
+def test_hybrid_engine_is_explicit_only_and_refuses_what_its_container_cannot_serve(tiny_tokenizer, caplog):
     from transformers import AutoModelForCausalLM
 
+    from rlad_ds.config.schema import RolloutConfig
+    from rlad_ds.errors import ConfigError
+    from rlad_ds.rollout.hybrid import HybridRollout
+    from rlad_ds.rollout.registry import choose_rollout
     from rlad_ds.tiny import tiny_config
 
-    qwen = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tiny_tokenizer), hidden=16, layers=1))
-    llama = AutoModelForCausalLM.from_config(tiny_config("llama", len(tiny_tokenizer), hidden=16, layers=1))
-    assert "no inference policy for Qwen3ForCausalLM" in hybrid_engine_unavailable_reason(qwen, "cuda")
-    assert hybrid_engine_unavailable_reason(llama, "cuda") is None
-    assert "no hybrid-engine inference kernels for the cpu" in hybrid_engine_unavailable_reason(llama, "cpu")
-    assert resolve_rollout_kind("hybrid_engine", llama, "cuda") == "hybrid_engine"
-    assert resolve_rollout_kind("auto", llama, "cuda") == "hybrid_engine"
-    with caplog.at_level("INFO", logger="rlad_ds.rollout"):
-        assert resolve_rollout_kind("auto", qwen, "cuda") == "gathered"
-        assert resolve_rollout_kind("hybrid_engine", llama, "cpu") == "gathered"
-    assert [r.getMessage().count("\n") for r in caplog.records] == [0, 0]
-    assert "no inference policy" in caplog.records[0].getMessage()
-    assert resolve_rollout_kind("per_layer", llama, "cuda") == "per_layer"
+    def model(arch, **size):
+        return AutoModelForCausalLM.from_config(tiny_config(arch, len(tiny_tokenizer), hidden=16, layers=1, **size))
+
+    qwen, llama, llama_gqa = model("qwen3"), model("llama", heads=4, kv_heads=4), model("llama", heads=4, kv_heads=2)
+    reason = HybridRollout.unavailable_reason
+    assert reason(llama, "cuda", None) is None
+    assert "no inference policy for Qwen3ForCausalLM" in reason(qwen, "cuda", None)
+    assert "no grouped-query attention (4 query heads, 2 key/value heads)" in reason(llama_gqa, "cuda", None)
+    assert "no hybrid-engine inference kernels for the cpu" in reason(llama, "cpu", None)
+    llama.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    assert "not 'llama3'" in reason(llama, "cuda", None)
+    with pytest.raises(ConfigError, match="^--rollout hybrid_engine cannot run here: DeepSpeed has no hybrid-engine"):
+        choose_rollout("hybrid_engine", llama_gqa, "cpu", RolloutConfig())
+    with caplog.at_level("INFO", logger="rlad_ds"):  # auto never considers it
+        assert choose_rollout("auto", llama_gqa, "cpu", RolloutConfig(), frozen=True).name == "gathered"
+    assert "hybrid_engine" not in caplog.text and "student rollout: gathered (auto)" in caplog.text

@@ -56,14 +56,14 @@ def test_sampling_seed_depends_on_the_item_not_the_rank():
 def test_eval_flags_are_the_training_flags_with_the_same_defaults():
     """launchers/eval.py reads the same config tree: every flag it takes is a training flag too (but for its own
     three), with the same default."""
-    from rlad_ds.config import build_parser, config_from_layers, read_layers
+    from rlad_ds.config.parsing import build_parser, config_from_layers, read_layers
 
     def flags(parser):
         return {a.dest: a.default for a in parser._actions if a.option_strings}
 
     train, evaluation = flags(build_parser("train")), flags(build_parser("eval"))
     assert set(evaluation) - set(train) == {"eval_offload"}
-    assert {"max_new_tokens", "engine", "eval_samples", "eval_k", "eval_temperature", "rollout_batch_size", "task",
+    assert {"max_new_tokens", "rollout", "eval_samples", "eval_k", "eval_temperature", "rollout_batch_size", "task",
             "reward_workers", "seed", "precision"} <= set(evaluation)
     assert not {"lr", "method", "alpha", "group_size", "temperature", "student"} & set(evaluation)
     cfg = config_from_layers(read_layers(build_parser("eval").parse_args(["--eval_k", "1,2", "--eval_samples", "2"])))
@@ -91,7 +91,7 @@ def run_plain(*args):
 def one_rank(tiny_models, tmp_path_factory):
     """The reference: plain `python launchers/eval.py` (one process, no launcher), per-layer generation."""
     out = tmp_path_factory.mktemp("eval") / "one.json"
-    proc = run_plain(*eval_args(tiny_models["student"], out, "--engine", "per_layer", "--reward_workers", "1"))
+    proc = run_plain(*eval_args(tiny_models["student"], out, "--rollout", "per_layer", "--reward_workers", "1"))
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert proc.stdout.count("| overall | 5 |") == 1
     return json.loads(out.read_text())

@@ -5,10 +5,10 @@ import pytest
 import torch
 from deepspeed.runtime.rollout import RolloutEngine, SamplingConfig
 
-from rlad_ds.config import config_from_layers
+from rlad_ds.config.parsing import config_from_layers
 from rlad_ds.generation import decode_responses, evaluate_examples, generate
 from rlad_ds.rewards import RewardRunner
-from rlad_ds.rollout import finish_rollout
+from rlad_ds.rollout.output import finish_rollout
 from rlad_ds.tasks import get_task
 
 

@@ -1,7 +1,7 @@
 """Issue 12: what signals, a dead launcher and a verifier that always fails do to a run, and what a run leaves
 on the machine (processes, /dev/shm buffers, JIT-build locks).
 
-The fast tests drive `rlad_ds.launch.StopRequest`, `Trainer.fit` and the clean-up helpers directly; one slow test
+The fast tests drive `rlad_ds.signals.StopRequest`, `Trainer.fit` and the clean-up helpers directly; one slow test
 runs three real jobs side by side (DeepSpeed's launcher, 2 ranks each, and one plain single process) and checks
 each stops the way docs/reliability.md promises, leaving no process and no buffer behind.
 """
@@ -19,8 +19,10 @@ import pytest
 
 from conftest import ROOT, free_port
 from test_reliability import _script_env, base_args, expect_one_line
-from rlad_ds import checkpoint, launch
-from rlad_ds.config import parse_config
+from rlad_ds import hygiene, signals
+from rlad_ds import trainer as trainer_module
+from rlad_ds.checkpoint.manifest import MARKER
+from rlad_ds.config.parsing import parse_config
 from rlad_ds.errors import ConfigError, Interrupted, TrainingError
 from rlad_ds.methods import get_method
 from rlad_ds.trainer import Trainer
@@ -28,9 +30,9 @@ from rlad_ds.trainer import Trainer
 
 @pytest.fixture
 def stop(monkeypatch):
-    """A fresh `launch.STOP` for the test."""
-    fresh = launch.StopRequest()
-    monkeypatch.setattr(launch, "STOP", fresh)
+    """A fresh `signals.STOP` for the test."""
+    fresh = signals.StopRequest()
+    monkeypatch.setattr(signals, "STOP", fresh)
     return fresh
 
 
@@ -61,8 +63,8 @@ def test_a_signal_with_time_is_recorded_and_a_later_second_one_forces_the_exit(s
 
 def _fake_trainer(tmp_path, *flags):
     cfg, _ = parse_config(["--output_dir", str(tmp_path), "--max_steps", "50", *flags])
-    engines = SimpleNamespace(device="cpu", student=None)
-    return Trainer(cfg, get_method("rlad"), engines=engines, tokenizer=None, task=None, rewards=None,
+    models = SimpleNamespace(device="cpu", student=None)
+    return Trainer(cfg, get_method("rlad"), models=models, tokenizer=None, task=None, rewards=None,
                    train_examples=[], eval_examples=[])
 
 
@@ -72,7 +74,7 @@ def _step_metrics(failed_frac=0.0):
 
 def test_a_recorded_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path, stop, monkeypatch):
     saved = []
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda engine, out, step, *a, **k: saved.append(step))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", lambda engine, out, step, *a, **k: saved.append(step))
     trainer = _fake_trainer(tmp_path, "--save_steps", "0")
 
     def train_step(step):
@@ -91,7 +93,7 @@ def test_a_recorded_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp
 def test_the_signal_flags_reach_the_handler(tmp_path, stop, monkeypatch, flags):
     """--no-save_on_signal, or a grace shorter than a step (0.5 s here): the signal exits at once, nothing saved."""
     saved = []
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda engine, out, step, *a, **k: saved.append(step))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", lambda engine, out, step, *a, **k: saved.append(step))
     trainer = _fake_trainer(tmp_path, "--save_steps", "0", *flags)
 
     def train_step(step):
@@ -125,14 +127,14 @@ def test_a_stale_jit_lock_is_named_and_a_held_one_is_not(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "py311_cpu" / "fused_adam" / "lock"
     lock.parent.mkdir(parents=True)
-    launch.check_build_locks()  # no lock
+    hygiene.check_build_locks()  # no lock
     fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # how torch's FileBaton holds it while a build runs
     try:
-        launch.check_build_locks()
+        hygiene.check_build_locks()
     finally:
         os.close(fd)
     with pytest.raises(ConfigError, match=f"{lock} is the lock of a JIT build that was killed mid-way.*rm {lock}"):
-        launch.check_build_locks()
+        hygiene.check_build_locks()
 
 
 def test_training_refuses_to_start_on_a_stale_jit_lock(tiny_models, tmp_path, no_init, monkeypatch, capsys):
@@ -149,10 +151,10 @@ def test_training_refuses_to_start_on_a_stale_jit_lock(tiny_models, tmp_path, no
 def test_stale_shm_buffers_are_removed_and_live_ones_kept(monkeypatch):
     import mmap
 
-    prefix = f"{launch._shm_prefix()}127.0.0.1_"
+    prefix = f"{hygiene._shm_prefix()}127.0.0.1_"
     port = free_port()
     monkeypatch.setenv("MASTER_PORT", str(port))
-    paths = {name: launch.SHM_DIR / f"{prefix}{tag}_0" for name, tag in
+    paths = {name: hygiene.SHM_DIR / f"{prefix}{tag}_0" for name, tag in
              [("stale", f"t{os.getpid()}a"), ("young", f"t{os.getpid()}b"), ("mapped", f"t{os.getpid()}c"),
               ("this_job", port)]}
     old = time.time() - 600
@@ -162,7 +164,7 @@ def test_stale_shm_buffers_are_removed_and_live_ones_kept(monkeypatch):
             os.utime(path, (old, old))
     with open(paths["mapped"], "r+b") as f, mmap.mmap(f.fileno(), 4096):
         try:
-            assert launch.remove_stale_shm_buffers() >= 1
+            assert hygiene.remove_stale_shm_buffers() >= 1
             assert not paths["stale"].exists()
             assert paths["young"].exists() and paths["mapped"].exists() and paths["this_job"].exists()
         finally:
@@ -265,7 +267,7 @@ def test_launcher_sigterm_launch_kill_9_and_failing_rewards_end_cleanly(tiny_mod
         job, text = jobs[name], jobs[name].log.read_text()
         assert text.count("rlad_ds: stopped by SIGTERM after step") == 1, text[-3000:]
         step = int(text.split("rlad_ds: stopped by SIGTERM after step ")[1].split(":")[0])
-        marker = job.out / "checkpoints" / f"step_{step:08d}" / checkpoint.MARKER
+        marker = job.out / "checkpoints" / f"step_{step:08d}" / MARKER
         assert marker.is_file() and _steps_done(job) == step, text[-3000:]
         assert "Traceback" not in text
     rewards = jobs["rewards"]
@@ -273,6 +275,6 @@ def test_launcher_sigterm_launch_kill_9_and_failing_rewards_end_cleanly(tiny_mod
     text = rewards.log.read_text()
     assert "rlad_ds: error: every reward call failed in 3 consecutive steps" in text and "verifier bug" in text
     assert "Traceback" not in text and _steps_done(rewards) == 3
-    leftovers = [p.name for p in launch.SHM_DIR.glob(f"{launch._shm_prefix()}*")
+    leftovers = [p.name for p in hygiene.SHM_DIR.glob(f"{hygiene._shm_prefix()}*")
                  if any(f"_{job.port}_" in p.name for job in jobs.values())]
     assert not leftovers

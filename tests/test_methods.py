@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from rlad_ds.config import config_from_layers
+from rlad_ds.config.parsing import config_from_layers
 from rlad_ds.errors import ConfigError
 from rlad_ds.losses import kd_loss, kdrl_loss
-from rlad_ds.methods import METHODS, MicroBatch, adapt_alpha, get_method
+from rlad_ds.batch import Batch
+from rlad_ds.methods import METHODS, adapt_alpha, get_method
 
 MODELS = {"model": {"student": "s", "teacher": "t"}}
 
@@ -64,17 +65,17 @@ def batch(seed=0, rows=3, cols=5):
     logp = (-torch.rand(rows, cols, generator=g) * 3).requires_grad_()
     mask = torch.rand(rows, cols, generator=g) > 0.2
     teacher = -torch.rand(rows, cols, generator=g) * 3
-    return logp, MicroBatch(mask, torch.randn(rows, generator=g), teacher_logp=teacher,
-                            ref_logp=-torch.rand(rows, cols, generator=g) * 3)
+    return logp, Batch(loss_mask=mask, advantages=torch.randn(rows, generator=g), teacher_logp=teacher,
+                       ref_logp=-torch.rand(rows, cols, generator=g) * 3)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kd_is_kdrl_with_no_reward_in_value_and_gradient(estimator):
     logp, micro = batch()
-    kd, _ = kd_loss(logp, micro.teacher_logp, micro.mask, beta_kd=0.3, kl_estimator=estimator,
+    kd, _ = kd_loss(logp, micro.teacher_logp, micro.loss_mask, beta_kd=0.3, kl_estimator=estimator,
                     ref_logp=micro.ref_logp, beta_ref=0.05)
     (grad_kd,) = torch.autograd.grad(kd, logp)
-    kdrl, _ = kdrl_loss(logp, logp.detach(), micro.teacher_logp, torch.zeros(3), micro.mask, beta_kd=0.3,
+    kdrl, _ = kdrl_loss(logp, logp.detach(), micro.teacher_logp, torch.zeros(3), micro.loss_mask, beta_kd=0.3,
                         kl_estimator=estimator, ref_logp=micro.ref_logp, beta_ref=0.05)
     (grad_kdrl,) = torch.autograd.grad(kdrl, logp)
     assert kd.item() == kdrl.item() and torch.equal(grad_kd, grad_kdrl)
@@ -83,7 +84,7 @@ def test_kd_is_kdrl_with_no_reward_in_value_and_gradient(estimator):
 def test_k2_gives_the_reverse_kl_score_function_gradient():
     """On-policy distillation's per-token gradient with k2 is (logp - teacher_logp) * grad logp."""
     logp, micro = batch(1)
-    mask = torch.ones_like(micro.mask)
+    mask = torch.ones_like(micro.loss_mask)
     loss, metrics = kd_loss(logp, micro.teacher_logp, mask, beta_kd=1.0, loss_agg="token-mean")
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, (logp.detach() - micro.teacher_logp) / mask.numel())

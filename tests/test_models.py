@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlad_ds.config import config_from_layers
+from rlad_ds.config.parsing import config_from_layers
 from rlad_ds.errors import ConfigError
 from rlad_ds.models import (TokenizerMismatchError, check_model_dir, check_tokenizers_match, choose_attention,
                             flash_attention_available, load_tokenizer, param_bytes)
@@ -45,13 +45,18 @@ def test_special_token_mismatch_refused(tiny_tokenizer):
         check_tokenizers_match(tiny_tokenizer, other)
 
 
-def test_teacher_load_refuses_other_tokenizer(tmp_path):
-    from rlad_ds.teacher import load_frozen
-    from rlad_ds.tiny import save_tiny_model
+def test_building_the_models_refuses_a_teacher_with_another_tokenizer_first(tmp_path, monkeypatch):
+    import deepspeed
+
+    from rlad_ds.methods import get_method
+    from rlad_ds.run_models import build_run_models
+    from tiny_models import save_tiny_model
 
     teacher_dir = save_tiny_model(tmp_path / "teacher", "qwen3", char_tokenizer("xyz"), hidden=16, layers=1)
-    with pytest.raises(TokenizerMismatchError):  # refused before any DeepSpeed or distributed set-up
-        load_frozen(teacher_dir, {}, student_tokenizer=char_tokenizer())
+    monkeypatch.setattr(deepspeed, "initialize", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(TokenizerMismatchError):  # refused before any model is loaded
+        build_run_models(config_from_layers({}), get_method("rlad"), tmp_path / "no-student", teacher_dir,
+                         char_tokenizer())
 
 
 def test_attention_choice():

@@ -91,20 +91,20 @@ def check_plain_transformers_export(export, initial):
 def mini_demo_cache(tmp_path_factory):
     """The demo's cache with a second-long recipe stored under the real recipe's key, so that the demo command
     (no model arguments) runs its whole path in seconds."""
-    from rlad_ds import demo
+    from rlad_ds.demo import cache, recipe
     from test_demo import MINI
 
     root = tmp_path_factory.mktemp("rlad_cache")
-    built = demo.prepare_demo(root / "build", seed=0, progress=False, recipe=MINI)["student"].parent
-    shutil.copytree(built, root / "demo" / f"arith-{demo.recipe_key(demo.DEFAULT_RECIPE, 0)}")
+    built = cache.prepare_demo(root / "build", seed=0, progress=False, recipe=MINI)["student"].parent
+    shutil.copytree(built, root / "demo" / f"arith-{recipe.recipe_key(recipe.DEFAULT_RECIPE, 0)}")
     return root
 
 
 @pytest.mark.slow
 def test_the_demo_of_every_method_runs_to_its_summary(mini_demo_cache, tmp_path):
     commands = {m: ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--method", m, "--max_steps", "2",
-                    "--eval_size", "8", "--output_dir", tmp_path / m] for m in METHODS}
-    done = run_all(commands, env={"RLAD_CACHE": str(mini_demo_cache)})
+                    "--eval_size", "8", "--output_dir", tmp_path / m, "--cache_dir", mini_demo_cache] for m in METHODS}
+    done = run_all(commands)
     for method, proc in done.items():
         summary = json.loads((tmp_path / method / "summary.json").read_text())
         assert summary["method"] == method and summary["steps"] == 2 and summary["eval_prompts"] == 8

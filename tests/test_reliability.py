@@ -22,11 +22,12 @@ import pytest
 import torch
 
 from conftest import ROOT, ReachedInit, free_port, run_deepspeed
-from rlad_ds import checkpoint
+from rlad_ds import trainer as trainer_module
 from rlad_ds.callbacks import Callback
-from rlad_ds.checkpoint import run_identity
+from rlad_ds.checkpoint import manifest, protocol, run_dir
+from rlad_ds.checkpoint.run_dir import run_identity
 from rlad_ds.cli import train_main
-from rlad_ds.config import parse_config
+from rlad_ds.config.parsing import parse_config
 from rlad_ds.errors import ConfigError, TrainingError
 from rlad_ds.methods import get_method
 from rlad_ds.trainer import Trainer
@@ -149,7 +150,7 @@ def test_output_dir_of_another_run(tiny_models, tmp_path, no_init, capsys):
     args = base_args(tiny_models, out)
     (out / "run_config.json").write_text(json.dumps(run_identity(parse_config(args)[0])))
     (out / "checkpoints" / "step_00000001").mkdir(parents=True)
-    (out / "checkpoints" / "step_00000001" / checkpoint.MARKER).write_text("{}")
+    (out / "checkpoints" / "step_00000001" / manifest.MARKER).write_text('{"step": 1, "files": {}}')
     expect_one_line(train_main(args + ["--resume", "none"]), capsys.readouterr(), "already has checkpoints")
     with pytest.raises(ReachedInit):
         train_main(args + ["--resume", "auto"])
@@ -318,28 +319,28 @@ class FakeEngine:
 
 
 def test_partial_checkpoint_is_never_resumed_and_is_cleaned_up(tmp_path):
-    engine, root = FakeEngine(), checkpoint.checkpoint_root(tmp_path)
-    assert checkpoint.resolve_resume("auto", tmp_path) is None
-    first = checkpoint.save_checkpoint(engine, tmp_path, 1, {"step": 1}, keep_last=2)
-    assert (first / checkpoint.MARKER).is_file() and (first / "rng_rank0.safetensors").is_file()
+    engine, root = FakeEngine(), manifest.checkpoint_root(tmp_path)
+    assert run_dir.resolve_resume("auto", tmp_path) is None
+    first = protocol.save_checkpoint(engine, tmp_path, 1, {"step": 1}, keep_last=2)
+    assert (first / manifest.MARKER).is_file() and (first / "rng_rank0.safetensors").is_file()
 
     # A kill during the save of step 2: DeepSpeed's files and the state are there, the marker is not.
     partial = root / "step_00000002"
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"half")
     (partial / "trainer_state.json").write_text('{"step": 2}')
-    assert checkpoint.resolve_resume("auto", tmp_path) == first
+    assert run_dir.resolve_resume("auto", tmp_path) == first
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        checkpoint.resolve_resume(str(partial), tmp_path)
+        run_dir.resolve_resume(str(partial), tmp_path)
 
     # The next save of the same step replaces the leftover; a later save removes other leftovers.
     (partial / "stale").write_text("x")
-    second = checkpoint.save_checkpoint(engine, tmp_path, 2, {"step": 2}, keep_last=2)
-    assert not (second / "stale").exists() and checkpoint.resolve_resume("auto", tmp_path) == second
+    second = protocol.save_checkpoint(engine, tmp_path, 2, {"step": 2}, keep_last=2)
+    assert not (second / "stale").exists() and run_dir.resolve_resume("auto", tmp_path) == second
     (root / "step_00000007").mkdir()  # an older crash of a step beyond this one
-    checkpoint.save_checkpoint(engine, tmp_path, 3, {"step": 3}, keep_last=2)
+    protocol.save_checkpoint(engine, tmp_path, 3, {"step": 3}, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
-    assert checkpoint.resolve_resume("auto", tmp_path).name == "step_00000003"
+    assert run_dir.resolve_resume("auto", tmp_path).name == "step_00000003"
 
 
 # ---- non-finite steps ---------------------------------------------------------------------------------------------
@@ -356,12 +357,12 @@ class ListLogger(Callback):
 def test_fit_skips_non_finite_steps_and_stops_after_max_bad_steps(tmp_path, monkeypatch, caplog):
     cfg, _ = parse_config(["--output_dir", str(tmp_path), "--max_steps", "50", "--save_steps", "0",
                            "--max_bad_steps", "3"])
-    trainer = Trainer(cfg, get_method("rlad"), engines=SimpleNamespace(device="cpu"), tokenizer=None, task=None,
+    trainer = Trainer(cfg, get_method("rlad"), models=SimpleNamespace(device="cpu"), tokenizer=None, task=None,
                       rewards=None, train_examples=[], eval_examples=[])
     pattern = iter([False, True, False, False, True, False, False, False, True])
     trainer.train_step = lambda step: {"loss": float("nan"), "finite": next(pattern), "reward_failed_frac": 0.0,
                                        "time/step": 0.1}
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: pytest.fail("no checkpoint expected"))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", lambda *a, **k: pytest.fail("no checkpoint expected"))
     metrics = ListLogger()
     with caplog.at_level(logging.WARNING, logger="rlad_ds"), pytest.raises(TrainingError) as error:
         trainer.fit([metrics])
@@ -431,7 +432,7 @@ def test_no_unsafe_loading_in_the_package():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
         assert not re.search(r"\bpickle\.loads?\(|\bimport dill\b", text), path
-    from rlad_ds.config import ModelConfig
+    from rlad_ds.config.schema import ModelConfig
 
     assert ModelConfig().trust_remote_code is False
     cfg, _ = parse_config(["--student", "s", "--teacher", "t"])

@@ -131,8 +131,8 @@ def test_runner_counts_timeouts_errors_and_crashes_and_keeps_going(user_module):
 
 def test_runner_scores_math_with_its_own_deadline():
     examples = [{"prompt": "p", "answer": "5"}] * 3
-    result = rewards.score_batch("math", ["\\boxed{5}", "\\boxed{9^{9^{9^{9^{9}}}}}", "5.0"], examples,
-                                 timeout_s=2.0, workers=1)
+    with rewards.RewardRunner("math", timeout_s=2.0, workers=1) as runner:
+        result = runner.run(["\\boxed{5}", "\\boxed{9^{9^{9^{9^{9}}}}}", "5.0"], examples)
     assert result.scores == [1.0, 0.0, 1.0]
     assert result.errors == 0  # the tower is a timeout (by the runner or math-verify's alarm), never an error
 

@@ -31,23 +31,23 @@ def test_misaligned_solution_is_wrong_exactly_on_the_carry_subset():
 
 
 def test_sft_targets_are_the_given_solution(monkeypatch):
-    from rlad_ds import demo
+    from rlad_ds.demo import recipe, sft
 
-    tokenizer = demo.demo_tokenizer()
+    tokenizer = recipe.demo_tokenizer()
     carry = arith.make_example(347, 285)
-    _, _, labels = demo.sft_batch(tokenizer, [carry], study.misaligned_solution)
+    _, _, labels = sft.sft_batch(tokenizer, [carry], study.misaligned_solution)
     target = tokenizer.decode([t for t in labels[0].tolist() if t != -100][:-1])  # without EOS
     assert target == study.misaligned_solution(carry) != arith.solution(carry)
     # train_sft hands its `solution` to every batch (the misaligned teacher is trained this way)
-    seen, real = [], demo.sft_batch
+    seen, real = [], sft.sft_batch
 
     def recording_sft_batch(tok, batch, solution):
         seen.append(solution)
         return real(tok, batch, solution)
 
-    monkeypatch.setattr(demo, "sft_batch", recording_sft_batch)
-    model = demo.build_model(demo.DEFAULT_RECIPE.student, tokenizer, seed=0)
-    demo.train_sft(model, tokenizer, demo.SFTSpec(steps=2, batch_size=2), seed=0, progress=False,
+    monkeypatch.setattr(sft, "sft_batch", recording_sft_batch)
+    model = recipe.build_model(recipe.DEFAULT_RECIPE.student, tokenizer, seed=0)
+    sft.train_sft(model, tokenizer, recipe.SFTSpec(steps=2, batch_size=2), seed=0, progress=False,
                    solution=study.misaligned_solution)
     assert seen == [study.misaligned_solution] * 2
 
@@ -125,10 +125,10 @@ def test_summary_and_tables_render_from_fake_results():
 def test_token_confidence_matches_a_direct_forward(tmp_path):
     import torch
 
-    from rlad_ds import demo
+    from rlad_ds.demo import recipe
 
-    tokenizer = demo.demo_tokenizer()
-    model = demo.build_model(demo.DEFAULT_RECIPE.student, tokenizer, seed=0)
+    tokenizer = recipe.demo_tokenizer()
+    model = recipe.build_model(recipe.DEFAULT_RECIPE.student, tokenizer, seed=0)
     model.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
     examples = [arith.make_example(347, 285), arith.make_example(999, 101)]
@@ -137,7 +137,7 @@ def test_token_confidence_matches_a_direct_forward(tmp_path):
     # position 0 by hand: the probability of the first solution character right after the prompt
     expected = []
     for example in examples:
-        prompt = tokenizer(demo.render_prompt(tokenizer, arith.prompt(example)), add_special_tokens=False).input_ids
+        prompt = tokenizer(recipe.render_prompt(tokenizer, arith.prompt(example)), add_special_tokens=False).input_ids
         first = tokenizer(arith.solution(example), add_special_tokens=False).input_ids[0]
         with torch.no_grad():
             expected.append(torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)[first].item())

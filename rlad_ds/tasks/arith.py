@@ -70,7 +70,7 @@ def generate(split: str, n: int, seed: int = 0) -> list[dict]:
     """`n` distinct examples of `split` ("train" or "test"), deterministic in (split, n, seed)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if n > 20_000 and n > split_size(split):  # counting costs ~1 s, so only for large n
+    if n > 20_000 and n > split_size(split):  # counting the split is slow, so only for large n
         raise ValueError(f"the {split} split has {split_size(split)} ordered pairs, asked for {n}")
     rng = random.Random(f"arith:{split}:{seed}")
     seen, out = set(), []

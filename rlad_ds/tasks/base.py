@@ -1,4 +1,4 @@
-"""What a task is: a prompt source, a prompt template and a verifier."""
+"""What a task is: a prompt source, a prompt template and a verifier; and what counts as a correct answer."""
 
 from __future__ import annotations
 
@@ -25,3 +25,9 @@ class Task:
     generate: Callable[[str, int, int], list[dict]] | None = None
     subset: Callable[[dict], str] = lambda example: "all"
     reference: Callable[[dict], str] | None = None
+
+
+def correct(scores):
+    """Which scores are correct answers (a float, or a tensor elementwise): only a fully correct answer scores 1.0
+    (`Task.score`'s contract), so a partial score is never counted as correct."""
+    return scores >= 1.0

@@ -17,7 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from rlad_ds import checkpoint
+from rlad_ds.checkpoint import manifest, protocol
 from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
 from rlad_ds.errors import ConfigError, TrainingError
 
@@ -33,7 +33,7 @@ engine.backward(engine(torch.randn(4, 8)).sum())
 engine.step()
 state = {"step": 1, "world_size": 2, "controls": {}, "bad_steps": 0}
 result = {"persistent": len(engine.optimizer.persistent_parameters), "saves": {}}
-checkpoint.save_checkpoint(engine, out, 1, state, keep_last=5)
+protocol.save_checkpoint(engine, out, 1, state, keep_last=5)
 real_save = engine.checkpoint_engine.save
 for step, fail_at in ((2, 0), (3, 1), (4, None)):
     calls = []
@@ -46,7 +46,7 @@ for step, fail_at in ((2, 0), (3, 1), (4, None)):
 
     engine.checkpoint_engine.save = save
     try:
-        checkpoint.save_checkpoint(engine, out, step, {**state, "step": step}, keep_last=5)
+        protocol.save_checkpoint(engine, out, step, {**state, "step": step}, keep_last=5)
         result["saves"][step] = "ok"
     except TrainingError as error:
         result["saves"][step] = str(error)
@@ -61,11 +61,11 @@ def load(*args, **kwargs):
 
 engine._load_checkpoint = load
 try:
-    checkpoint.load_checkpoint(engine, out / "checkpoints" / "step_00000004")
+    protocol.load_checkpoint(engine, out / "checkpoints" / "step_00000004")
     result["load"] = "ok"
 except ConfigError as error:
     result["load"] = str(error)
-result["complete"] = [p.name for p in checkpoint.complete_checkpoints(out)]
+result["complete"] = [p.name for p in manifest.complete_checkpoints(out)]
 result["dirs"] = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 dist.barrier()

@@ -21,11 +21,17 @@ from transformers import AutoModelForCausalLM
 from rlad_ds.ds_config import CONFIG_DIR, fill_train_config, inference_config
 from rlad_ds.logprobs import positions_from_mask, token_logprobs
 from rlad_ds.models import load_causal_lm, load_tokenizer
-from rlad_ds.rollout import (GatheredRollout, HybridRollout, PerLayerRollout, _parameter_offload, build_rollout, finish_rollout,
-                             gathered_for_generation, generation_config)
-from rlad_ds.teacher import Scorer, load_frozen
+from rlad_ds.config.schema import RolloutConfig
+from rlad_ds.errors import ConfigError
+from rlad_ds.logprob_scorer import LogProbScorer
+from rlad_ds.rollout.hf import (GatheredRollout, PerLayerRollout, _parameter_offload, gathered_for_generation,
+                                generation_config)
+from rlad_ds.rollout.hybrid import HybridRollout
+from rlad_ds.rollout.output import finish_rollout
+from rlad_ds.rollout.registry import choose_rollout
+from rlad_ds.run_models import load_frozen
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
-from rlad_ds.launch import init_process_group
+from rlad_ds.distributed import init_process_group
 
 # The launcher adds --local_rank=N in front of the script's own arguments.
 student_dir, tied_dir, teacher_dir, out_dir = map(Path, [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
@@ -91,9 +97,15 @@ def plain_rollout(seed):
     return finish_rollout(request.prompt_attention_mask, out, 2, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
+def built(requested: str, **rollout_cfg):
+    """What --rollout REQUESTED builds for this engine's model on CPU."""
+    cfg = RolloutConfig(**rollout_cfg)
+    return choose_rollout(requested, engine.module, "cpu", cfg).from_run(engine, tokenizer, None, cfg, 0)
+
+
 rollouts = {}
-for kind, rollout in (("gathered", build_rollout("gathered", engine, tokenizer)),
-                      ("per_layer", build_rollout("gathered", engine, tokenizer, gather_budget_bytes=1))):
+# auto: vLLM cannot run head_dim 8, the hybrid engine has no CPU kernels; a gather over budget gives per-layer.
+for kind, rollout in (("gathered", built("auto")), ("per_layer", built("auto", gather_budget_gb=1e-9))):
     assert isinstance(rollout, GatheredRollout if kind == "gathered" else PerLayerRollout), rollout
     torch.manual_seed(100 + rank)
     batch = rollout.generate(request, sampling)
@@ -104,12 +116,17 @@ for kind, rollout in (("gathered", build_rollout("gathered", engine, tokenizer))
     rollouts[kind] = batch
     results[f"{kind}_response_lengths"] = batch.response_lengths.tolist()
     results[f"{kind}_eos"] = batch.eos.tolist()
-assert build_rollout("hybrid_engine", engine, tokenizer).name == "gathered"  # not a hybrid engine: falls back
+for requested in ("hybrid_engine", "vllm"):  # asked for and unable: one line, no fallback
+    try:
+        built(requested)
+        raise AssertionError(f"--rollout {requested} was not refused")
+    except ConfigError as error:
+        assert str(error).startswith(f"--rollout {requested} cannot run here: "), error
 # HybridRollout's completion of DeepSpeed's batch, on a plain ZeRO-3 engine (no kernels on CPU): DeepSpeed
 # decodes without EOS stops on every rank, so a greedy rollout must match the gathered one after finishing.
 greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, n_samples_per_prompt=2)
 via_deepspeed = HybridRollout(engine, tokenizer).generate(request, greedy)
-via_gather = build_rollout("gathered", engine, tokenizer).generate(request, greedy)
+via_gather = built("gathered").generate(request, greedy)
 for field in ("input_ids", "attention_mask", "response_mask", "eos", "truncated", "prompt_index"):
     assert torch.equal(getattr(via_deepspeed, field), getattr(via_gather, field)), field
 batch = rollouts["gathered"]
@@ -177,9 +194,9 @@ for path in (student_dir, tied_dir):
 lap("grads")
 # --- teacher: ZeRO-3 inference with CPU param offload, log-probs equal a plain HF forward ---------------
 frozen = load_frozen(teacher_dir, inference_config(offload=True, world_size=world, micro_batch_size=2, device="cpu",
-                                                   persistence_threshold=0), student_tokenizer=tokenizer)
-teacher = Scorer(frozen, tokenizer, chunk_size=5,
-                 max_tokens_per_microbatch=20 if rank == 0 else 1000)  # unequal micro-batch counts
+                                                   persistence_threshold=0))
+teacher = LogProbScorer(frozen, tokenizer, chunk_size=5,
+                        max_tokens_per_microbatch=20 if rank == 0 else 1000)  # unequal micro-batch counts
 assert all(not p.requires_grad for p in teacher.engine.module.parameters()) and not teacher.engine.module.training
 assert type(teacher.engine.optimizer).__name__ == "DeepSpeedZeRoOffload"  # hooks only, no optimizer
 rows = batch if rank == 0 else rollouts["per_layer"]
@@ -190,7 +207,7 @@ with torch.no_grad():
 valid = (rows.attention_mask[:, :-1] * rows.attention_mask[:, 1:]).bool()
 for temperature in (1.0, 0.7):  # every log-prob in the loss is of softmax(logits / T), the teacher's too
     teacher.temperature = temperature
-    scored = teacher.score(rows.input_ids, rows.attention_mask)
+    scored = teacher.logprobs(rows.input_ids, rows.attention_mask)
     expected = (logits.float() / temperature).log_softmax(-1).gather(-1, rows.input_ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(scored[valid], expected[valid], atol=1e-5, rtol=0)
     assert (scored[~rows.attention_mask[:, 1:].bool()] == 0).all()

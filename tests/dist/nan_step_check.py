@@ -15,7 +15,7 @@ import deepspeed
 import torch.distributed as dist
 
 from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
-from rlad_ds.launch import init_process_group
+from rlad_ds.distributed import init_process_group
 
 
 def full_params(engine):

@@ -4,7 +4,7 @@ saved parameters. Run by tests/test_checkpoints.py.
     python tests/dist/universal_load_check.py CHECKPOINT_DIR OUT.json TRAIN_ARGS...   (1 process)
 
 Builds the student engine as the trainer does (from TRAIN_ARGS), loads CHECKPOINT_DIR with
-`rlad_ds.checkpoint.load_checkpoint` and compares the gathered parameters with DeepSpeed's own fp32 reading of
+`rlad_ds.protocol.load_checkpoint` and compares the gathered parameters with DeepSpeed's own fp32 reading of
 the 2-rank ZeRO-3 files (`get_fp32_state_dict_from_zero_checkpoint`), and with the untrained student (so that the
 comparison is not vacuous). Writes what it found to OUT.json.
 """
@@ -17,10 +17,10 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from rlad_ds import checkpoint
-from rlad_ds.config import parse_config
+from rlad_ds.checkpoint import protocol
+from rlad_ds.config.parsing import parse_config
 from rlad_ds.engines import build_engines
-from rlad_ds.launch import init_process_group, single_process_env
+from rlad_ds.distributed import init_process_group, single_process_env
 from rlad_ds.methods import get_method
 from rlad_ds.models import load_tokenizer
 
@@ -37,7 +37,7 @@ init_process_group(120)
 engines = build_engines(cfg, get_method(cfg.loss.method), Path(cfg.model.student), None,
                         load_tokenizer(cfg.model.student))
 initial = gathered(engines.student)
-state = checkpoint.load_checkpoint(engines.student, directory, seed=cfg.train.seed)
+state = protocol.load_checkpoint(engines.student, directory, seed=cfg.train.seed)
 loaded = gathered(engines.student)
 saved = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
 

@@ -22,13 +22,14 @@ import torch.distributed as dist
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 from transformers import AutoModelForCausalLM
 
-from rlad_ds.config import RolloutConfig
+from rlad_ds.config.schema import RolloutConfig
 from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
-from rlad_ds.launch import init_process_group
+from rlad_ds.distributed import init_process_group
 from rlad_ds.logprobs import token_logprobs
 from rlad_ds.models import load_causal_lm, load_tokenizer
-from rlad_ds.rollout import finish_rollout, generation_config
-from rlad_ds.vllm_rollout import VLLMRollout
+from rlad_ds.rollout.hf import generation_config
+from rlad_ds.rollout.output import finish_rollout
+from rlad_ds.rollout.vllm import VLLMRollout
 
 model_dir, out_dir = map(Path, [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
 init_process_group(1800)

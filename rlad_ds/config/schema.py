@@ -1,36 +1,26 @@
-"""The one configuration tree: dataclasses, a YAML/JSON file, command-line flags, validation.
+"""The one configuration tree: its dataclasses, each field's default, help and validation.
 
-Every field is a flag of the same name (`--alpha 0.3`, `--student PATH`); `--config FILE` reads a YAML
-or JSON file with one section per group (`model:`, `rollout:`, `loss:`, `train:`, `data:`, `eval:`).
-Values come in layers, later ones winning: the field defaults, a profile (the built-in demo's recipe,
-owned by `rlad_ds.demo`, when no `--student` is given), the file, the flags. Each field is validated once,
-in its group's `__post_init__`; checks across groups that depend on the method are `rlad_ds.methods`'.
-Every mistake is a one-line `ConfigError` that names the fix. The DeepSpeed JSON is built from this tree
-in `ds_config.py` only.
+Every field is a flag of the same name (`--alpha 0.3`, `--student PATH`) and a key of its section in a
+`--config` file (`rlad_ds.config.parsing` reads both). Each field is validated once, in its group's
+`__post_init__`; checks across groups that depend on the method are `rlad_ds.methods`'. Every mistake is a
+one-line `ConfigError` that names the fix. The DeepSpeed JSON is built from this tree in `ds_config.py` only.
 
 Both launchers read this tree: `launchers/train.py` every field, `launchers/eval.py` those marked `scope="both"`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rlad_ds.errors import ConfigError
 from rlad_ds.losses import KL_ESTIMATORS, LOSS_AGGS
 from rlad_ds.methods import METHODS, check_config, get_method
 from rlad_ds.models import ATTENTION_BACKENDS
+from rlad_ds.rollout.registry import KINDS, ROLLOUT_CHOICES
 
-ROLLOUT_ENGINES = ("auto", "vllm", "gathered", "hybrid_engine", "per_layer")
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 PRECISIONS = ("auto", "bf16", "fp32")
-# Read alike in flags and files, case-insensitively (YAML 1.1 reads `false` as a bool, `"false"` as text).
-BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 class Switch(str):
@@ -67,6 +57,7 @@ class ModelConfig:
         "JSON's stage3_param_persistence_threshold", scope="both", default=None)
     trust_remote_code: bool = _help("allow model code from the model dir (off: only transformers' own code)",
                                     scope="both", default=False)
+    cache_dir: str = _help("where the built-in demo's SFT models are built once and reused", default="~/.cache/rlad_ds")
     logprob_chunk_size: int = _help("tokens per lm-head chunk when computing log-probs (bounds logits memory); "
                                     "0 = about 2^26 logits per chunk", default=0)
 
@@ -83,28 +74,27 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _help("auto (vllm if installed and able, else hybrid_engine if DeepSpeed has a CUDA policy, else "
-                        "gathered), vllm (colocated vLLM, weights synced each step), gathered (student gathered per "
-                        "rollout), hybrid_engine, per_layer (ZeRO-3 per-layer gathers, synced ranks)", scope="both",
-                        default="auto")
+    rollout: str = _help("how the student samples: auto (the first that can serve the model, in this order: "
+                         + "; ".join(f"{k.name}: {k.help}" for k in KINDS.values()) + ")", scope="both",
+                         default="auto")
     vllm_gpu_memory_utilization: float = _help("vllm on GPUs: fraction of device memory vLLM may take while it "
                                                "samples (it sleeps while the student trains)", default=0.3)
     vllm_kv_cache_gb: float = _help("vllm on CPU: GiB of KV cache per rank", default=1.0)
-    gather_budget_gb: float = _help("largest model (GB of parameters) a gathered rollout may materialise; above "
-                                    "it the per-layer path is used", scope="both", default=32.0)
+    gather_budget_gb: float = _help("largest model (GiB of parameters) a gathered rollout may materialise; above "
+                                    "it --rollout auto takes the per-layer path", scope="both", default=32.0)
     group_size: int = _help("G: responses sampled per prompt", default=8)
     max_new_tokens: int = _help("response budget in tokens (training rollouts and evaluation)", scope="both",
                                 default=2048)
     temperature: float = _help("sampling temperature of training rollouts; every log-prob in the loss is taken "
-                               "at it too (see rlad_ds.losses)", default=1.0)
+                               "at it too (docs/method.md#temperature)", default=1.0)
     top_p: float = _help("nucleus sampling of training rollouts", default=1.0)
     top_k: int = _help("top-k sampling of training rollouts (<= 0: off)", default=0)
     rollout_batch_size: int = _help("prompts per generate call on each rank, in training and evaluation "
                                     "(0: all at once)", scope="both", default=0)
 
     def __post_init__(self):
-        _check(self.engine in ROLLOUT_ENGINES, f"--engine {self.engine!r} is unknown; use one of "
-               f"{', '.join(ROLLOUT_ENGINES)}")
+        _check(self.rollout in ROLLOUT_CHOICES, f"--rollout {self.rollout!r} is unknown; use one of "
+               f"{', '.join(ROLLOUT_CHOICES)}")
         for name in ("group_size", "max_new_tokens", "gather_budget_gb", "vllm_kv_cache_gb"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.temperature > 0, f"--temperature must be > 0 for sampled rollouts, got {self.temperature}")
@@ -260,141 +250,3 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "loss": LossConfig, "train": TrainConfig,
             "data": DataConfig, "eval": EvalConfig}
-
-
-def _base_type(kind):
-    args = [t for t in typing.get_args(kind) if t is not type(None)]
-    return args[0] if typing.get_origin(kind) is not tuple and args else kind
-
-
-def _convert(kind, value, where: str):
-    """`value` (from a flag's text, a YAML or a JSON file) as the field's type; a mismatch names the field."""
-    optional = type(None) in typing.get_args(kind)
-    if value is None or optional and isinstance(value, str) and value.lower() in ("none", "off", "null"):
-        if optional:
-            return None
-        raise ConfigError(f"{where} cannot be none")
-    base = _base_type(kind)
-    if typing.get_origin(base) is tuple:
-        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else None
-        if items is None:
-            raise ConfigError(f"{where} must be a comma-separated list of integers, got {value!r}")
-        return tuple(_convert(int, item.strip() if isinstance(item, str) else item, where) for item in items)
-    if base in (bool, Switch):
-        word = str(value).strip().lower() if isinstance(value, (str, int)) else None  # a bool is an int
-        if base is Switch and word in ("auto", "on", "off"):
-            return word
-        if word not in BOOL_WORDS:
-            raise ConfigError(f"{where} must be {'true or false' if base is bool else 'auto, on or off'}, got "
-                              f"{value!r} (true/false, yes/no, on/off and 1/0 are read alike)")
-        return BOOL_WORDS[word] if base is bool else "on" if BOOL_WORDS[word] else "off"
-    if base in (int, float) and not isinstance(value, bool):
-        try:
-            number = base(value) if isinstance(value, str) else value
-        except ValueError:
-            number = None
-        if base is float and isinstance(number, int):
-            number = float(number)
-        if base is float and isinstance(number, float) and not math.isfinite(number):
-            # Here, once for every float field: inf / nan pass every comparison a field's own check makes.
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
-        if isinstance(number, base):
-            return number
-    if base is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{where} must be {base.__name__}, got {value!r}")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through ConfigError, not usage + exit inside argparse
-        raise ConfigError(f"{message} (see --help)")
-
-
-def build_parser(scope: str = "train", description: str | None = None) -> argparse.ArgumentParser:
-    """The flags of every field in `scope` ("train": all; "eval": those launchers/eval.py reads)."""
-    parser = _Parser(description=description or "RLAD: distil a teacher into a student during GRPO with the "
-                     "TRRD objective, on DeepSpeed.")
-    if scope == "train":
-        parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default=None,
-                            help="DeepSpeed JSON for the student (ZeRO-3); default ds_configs/zero3.json")
-    parser.add_argument("--config", default=None, help="YAML or JSON file with sections: " + ", ".join(SECTIONS))
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        hints = typing.get_type_hints(cls)
-        for f in (f for f in dataclasses.fields(cls)  # "train" reads all but eval.py's own, "eval" its scope
-                  if scope == "train" and f.metadata["scope"] != "eval" or f.metadata["scope"] in (scope, "both")):
-            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-            text = f"{f.metadata['help']} (default: {shown})"
-            if hints[f.name] is bool:  # --flag, --flag WORD (read by _convert), --no-flag
-                group.add_argument(f"--{f.name}", nargs="?", const=True, default=None, metavar="BOOL", help=text)
-                group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
-            else:
-                group.add_argument(f"--{f.name}", default=None, metavar=_base_type(hints[f.name]).__name__.upper()
-                                   if typing.get_origin(_base_type(hints[f.name])) is not tuple else "LIST",
-                                   help=text)
-    return parser
-
-
-def _read_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML or JSON file to --config")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(p.read_text()) or {}
-        else:
-            data = json.loads(p.read_text())
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
-        raise ConfigError(f"config file {path} is not valid {p.suffix.lstrip('.') or 'JSON'}: "
-                          f"{str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
-    unknown = set(data) - set(SECTIONS) - {"deepspeed"}
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown section(s) {sorted(unknown)}; use {', '.join(SECTIONS)}")
-    for name, section in data.items():
-        if name in SECTIONS and not isinstance(section, dict):
-            raise ConfigError(f"config file {path}: section {name} must be a mapping of field: value")
-        bad = set(section) - {f.name for f in dataclasses.fields(SECTIONS[name])} if name in SECTIONS else ()
-        if bad:
-            raise ConfigError(f"config file {path}: unknown field(s) {sorted(bad)} in section {name}")
-    return data
-
-
-def read_layers(args: argparse.Namespace) -> dict:
-    """What the user set, as {section: {field: value}} (plus "deepspeed"): the --config file, then flags."""
-    layers = _read_file(args.config) if args.config else {}
-    for section, cls in SECTIONS.items():
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                 if getattr(args, f.name, None) is not None}
-        if given:
-            layers[section] = {**(layers.get(section) or {}), **given}
-    if getattr(args, "deepspeed", None):
-        layers["deepspeed"] = args.deepspeed
-    return layers
-
-
-def config_from_layers(*layers: dict | None) -> Config:
-    """A validated Config from value layers ({section: {field: value}}), later layers winning."""
-    merged: dict = {}
-    for layer in filter(None, layers):
-        for section, values in layer.items():
-            merged[section] = {**merged.get(section, {}), **values} if section in SECTIONS else values
-    groups = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        values = {name: _convert(hints[name], value, f"--{name}") for name, value in merged.get(section, {}).items()}
-        groups[section] = cls(**values)
-    return Config(**groups, deepspeed=merged.get("deepspeed", Config.deepspeed))
-
-
-def parse_config(argv: list[str], profile: dict | None = None) -> tuple[Config, argparse.Namespace]:
-    """The training Config from `argv`; `profile` (the demo's layers) sits under file and flags without --student."""
-    args = build_parser("train").parse_args(argv)
-    layers = read_layers(args)
-    demo = (layers.get("model") or {}).get("student") in (None, "none")
-    return config_from_layers(profile if demo else None, layers), args

@@ -1,23 +1,19 @@
-"""The frozen teacher (and any model that only scores): log-probs of the sampled tokens, no optimizer.
+"""Log-probs of sampled tokens under a model that does not train in that pass: the frozen teacher, the frozen
+reference, and the student's old policy (its own training engine, no grad).
 
-A `Scorer` wraps a DeepSpeed engine: the teacher's and the reference's are ZeRO-3 inference engines
-(parameters optionally offloaded to CPU, `load_frozen`), the old-policy scorer wraps the student's own
-training engine. It never keeps full-vocabulary logits: it returns the log-probs of the tokens the student
-sampled, micro-batch by micro-batch under a token budget, at the rollout temperature (the convention of
-`rlad_ds.losses`: every log-prob in the loss is of softmax(logits / T)).
+A `LogProbScorer` wraps a DeepSpeed engine and never keeps full-vocabulary logits: it returns the log-probs of the
+tokens the student sampled, micro-batch by micro-batch under a token budget, at the rollout temperature (every
+log-prob in the loss is of softmax(logits / T): docs/method.md#temperature).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rlad_ds.logprobs import microbatch_logprobs, microbatch_slices, synced_microbatch_count, token_logprobs
-from rlad_ds.models import check_tokenizers_match, load_causal_lm, load_tokenizer
 
 
-class Scorer:
+class LogProbScorer:
     """Per-token log-probs of given token ids under a (frozen, or no-grad) DeepSpeed engine."""
 
     def __init__(self, engine, tokenizer, *, temperature: float = 1.0, chunk_size: int | None = None,
@@ -30,7 +26,7 @@ class Scorer:
         self.packed = packed
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T-1] fp32 log-probs of input_ids[:, 1:] at `temperature`; 0 where the target is padding.
 
         Every rank runs the same number of forwards (ZeRO-3 gathers are collective), padding with
@@ -51,20 +47,3 @@ class Scorer:
             filler = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
             token_logprobs(self.engine, filler, torch.ones_like(filler), chunk_size=self.chunk_size)
         return out * attention_mask[:, 1:]
-
-
-def load_frozen(path: str | Path, ds_config: dict, *, student_tokenizer, attn_implementation: str = "sdpa",
-                trust_remote_code: bool = False):
-    """A frozen model as a ZeRO-3 inference engine (no optimizer), built partitioned, in eval mode.
-
-    Its tokenizer must match the student's (checked first: the log-probs of student tokens under another
-    vocabulary would be meaningless). `ds_config` comes from `rlad_ds.ds_config.frozen_ds_config`.
-    """
-    import deepspeed
-
-    check_tokenizers_match(student_tokenizer, load_tokenizer(path, trust_remote_code=trust_remote_code))
-    model = load_causal_lm(path, ds_config, attn_implementation=attn_implementation, trainable=False,
-                           trust_remote_code=trust_remote_code)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    engine.eval()
-    return engine

@@ -14,10 +14,10 @@
   memory it had before. On CPU (no sleep mode) the KV cache is bounded by `--vllm_kv_cache_gb`.
 - Sampling: each generate call maps `SamplingConfig` one to one onto vLLM's `SamplingParams`, with a seed
   drawn from torch's generator. The trainer seeds that generator per rank, checkpoints restore it, and
-  evaluation seeds it per problem, so vLLM's samples follow the same seeding as the HF engines' and a
+  evaluation seeds it per problem, so vLLM's samples follow the same seeding as the HF rollouts' and a
   resumed run draws the same seeds.
 
-The returned batch is the same `RolloutOutput` as every other engine's (`rlad_ds.rollout.finish_rollout`).
+The returned batch is the same `RolloutOutput` as every other rollout's (`rlad_ds.rollout.output`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 
-from rlad_ds import launch
+from rlad_ds.distributed import world
 from rlad_ds.errors import VLLM_INSTALL, ConfigError
-from rlad_ds.generation import forked_rng
-from rlad_ds.rollout import finish_rollout
+from rlad_ds.rng import forked_rng
+from rlad_ds.rollout.output import finish_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,16 @@ class VLLMRollout(RolloutEngine):
 
     name = "vllm"
     collective_calls = False  # generate runs no collectives; only the weight sync at session entry does
+    serves_frozen = False  # its weights follow a training engine's optimizer steps
+    ds_config: dict = {}
+
+    @staticmethod
+    def unavailable_reason(model, device: str, rollout_cfg) -> str | None:
+        return vllm_unavailable_reason(model.config, device)
+
+    @classmethod
+    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int):
+        return cls(engine, tokenizer, model_path, rollout_cfg, seed=seed)
 
     def __init__(self, engine, tokenizer, model_path: Path, rollout_cfg, seed: int = 0):
         if tokenizer.pad_token_id is None:
@@ -141,8 +151,8 @@ class VLLMRollout(RolloutEngine):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        rank, world = launch.world()
-        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", os.environ.get("LOCAL_RANK", 0))):
+        rank, world_size = world()
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", os.environ.get("LOCAL_RANK", 0))):
             os.environ.setdefault(name, str(value))
         dtype = next(self.engine.module.parameters()).dtype
         memory = (dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
@@ -151,7 +161,7 @@ class VLLMRollout(RolloutEngine):
         with _kept_process_state():
             # Dummy weights: the student's own arrive by the first sync, also after a resume.
             llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, load_format="dummy",
-                      seed=seed + rank, distributed_executor_backend="external_launcher" if world > 1 else None,
+                      seed=seed + rank, distributed_executor_backend="external_launcher" if world_size > 1 else None,
                       tensor_parallel_size=1, enforce_eager=self.device == "cpu", disable_log_stats=True,
                       trust_remote_code=False, **memory)
         # The engine's many long-lived objects would be re-scanned by every full garbage collection of the training
@@ -215,7 +225,7 @@ class VLLMRollout(RolloutEngine):
         from vllm import SamplingParams
 
         greedy = sampling.temperature <= 0.0
-        # ignore_eos: stop at the tokenizer's EOS only (stop_token_ids), as the HF engines do, not also at ids
+        # ignore_eos: stop at the tokenizer's EOS only (stop_token_ids), as the HF rollouts do, not also at ids
         # the model's generation_config adds.
         # vLLM refuses n > 1 with greedy decoding: one greedy sample per prompt, repeated by `generate`.
         return SamplingParams(n=1 if greedy else sampling.n_samples_per_prompt, max_tokens=sampling.max_new_tokens,

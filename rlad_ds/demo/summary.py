@@ -19,10 +19,10 @@ class DemoSummary(Callback):
     def on_train_end(self, trainer, history: dict) -> None:
         seconds = time.perf_counter() - self.start  # the loop and its evaluations, not the teacher's below
         teacher = None
-        if trainer.engines.teacher_rollout is not None and trainer.eval_examples:
+        if trainer.models.teacher_rollout is not None and trainer.eval_examples:
             # The same held-out prompts and evaluation path, through the teacher (collective: every rank).
-            results = evaluate_examples(trainer.engines.teacher_rollout, trainer.tokenizer, trainer.task,
-                                        trainer.eval_examples, trainer.cfg, trainer.rewards, trainer.engines.device)
+            results = evaluate_examples(trainer.models.teacher_rollout, trainer.tokenizer, trainer.task,
+                                        trainer.eval_examples, trainer.cfg, trainer.rewards, trainer.models.device)
             teacher = results["overall"][f"mean@{results['ks'][0]}"]
         if trainer.rank != 0:
             return

@@ -1,0 +1,209 @@
+"""The collective save and load of a checkpoint: every rank writes and hashes its own files, the ranks agree on
+success before the manifest is written, and a load on another number of ranks goes through DeepSpeed's universal
+format.
+
+Layout of OUTPUT_DIR/checkpoints/step_00000042/: DeepSpeed's files, `rng_rank{r}.*` per rank, `trainer_state.json`
+and last the `COMPLETE` marker, the manifest (`rlad_ds.checkpoint.manifest`). A save checks first that every
+parameter partition is finite; a write that fails on any rank is agreed by all ranks, the partial dir is removed and
+the run ends in one line. Nothing here unpickles what this package did not write."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlad_ds.checkpoint.manifest import (CHECKSUM, MARKER, STEP_DIR, checkpoint_root, complete_checkpoints, hash_own,
+                                         write_json_atomic)
+from rlad_ds.distributed import world
+from rlad_ds.errors import ConfigError, TrainingError, reason_line
+from rlad_ds.rng import load_rng_state, save_rng_state, seed_rng
+
+logger = logging.getLogger("rlad_ds")
+UNIVERSAL = "universal"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier():
+    if _distributed():
+        dist.barrier()
+
+
+def _gather(value) -> list:
+    """Every rank's `value` (in-memory objects from the other ranks, never from files)."""
+    if not _distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _raise_first(errors, kind=TrainingError) -> None:
+    """Every rank raises the first rank's error, so that all stop together (rank 0 prints it)."""
+    errors = [e for e in errors if e]
+    if errors:
+        raise kind(errors[0])
+
+
+def _params_finite(engine) -> bool:
+    """This rank's parameters are finite: under ZeRO-3 its own partitions (`ds_tensor`), no gather."""
+    module = getattr(engine, "module", None)
+    params = list(module.parameters()) if module is not None else []
+    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p).data).all()) for p in params)
+
+
+def _rejoin_save(engine) -> None:
+    """A rank whose write failed inside DeepSpeed's save still joins the collectives left in it (ZeRO-3's epilogue
+    gathers persistent parameters, then a barrier), so that the other ranks reach the agreement after it."""
+    if _distributed():
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
+        dist.barrier()
+
+
+def _free_gib(path: Path) -> float:
+    path = path.absolute()
+    while not path.exists():  # the checkpoint dir may not exist yet: its filesystem is the nearest parent's
+        path = path.parent
+    return shutil.disk_usage(path).free / 2**30
+
+
+def _last_good(output_dir) -> str:
+    found = complete_checkpoints(output_dir)
+    return f"{found[-1].name} ({found[-1]})" if found else "none was written"
+
+
+def _write_files(engine, root: Path, directory: Path, rank: int, trainer_state: dict) -> dict:
+    """This rank's share of a checkpoint: DeepSpeed's files, its RNG, (rank 0) the trainer state; their hashes."""
+    try:
+        engine.save_checkpoint(str(root), tag=directory.name, save_latest=False)
+    except Exception:
+        _rejoin_save(engine)
+        raise
+    save_rng_state(directory, rank)
+    if rank == 0:
+        write_json_atomic(directory / "trainer_state.json", trainer_state)
+    return hash_own(directory, rank)
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Save a complete, verified, resumable checkpoint for `step` (collective: every rank calls it)."""
+    root, rank = checkpoint_root(output_dir), world()[0]
+    directory = root / f"step_{step:08d}"
+
+    def failure(error: BaseException) -> str:
+        return (f"cannot write checkpoint {directory} on rank {rank} ({reason_line(error)}; {_free_gib(root):.1f} "
+                f"GiB free on that filesystem): nothing of it is kept, the last complete one is "
+                f"{_last_good(output_dir)}; free space or fix permissions, then run the same command to resume")
+
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(directory, ignore_errors=True)  # a partial leftover of a crashed save of this very step
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = failure(e)
+    agreed = _gather((_params_finite(engine), error))
+    if not all(finite for finite, _ in agreed):
+        raise TrainingError(f"parameters are not finite after step {step}: checkpoint not written, the last good "
+                            f"one is {_last_good(output_dir)}; lower --lr (or check the data and rewards) and resume "
+                            f"from it")
+    _raise_first(e for _, e in agreed)
+    files, error = {}, None
+    try:
+        files = _write_files(engine, root, directory, rank, trainer_state)
+    except Exception as e:  # any failure on one rank must reach all, or they would wait for it in a collective
+        error = failure(e)
+    shares = _gather((error, files))
+    if rank == 0:
+        error = next((e for e, _ in shares if e), None)
+        try:
+            if error is None:
+                write_json_atomic(directory / MARKER, {
+                    "step": step, "world_size": world()[1], "identity": trainer_state.get("identity"),
+                    "checksum": CHECKSUM, "files": {k: v for _, part in shares for k, v in part.items()}})
+        except OSError as e:
+            error = failure(e)
+        if error:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:  # only now, with the new one complete, are old checkpoints and leftovers removed
+            for old in complete_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for partial in root.iterdir():  # leftovers of crashed saves, never resumable
+                if STEP_DIR.match(partial.name) and not (partial / MARKER).exists():
+                    shutil.rmtree(partial, ignore_errors=True)
+    _raise_first([e for e, _ in shares] + _gather(error))
+    return directory
+
+
+def _convert_universal(directory: Path, ranks: int) -> Path:
+    """DeepSpeed's ds_to_universal of a checkpoint, once, by rank 0 into step_N/universal (the others wait)."""
+    import argparse
+    import contextlib
+    import io
+
+    target, error = directory / UNIVERSAL, None
+    if world()[0] == 0 and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = directory / f"{UNIVERSAL}.tmp"  # renamed when done: a crash mid-conversion is redone, never used
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One worker: no process pool forked from a process inside a process group.
+        args = argparse.Namespace(input_folder=str(directory), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+            os.replace(tmp, target)
+            (directory / "latest_universal").unlink(missing_ok=True)  # names the tmp dir; tags are explicit here
+        except Exception as e:
+            error = (f"cannot convert checkpoint {directory} to DeepSpeed's universal format for another number of "
+                     f"ranks ({reason_line(e)}); resume with the {ranks} ranks that wrote "
+                     f"it")
+    _raise_first(_gather(error), ConfigError)
+    return target
+
+
+def load_checkpoint(engine, directory: Path, seed: int = 0) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a complete checkpoint (collective); return trainer state.
+
+    Written by another number of ranks: loaded through DeepSpeed's universal checkpoint, RNG seeded anew."""
+    state = json.loads((directory / "trainer_state.json").read_text())
+    rank, world_size = world()
+    universal = state.get("world_size", world_size) != world_size
+    load_dir, tag = directory.parent, directory.name
+    if universal:
+        load_dir, tag = directory, _convert_universal(directory, state["world_size"]).name
+    # The flag engine.load_checkpoint consults (the config's checkpoint.load_universal), read at load time only.
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        error = None if load_path is not None else "DeepSpeed found no model states"
+    except Exception as e:  # e.g. PytorchStreamReader errors, a bare AssertionError
+        if _distributed() and engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()  # the collective left in DeepSpeed's load
+        error = reason_line(e)
+    finally:
+        engine._config.load_universal_checkpoint = previous
+    _raise_first([e and f"cannot load checkpoint {directory} on rank {r} ({e}); --resume an older checkpoints/step_N "
+                  f"dir, or start again with --overwrite_output_dir" for r, e in enumerate(_gather(error))],
+                 ConfigError)
+    if universal:
+        seed_rng(seed, state["step"], rank)
+        if rank == 0:
+            logger.info("checkpoint %s was written by %d ranks, this run has %d: loaded through DeepSpeed's universal "
+                        "checkpoint, RNG seeded from (seed, step, rank)", directory, state["world_size"], world_size)
+    else:
+        load_rng_state(directory, rank)
+    return state

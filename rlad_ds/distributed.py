@@ -1,0 +1,66 @@
+"""The process group: this process's rank and world size, and the group's start and end (NCCL on GPUs, gloo on
+CPU). Every entry point, the trainer and the collective parts of checkpoints read their rank from here."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from datetime import timedelta
+
+from rlad_ds import hygiene
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """A plain `python script.py` without a launcher acts as rank 0 of 1 (DeepSpeed would look for MPI)."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+
+
+def env_rank() -> int:
+    """The rank the launcher gave this process (0 without one), readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_process_group(timeout_s: int) -> None:
+    """DeepSpeed's process group; a collective waiting longer than `timeout_s` fails (a dead rank)."""
+    import deepspeed
+
+    hygiene.check_build_locks()  # DeepSpeed JIT-builds its CPU comm op right here; a stale lock would hang it forever
+    hygiene.remove_stale_shm_buffers()
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    atexit.register(hygiene.remove_own_shm_buffer)
+
+
+def end_process_group(barrier: bool = True) -> None:
+    """Leave together (a rank exiting while another is still in a collective makes it abort)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().synchronize()
+            dist.barrier()
+        dist.destroy_process_group()

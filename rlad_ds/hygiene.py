@@ -1,0 +1,96 @@
+"""What a run leaves on the machine, and what killed runs left: DeepSpeed's CPU all-reduce buffers in /dev/shm,
+JIT-build locks that no process holds, and child processes whose parent died (the kernel's parent-death
+signal). Reads /proc; needs no process group."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from rlad_ds.errors import ConfigError
+
+SHM_DIR = Path("/dev/shm")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Linux: the kernel sends `signum` to this process when its parent exits (no orphans after a kill -9)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1 = PR_SET_PDEATHSIG
+
+
+def _shm_prefix() -> str:
+    # The name DeepSpeed's CPU comm op gives its buffers (ops/csrc/cpu/comm/shm.cpp): uid, MASTER_ADDR,
+    # MASTER_PORT, rank.
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_"
+
+
+def remove_own_shm_buffer() -> None:
+    """This rank's own 69 MB all-reduce buffer, at exit (success or failure): DeepSpeed never removes it.
+    The other ranks have mapped it since init, so removing the name does not disturb them."""
+    name = f"{_shm_prefix()}{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_" \
+           f"{os.environ.get('RANK', '0')}"
+    try:
+        (SHM_DIR / name).unlink()
+    except OSError:
+        pass
+
+
+def _mapped_files() -> set[str]:
+    """Every file some process of this machine has mapped (that we may read: ours, or all as root)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(maxsplit=5)[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+        except OSError:
+            continue
+    return mapped
+
+
+def remove_stale_shm_buffers(min_age_s: float = 60.0) -> int:
+    """Remove all-reduce buffers of killed runs (kill -9 skips every exit handler): ours by uid, of another
+    port than this job's, older than `min_age_s` and mapped by no process. Returns how many."""
+    port = os.environ.get("MASTER_PORT")
+    candidates = [p for p in SHM_DIR.glob(f"{_shm_prefix()}*") if f"_{port}_" not in p.name]
+    if not candidates:
+        return 0
+    mapped, removed = _mapped_files(), 0
+    for path in candidates:
+        try:
+            if str(path) not in mapped and time.time() - path.stat().st_mtime > min_age_s:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _open_files() -> set[str]:
+    held = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            held.add(os.path.realpath(os.readlink(fd)))
+        except OSError:
+            continue
+    return held
+
+
+def check_build_locks() -> None:
+    """Refuse to start on a JIT-build lock that no process holds. torch's build lock (`FileBaton`) is a file kept
+    open by the building process; a build killed mid-way leaves it, and every later start-up of any run on the
+    machine then waits on it forever, silently."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = [str(p) for p in root.glob("**/lock")] if root.is_dir() else []
+    if not locks or not Path("/proc/self/fd").is_dir():
+        return
+    time.sleep(0.2)  # a lock being released right now exists for an instant with no holder
+    held = _open_files()
+    stale = [lock for lock in locks if os.path.realpath(lock) not in held and os.path.exists(lock)]
+    if stale:
+        raise ConfigError(f"{stale[0]} is the lock of a JIT build that was killed mid-way (no process holds it); "
+                          f"every start-up would wait on it forever: delete it (rm {stale[0]}) and start again")

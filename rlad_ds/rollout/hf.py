@@ -1,0 +1,202 @@
+"""transformers' `generate` as a rollout, behind DeepSpeed's `RolloutEngine` API, on a ZeRO-3 engine's model (the
+student's training engine, the frozen teacher, `launchers/eval.py`'s model) or on a plain module (the demo's SFT).
+
+- `GatheredRollout`: gathers the whole ZeRO-3 model once per rollout session, takes ZeRO's hooks off so decoding
+  runs without collectives, generates with a KV cache (each rank stops at its own EOS), then releases the gathered
+  weights and puts the hooks back, also when generation raises. Refused above `--gather_budget_gb`.
+- `PerLayerRollout`: generates with ZeRO-3's per-layer gathers in place; ranks stay in lock-step
+  (`synced_gpus=True`) so a rank that finished early keeps joining the collectives instead of leaving the others
+  waiting forever.
+- `ModuleRollout`: a model that is already whole (no DeepSpeed), e.g. during the demo's SFT.
+
+Each class declares what `rlad_ds.rollout.registry` asks of a rollout: why it cannot serve a model
+(`unavailable_reason`), whether its generate calls are collectives every rank must make alike
+(`collective_calls`), whether it can sample from a frozen engine (`serves_frozen`), its DeepSpeed-config patch
+(`ds_config`) and how it is built for a run (`from_run`). `session()` keeps a model ready across several generate
+calls (one gather for all of them).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from contextlib import contextmanager
+
+import torch
+from deepspeed.runtime.rollout import RolloutEngine, RolloutRequest, SamplingConfig
+
+from rlad_ds.errors import ConfigError
+from rlad_ds.models import param_bytes
+from rlad_ds.rollout.output import RolloutOutput, finish_rollout
+
+logger = logging.getLogger(__name__)
+
+
+def generation_config(sampling: SamplingConfig, tokenizer):
+    """A GenerationConfig that sets every sampling knob, so nothing leaks in from the model's own defaults."""
+    from transformers import GenerationConfig
+
+    do_sample = sampling.temperature > 0.0
+    return GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=do_sample,
+                            temperature=sampling.temperature if do_sample else None,
+                            top_p=sampling.top_p if do_sample else None,
+                            top_k=max(sampling.top_k, 0) if do_sample else None, repetition_penalty=1.0,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            use_cache=True)
+
+
+@contextmanager
+def eval_mode(module):
+    """Eval during generation (gradient checkpointing turns the KV cache off in train mode), then restore."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _parameter_offload(engine):
+    optimizer = engine.optimizer
+    return optimizer.parameter_offload if hasattr(optimizer, "parameter_offload") else optimizer
+
+
+@contextmanager
+def gathered_for_generation(engine):
+    """DeepSpeed's `unwrap_model_for_generation`, but ZeRO-3's hooks come back on exceptions too.
+
+    DeepSpeed re-registers the hooks only after a normal exit; an exception inside would leave the
+    student training with its parameters never gathered again.
+    """
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    offload = _parameter_offload(engine)
+    try:
+        with unwrap_model_for_generation(engine) as unwrapped:
+            yield unwrapped
+    except BaseException:
+        if not offload.forward_hooks:  # the hooks were taken off and not put back
+            offload._register_deepspeed_module(offload.module)
+        raise
+
+
+@contextmanager
+def plain_linear():
+    """torch's own F.linear while the block runs. ZeRO-3 replaces it process-wide with an autograd Function that
+    saves memory in training (`memory_efficient_linear`); decoding under no_grad pays its overhead per call for
+    nothing."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    replaced = original is not None and torch.nn.functional.linear is zero3_linear_wrap
+    if replaced:
+        torch.nn.functional.linear = original
+    try:
+        yield
+    finally:
+        if replaced:
+            torch.nn.functional.linear = zero3_linear_wrap
+
+
+class _HFGenerateRollout(RolloutEngine):
+    """transformers' generate on a model: expand prompts n times, decode, finish. Subclasses choose how the model
+    is made whole."""
+
+    collective_calls = False
+    serves_frozen = True
+    ds_config: dict = {}
+
+    def __init__(self, engine, tokenizer):
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._module = None
+
+    @staticmethod
+    def unavailable_reason(model, device: str, rollout_cfg) -> str | None:
+        return None
+
+    @classmethod
+    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int):
+        return cls(engine, tokenizer)
+
+    @abstractmethod
+    def _generating_model(self):
+        """A context manager yielding the HF module to call generate on."""
+
+    @contextmanager
+    def session(self):
+        """The model ready for generation (gathered, eval mode) until the block ends, for any number of calls."""
+        if self._module is not None:  # already inside a session
+            yield
+            return
+        with self._generating_model() as module, eval_mode(module), plain_linear():
+            self._module = module
+            try:
+                yield
+            finally:
+                self._module = None
+
+    @torch.no_grad()
+    def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutOutput:
+        n = sampling.n_samples_per_prompt
+        prompt_ids = request.prompt_ids.repeat_interleave(n, dim=0)
+        prompt_mask = request.prompt_attention_mask.repeat_interleave(n, dim=0)
+        config = generation_config(sampling, self.tokenizer)
+        with self.session():
+            output_ids = self._module.generate(prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                               synced_gpus=self.collective_calls)
+        return finish_rollout(request.prompt_attention_mask, output_ids, n, self.tokenizer.eos_token_id,
+                              self.tokenizer.pad_token_id)
+
+    def sync_weights(self, step: int) -> None:
+        """No-op: the rollout reads the training engine's own (partitioned) weights."""
+        return None
+
+
+class GatheredRollout(_HFGenerateRollout):
+    """Gather the full model once per rollout session; decode with no collectives; each rank stops at its own EOS."""
+
+    name = "gathered"
+
+    @staticmethod
+    def unavailable_reason(model, device: str, rollout_cfg) -> str | None:
+        needed, budget = param_bytes(model), rollout_cfg.gather_budget_gb * 2**30
+        if needed > budget:
+            return f"gathering the whole model needs {needed / 2**30:.2f} GiB, over --gather_budget_gb " \
+                   f"{rollout_cfg.gather_budget_gb:g}"
+        return None
+
+    @contextmanager
+    def _generating_model(self):
+        with gathered_for_generation(self.engine) as engine:
+            yield engine.module
+
+
+class PerLayerRollout(_HFGenerateRollout):
+    """ZeRO-3 generation with per-layer gathers; ranks decode in lock-step until every rank is done."""
+
+    name = "per_layer"
+    collective_calls = True
+
+    @contextmanager
+    def _generating_model(self):
+        yield self.engine.module
+
+
+class ModuleRollout(_HFGenerateRollout):
+    """A model that is whole already (no DeepSpeed): generate on it as it is."""
+
+    name = "module"
+
+    def __init__(self, module, tokenizer):
+        super().__init__(None, tokenizer)
+        self.module = module
+
+    @contextmanager
+    def _generating_model(self):
+        yield self.module
+
+

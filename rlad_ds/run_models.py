@@ -1,0 +1,114 @@
+"""The one place that builds a run's models from the config: the student (ZeRO-3 training engine and its rollout),
+the frozen teacher and reference with their log-prob scorers, and the model `launchers/eval.py` evaluates.
+
+What gets built follows the method object (`rlad_ds.methods`): a teacher only for methods that read or sample from
+one, a reference only with `--beta_ref > 0`, old-policy scoring of the student always available. The rollout kind
+comes from `rlad_ds.rollout.registry`. Every scorer takes log-probs at the rollout temperature. The trainer, the
+demo, the study and the benchmarks receive a `RunModels` and never build one themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlad_ds.distributed import world
+from rlad_ds.ds_config import frozen_ds_config, student_ds_config
+from rlad_ds.logprob_scorer import LogProbScorer
+from rlad_ds.models import check_tokenizers_match, choose_attention, load_causal_lm, load_tokenizer
+from rlad_ds.rollout.registry import choose_rollout
+
+
+@dataclass
+class RunModels:
+    """Every model of a run, each with what the trainer calls on it."""
+
+    student: object  # DeepSpeed's training engine (ZeRO-3) of the student
+    student_rollout: object  # samples from the student (a RolloutEngine of rlad_ds.rollout)
+    student_scorer: LogProbScorer  # the student with no grad: old-policy log-probs
+    teacher_scorer: LogProbScorer | None = None
+    teacher_rollout: object = None  # samples from the teacher (sft trains on them; the demo evaluates it)
+    reference_scorer: LogProbScorer | None = None
+    packed: bool = False  # micro-batches run padding-free
+
+    @property
+    def device(self):
+        return self.student.device
+
+
+def _device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _attention(cfg, device: str) -> str:
+    override = cfg.model.attn_implementation
+    return choose_attention(device, None if override == "auto" else override)
+
+
+def load_frozen(path: str | Path, ds_config: dict, *, attn_implementation: str = "sdpa",
+                trust_remote_code: bool = False):
+    """A frozen model as a ZeRO-3 inference engine (no optimizer), built partitioned, in eval mode; `ds_config`
+    comes from `rlad_ds.ds_config.frozen_ds_config`."""
+    import deepspeed
+
+    model = load_causal_lm(path, ds_config, attn_implementation=attn_implementation, trainable=False,
+                           trust_remote_code=trust_remote_code)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def _frozen_rollout(cfg, engine, tokenizer, device: str, role: str):
+    rollout = choose_rollout("auto", engine.module, device, cfg.rollout, role=role, frozen=True)
+    return rollout.from_run(engine, tokenizer, None, cfg.rollout, cfg.train.seed)
+
+
+def build_run_models(cfg, method, student_path: Path, teacher_path: Path | None, tokenizer) -> RunModels:
+    """Every model `method` needs, partitioned over the ranks of the (initialised) process group."""
+    import deepspeed
+
+    if method.needs_teacher:  # first: the log-probs of student tokens under another vocabulary would be meaningless
+        check_tokenizers_match(tokenizer, load_tokenizer(teacher_path, trust_remote_code=cfg.model.trust_remote_code))
+    device, world_size = _device(), world()[1]
+    attn = _attention(cfg, device)
+    student_ds = student_ds_config(cfg, world_size, device)
+    model = load_causal_lm(student_path, student_ds, attn_implementation=attn,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           trust_remote_code=cfg.model.trust_remote_code)
+    rollout = choose_rollout(cfg.rollout.rollout, model, device, cfg.rollout)
+    student_ds = {**student_ds, **copy.deepcopy(rollout.ds_config)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    student, *_ = deepspeed.initialize(model=model, model_parameters=params, config=student_ds)
+    # Padding-free packing needs attention that honours per-sequence position ids: flash-attention's varlen
+    # kernels on GPU (transformers' sdpa/eager masks also do, which is how CPU tests cover it).
+    packed = cfg.model.pack_sequences == "on" or (cfg.model.pack_sequences == "auto" and attn == "flash_attention_2")
+    scoring = dict(temperature=cfg.rollout.temperature, chunk_size=cfg.model.logprob_chunk_size or None,
+                   max_tokens_per_microbatch=cfg.train.micro_batch_tokens, packed=packed)
+    models = RunModels(student, rollout.from_run(student, tokenizer, student_path, cfg.rollout, cfg.train.seed),
+                       LogProbScorer(student, tokenizer, **scoring), packed=packed)
+
+    def frozen(path: Path, offload: bool) -> object:
+        return load_frozen(path, frozen_ds_config(cfg, offload, world_size, device), attn_implementation=attn,
+                           trust_remote_code=cfg.model.trust_remote_code)
+
+    if method.needs_teacher:
+        teacher = frozen(teacher_path, {"on": True, "off": False}.get(cfg.model.teacher_offload, device != "cpu"))
+        models.teacher_scorer = LogProbScorer(teacher, tokenizer, **scoring)
+        models.teacher_rollout = _frozen_rollout(cfg, teacher, tokenizer, device, "teacher")
+    if cfg.loss.beta_ref > 0:
+        models.reference_scorer = LogProbScorer(frozen(student_path, cfg.model.reference_offload), tokenizer,
+                                                **scoring)
+    return models
+
+
+def build_eval_model(cfg, model_path: Path, tokenizer):
+    """`launchers/eval.py`'s model: a frozen ZeRO-3 inference engine and its rollout, from the same builders."""
+    device = _device()
+    engine = load_frozen(model_path, frozen_ds_config(cfg, cfg.eval.eval_offload, world()[1], device),
+                         attn_implementation=_attention(cfg, device), trust_remote_code=cfg.model.trust_remote_code)
+    rollout = choose_rollout(cfg.rollout.rollout, engine.module, device, cfg.rollout, role="evaluated model",
+                             frozen=True)
+    return engine, rollout.from_run(engine, tokenizer, model_path, cfg.rollout, cfg.train.seed)
