@@ -16,7 +16,7 @@ DS_ACCELERATOR=cpu. Times: `time/step` and `time/rollout` of TMP/metrics.jsonl.
 
 TRL: this file re-run with `--trl_worker` in the TRL venv's python (TRL never enters the project's environment;
 the venv holds rlad_ds itself with --no-deps, for the data and the verifier only). The worker parses the same
-config tree (`rlad_ds.config.parse_config` of the same flags under `recipe.PROFILE`) and takes every setting from
+config tree (`rlad_ds.config.parsing.parse_config` of the same flags under `rlad_ds.demo.recipe.PROFILE`) and takes every setting from
 it: the demo student (`prepare_demo`, cached), its tokenizer and raw chat template, the first N x 16 prompts in
 rlad_ds's own order (`load_train_examples`, then the DistributedSampler order of `Trainer.prompts_for_step`,
 with TRL's shuffling off), the reward `rlad_ds.rewards.score` (the task's verifier, called in-process), and

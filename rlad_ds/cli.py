@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rlad_ds.distributed import end_process_group, env_rank, env_world_size, single_process_env
-from rlad_ds.errors import VLLM_INSTALL, ConfigError, TrainingError, error_line
+from rlad_ds.errors import ConfigError, TrainingError, error_line
+from rlad_ds.preflight import check_train_inputs, check_writable, checked_tokenizer
 from rlad_ds.signals import guard_signals
 
 logger = logging.getLogger("rlad_ds")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
@@ -54,24 +54,6 @@ def eval_main(argv: list[str] | None = None) -> int:
     return run_main(_eval, argv)
 
 
-def _tokenizer(path, role: str, cfg):
-    """The tokenizer of a model dir; one that transformers cannot read is a ConfigError naming the dir."""
-    from rlad_ds.models import load_tokenizer
-
-    # Checked first: transformers builds an (almost empty) tokenizer for a dir without these files, which
-    # would surface later as a misleading tokenizer mismatch.
-    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"{role} dir {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save "
-                          f"the tokenizer there with tokenizer.save_pretrained")
-    try:
-        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-    except ConfigError:
-        raise
-    except Exception as error:  # a damaged file surfaces as OSError, ValueError, KeyError, tokenizers' own Exception
-        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({error_line(error)}); save it there with "
-                          f"tokenizer.save_pretrained") from None
-
-
 def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None):
     from rlad_ds.data import load_eval_examples
 
@@ -91,63 +73,6 @@ def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
-
-def _validate(cfg) -> None:
-    """Checks that need no model and no process group: the same on every rank, so all ranks stop together."""
-    import importlib.util
-
-    from rlad_ds.checkpoint.run_dir import check_output_dir
-    from rlad_ds.ds_config import load_ds_config, require_zero_stage
-    from rlad_ds.methods import get_method
-    from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget
-
-    world = env_world_size()
-    if cfg.train.prompts_per_step % world:
-        raise ConfigError(f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
-                          f"use a multiple of {world}")
-    require_zero_stage(load_ds_config(cfg.deepspeed), 3, "student")
-    if not cfg.is_demo:  # the demo's models are built (or found in the cache) after these checks
-        check_model_dir(cfg.model.student, "student", cfg.model.trust_remote_code)
-        prompt_budget(cfg.model.student, cfg.rollout.max_new_tokens, "student")
-        method = get_method(cfg.loss.method)
-        if cfg.model.teacher is not None:
-            check_model_dir(cfg.model.teacher, "teacher", cfg.model.trust_remote_code)
-            if method.needs_teacher:
-                check_vocab_sizes(cfg.model.student, cfg.model.teacher, method.teacher_generates)
-    _check_writable(cfg.train.output_dir, "--output_dir", directory=True)
-    check_output_dir(cfg)
-    if cfg.rollout.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"--rollout vllm needs vLLM: {VLLM_INSTALL}; or pass --rollout auto")
-    # The logger is built after the models; a missing package must not cost their loading first.
-    package = cfg.train.report_to
-    if package != "none" and importlib.util.find_spec(package) is None:
-        other = "tensorboard or none" if package == "wandb" else "none"
-        raise ConfigError(f"--report_to {package} needs the {package} package: pip install {package}, or pass "
-                          f"--report_to {other}")
-
-
-def _check_writable(path, flag: str, directory: bool) -> None:
-    """Refuse an output path the run could not write when it gets there: a file where a directory goes (or the
-    reverse), or a place this process cannot create files in. Writing is tried, not inferred from mode bits,
-    which root ignores; the probe leaves no file behind."""
-    import tempfile
-
-    path = Path(path).expanduser()
-    place = path.absolute() if directory else path.absolute().parent
-    try:  # exists() raises too, where a parent cannot be searched
-        if directory and path.exists() and not path.is_dir():
-            raise ConfigError(f"{flag} {path} is an existing file, not a directory; choose another {flag}")
-        if not directory and path.is_dir():
-            raise ConfigError(f"{flag} {path} is a directory; name a file to write, e.g. {path / 'results.json'}")
-        while not place.exists():  # the nearest existing ancestor: the run creates the rest inside it
-            place = place.parent
-        if not place.is_dir():
-            raise ConfigError(f"{flag} {path}: {place} is a file, not a directory; choose another {flag}")
-        tempfile.TemporaryFile(dir=place, prefix=".rlad_write_probe_").close()
-    except OSError as error:
-        raise ConfigError(f"{flag} {path}: cannot create files in {place} ({error.strerror or error}); choose a "
-                          f"writable {flag}") from None
-
 
 def _model_paths(cfg) -> tuple[Path, Path | None]:
     if not cfg.is_demo:
@@ -185,7 +110,7 @@ def _train(argv: list[str]) -> int:
 
     cfg, _ = parse_config(argv, profile=PROFILE)
     method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
-    _validate(cfg)
+    check_train_inputs(cfg)
     # This run's newest checkpoint that verifies; refused here, before any model: a finished run, another run's
     # checkpoint, --resume PATH with --overwrite_output_dir.
     resume_from = resume_point(cfg)
@@ -193,9 +118,9 @@ def _train(argv: list[str]) -> int:
     # Tokenizers and prompts need no process group: a tokenizer mismatch or a bad dataset row stops every rank
     # here, together, before any rank can wait in a collective for one that has already left.
     student_path, teacher_path = _model_paths(cfg)
-    tokenizer = _tokenizer(student_path, "student", cfg)
+    tokenizer = checked_tokenizer(student_path, "student", cfg)
     if method.needs_teacher:
-        check_tokenizers_match(tokenizer, _tokenizer(teacher_path, "teacher", cfg))
+        check_tokenizers_match(tokenizer, checked_tokenizer(teacher_path, "teacher", cfg))
     # The run's reward workers check every dataset row's gold as it loads, then score the rollouts.
     budget = prompt_budget(student_path, cfg.rollout.max_new_tokens, "student")
     with RewardRunner.from_config(cfg.data) as rewards:
@@ -266,10 +191,10 @@ def _eval(argv: list[str]) -> int:
     cfg = config_from_layers(read_layers(args))
     task = get_task(cfg.data.task, cfg.data.task_args)
     if args.output is not None:  # found now, not after the whole evaluation has run
-        _check_writable(args.output, "--output", directory=False)
+        check_writable(args.output, "--output", directory=False)
     model_dir = check_model_dir(args.model, "model", cfg.model.trust_remote_code)
     budget = prompt_budget(model_dir, cfg.rollout.max_new_tokens)
-    tokenizer = _tokenizer(model_dir, "model", cfg)
+    tokenizer = checked_tokenizer(model_dir, "model", cfg)
     with RewardRunner.from_config(cfg.data) as rewards:
         examples = _eval_examples(cfg, tokenizer, rewards, budget)
         if not examples:

@@ -1,20 +1,12 @@
-"""Prompt data: records from a file, a saved dataset, the hub, or the task's own generator, rendered as prompts.
+"""Prompt data: records from a source (`rlad_ds.data_sources`) or the task's own generator, mapped to the task's
+columns, checked, and rendered as prompts.
 
 `load_examples` returns `Examples`: a list of `Example(text, record)`, where `record` is the raw row (after
 column mapping) that the task's verifier reads, and `text` is the prompt the model sees: the task's
 user message put through the student tokenizer's chat template (optionally after a system prompt), or
 through a raw template string containing `{prompt}`, or left bare.
 
-Sources:
-- `None`: `task.generate(split, n, seed)`.
-- `.jsonl` / `.json`: parsed here, line by line, so that a bad row is reported as `file.jsonl:17: ...`
-  (a `.json` file holds a list of objects, or is JSON lines under another name).
-- `.parquet` / `.csv`: read through `datasets`; rows are reported as `file.csv row 17`.
-- a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`datasets.load_from_disk`).
-- anything else that is not a path: a hub dataset name, passed to `datasets.load_dataset` (needs network; when
-  the hub cannot be reached only the local datasets cache is tried, so that a mistyped path fails at once).
-
-`load_train_examples` reads a `rlad_ds.config.DataConfig`, `load_eval_examples` a whole `Config` (its
+`load_train_examples` reads a `rlad_ds.config.schema.DataConfig`, `load_eval_examples` a whole `Config` (its
 `eval` section); both return the trainer's form (records with a "prompt_text" key).
 
 A row is usable when every mapped column exists (`--columns` takes dotted paths into nested records,
@@ -29,18 +21,16 @@ included. A bad row is an error naming its place, or with `skip_bad_rows=True` i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
-from rlad_ds.errors import ConfigError, error_line
+from rlad_ds.data_sources import Unparsable, read_rows, saved_splits
+from rlad_ds.errors import ConfigError
 from rlad_ds.rewards import RewardRunner
 from rlad_ds.tasks import get_task
 from rlad_ds.tasks.base import Task
 
-JSON_SUFFIXES = (".jsonl", ".json")
-DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 MAX_KEPT_MESSAGES = 20
 
 
@@ -193,7 +183,7 @@ def _options(data_cfg, tokenizer, rewards: RewardRunner | None, max_prompt_token
 
 def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunner | None = None,
                         max_prompt_tokens: int | None = None) -> Examples:
-    """Training prompts for `rlad_ds.config.DataConfig`: every row of `dataset`, else `train_size` generated.
+    """Training prompts for `rlad_ds.config.schema.DataConfig`: every row of `dataset`, else `train_size` generated.
     Dataset rows are checked in `rewards` (the run's reward workers; None: workers started for the check);
     with `max_prompt_tokens` (`rlad_ds.models.prompt_budget`) a longer prompt is a bad row.
 
@@ -209,7 +199,7 @@ def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunne
 
 def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None,
                        max_prompt_tokens: int | None = None) -> Examples:
-    """Held-out problems (records with "prompt_text") for the `eval` section of a `rlad_ds.config.Config`.
+    """Held-out problems (records with "prompt_text") for the `eval` section of a `rlad_ds.config.schema.Config`.
 
     From `eval_dataset` (its `eval_split` when it is a saved dataset dict), else the task's generated "test"
     split (disjoint from its "train" split, seeded by `train.seed`), else the "test" split of a saved
@@ -227,17 +217,12 @@ def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None,
                               "problems to generate")
         source, split = None, "test"
     elif source is None:
-        saved = cfg.data.dataset is not None and "test" in _saved_splits(Path(cfg.data.dataset).expanduser())
+        saved = cfg.data.dataset is not None and "test" in saved_splits(Path(cfg.data.dataset).expanduser())
         if not saved:
             return Examples()
         source, split = cfg.data.dataset, "test"
     examples = load_examples(task, source, split=split, n=size, seed=cfg.train.seed, **options)
     return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
-
-
-def _saved_splits(path: Path) -> list[str]:
-    index = path / "dataset_dict.json"
-    return json.loads(index.read_text()).get("splits", []) if index.is_file() else []
 
 
 def _generated(task: Task, split: str, n: int | None, seed: int, render: Renderer) -> Examples:
@@ -269,125 +254,3 @@ def _bad_row(examples: Examples, message: str, skip: bool) -> None:
     examples.skipped += 1
     if len(examples.messages) < MAX_KEPT_MESSAGES:
         examples.messages.append(message)
-
-
-def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
-    """(place, row) pairs of a source, e.g. ("data.jsonl:17", {...}); a line that is not JSON is `Unparsable`."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        yield from _dataset_rows(str(path), _load_from_disk(path, split))
-    elif path.is_file():
-        if path.stat().st_size == 0:
-            raise ConfigError(f"{path}: the file is empty")
-        if path.suffix in JSON_SUFFIXES:
-            yield from _json_rows(path)
-        elif path.suffix in DATASETS_SUFFIXES:
-            yield from _dataset_rows(str(path), _load_file(path))
-        else:
-            raise ConfigError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
-    elif _looks_local(str(source)):
-        raise ConfigError(f"{source}: no such file or directory")
-    else:
-        yield from _dataset_rows(str(source), _load_hub(str(source), split))
-
-
-def _looks_local(source: str) -> bool:
-    return (source.startswith((".", "/", "~")) or Path(source).suffix in (*JSON_SUFFIXES, *DATASETS_SUFFIXES)
-            or source.count("/") > 1)
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")  # a leading byte-order mark, as some editors write, is not a bad row
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as "
-                          f"UTF-8 JSON") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            row = Unparsable(f"invalid JSON ({error.msg} at column {error.colno})")
-        yield f"{path}:{number}", row
-
-
-@dataclass(frozen=True)
-class Unparsable:
-    """A line that is not JSON; kept as a row so it is reported (or skipped) in order like any bad row."""
-
-    message: str
-
-
-def _dataset_rows(name: str, dataset) -> Iterator[tuple[str, object]]:
-    return ((f"{name} row {i + 1}", row) for i, row in enumerate(dataset))
-
-
-def _load_file(path: Path):
-    import datasets
-
-    try:
-        return datasets.load_dataset(DATASETS_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    except Exception as error:  # datasets wraps arrow / pandas errors in several types
-        raise ConfigError(f"{path}: cannot read as {DATASETS_SUFFIXES[path.suffix]} ({error})") from None
-
-
-def _load_from_disk(path: Path, split: str):
-    import datasets
-
-    if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        raise ConfigError(f"{path}: not a saved dataset (no dataset_info.json or dataset_dict.json); "
-                          "point at a data file or a save_to_disk directory")
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ConfigError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
-        return loaded[split]
-    return loaded
-
-
-def _load_hub(name: str, split: str):
-    import datasets
-    from huggingface_hub import constants
-
-    saved, offline = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE), not _hub_reachable()
-    try:
-        if offline:  # for this call: a cached dataset still loads, anything else fails now, not after ~25 s of retries
-            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-        return datasets.load_dataset(name, split=split)
-    except Exception as error:  # ConnectionError, FileNotFoundError, ValueError...: datasets' reasons vary
-        why = ("the Hugging Face hub cannot be reached from here and the local datasets cache does not have it"
-               if offline else f"the hub cannot load it ({error_line(error)})")
-        raise ConfigError(f"{name}: no such local file or directory, and {why}; give a local data file or "
-                          f"save_to_disk dir (hub dataset names need network access)") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
-def _hub_reachable(timeout_s: float = 5.0) -> bool:
-    """Whether the hub's host accepts a connection; a proxy, when one is set, is trusted to reach it."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True

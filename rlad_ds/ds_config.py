@@ -62,7 +62,7 @@ def require_zero_stage(config: dict, stage: int = 3, role: str = "student") -> N
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """"bf16" or "fp32" (`rlad_ds.config.PRECISIONS`): `auto` is bf16 on accelerators and fp32 on CPU."""
+    """"bf16" or "fp32" (`rlad_ds.config.schema.PRECISIONS`): `auto` is bf16 on accelerators and fp32 on CPU."""
     if precision == "auto":
         return "fp32" if device == "cpu" else "bf16"
     return precision
@@ -165,7 +165,7 @@ def inference_config(config: str | Path | dict | None = None, *, offload: bool =
 
 
 def student_ds_config(cfg, world_size: int, device: str) -> dict:
-    """The student engine's DeepSpeed config from the `rlad_ds.config.Config` tree.
+    """The student engine's DeepSpeed config from the `rlad_ds.config.schema.Config` tree.
 
     Each rank's micro-batch count varies with response lengths (a token budget); DeepSpeed only needs a
     nominal micro-batch size, and the trainer marks the accumulation boundary itself.

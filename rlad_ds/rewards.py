@@ -69,7 +69,7 @@ class RewardRunner:
 
     @classmethod
     def from_config(cls, data_cfg) -> "RewardRunner":
-        """The runner a `rlad_ds.config.DataConfig` asks for."""
+        """The runner a `rlad_ds.config.schema.DataConfig` asks for."""
         return cls(data_cfg.task, data_cfg.reward_timeout_s, data_cfg.reward_workers, data_cfg.task_args)
 
     def run(self, completions: Sequence[str | None], examples: Sequence[dict]) -> RewardResult:

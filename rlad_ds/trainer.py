@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -29,12 +28,14 @@ from rlad_ds.callbacks import Callback
 from rlad_ds.checkpoint.protocol import load_checkpoint, save_checkpoint
 from rlad_ds.checkpoint.run_dir import run_identity
 from rlad_ds.distributed import world
-from rlad_ds.errors import ConfigError, Interrupted, TrainingError
+from rlad_ds.errors import ConfigError, Interrupted
 from rlad_ds.evaluation import eval_metrics
 from rlad_ds.generation import decode_responses, evaluate_examples, generate, training_sampling
+from rlad_ds.health import RunHealth
 from rlad_ds.losses import LOSS_PARTS, masked_mean
 from rlad_ds.step_metrics import LOSS_SHARE, SUM, TOKEN_MEAN, StepMetrics
 from rlad_ds.tasks.base import correct
+from rlad_ds.timing import Timer
 
 logger = logging.getLogger("rlad_ds")
 
@@ -47,23 +48,6 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-class Timer:
-    """Wall time of named phases (synchronised on accelerators so that times are real)."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        from deepspeed.accelerator import get_accelerator
-
-        get_accelerator().synchronize()
-        start = time.perf_counter()
-        yield
-        get_accelerator().synchronize()
-        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - start
-
-
 class Trainer:
     def __init__(self, cfg, method, models, tokenizer, task, rewards, train_examples: list[dict],
                  eval_examples: list[dict]):
@@ -71,7 +55,8 @@ class Trainer:
         self.tokenizer, self.task, self.rewards = tokenizer, task, rewards
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.rank, self.world_size = world()
-        self.step, self.bad_steps, self.failed_reward_steps = 0, 0, 0
+        self.step = 0
+        self.health = RunHealth(cfg.train.max_bad_steps, cfg.train.max_failed_reward_steps, self.rank)
         self.save_seconds: float | None = None
         self.reward_error: str | None = None  # this step's first failed reward call on this rank, for the log
         self.controls = method.initial_controls(cfg.loss)
@@ -236,7 +221,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         per_rank = self.cfg.train.prompts_per_step // self.world_size
         # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
-        return {"step": self.step, "controls": self.controls, "bad_steps": self.bad_steps,
+        return {"step": self.step, "controls": self.controls, "bad_steps": self.health.bad_steps,
                 "world_size": self.world_size, "samples_seen": self.step * per_rank * self.world_size,
                 "identity": run_identity(self.cfg)}
 
@@ -244,7 +229,7 @@ class Trainer:
         # Another world size is loaded through DeepSpeed's universal checkpoint; the data order goes on unchanged
         # (each step's prompts over all ranks are the same slice of the epoch's permutation for any world size).
         state = load_checkpoint(self.models.student, directory, seed=self.cfg.train.seed)
-        self.step, self.controls, self.bad_steps = state["step"], state["controls"], state["bad_steps"]
+        self.step, self.controls, self.health.bad_steps = state["step"], state["controls"], state["bad_steps"]
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def fit(self, callbacks=()) -> dict:
@@ -257,12 +242,16 @@ class Trainer:
         while self.step < train.max_steps:
             metrics = self.train_step(self.step)
             self.step += 1
-            self._check_finite(metrics)
+            stop = self.health.count_finite(self.step, metrics)
+            if stop is not None:  # reported first: the failing step's numbers are what the user debugs from
+                for callback in self.callbacks:
+                    callback.on_step_end(self, self.step, metrics)
+                raise stop
             if (self.cfg.eval.eval_steps and self.step % self.cfg.eval.eval_steps == 0) or self.step == train.max_steps:
                 history["eval_after"] = self._evaluate(self.step, metrics)
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step, metrics)
-            self._check_rewards(metrics)
+            self.health.check_rewards(metrics, self.reward_error)
             save_due = train.save_steps > 0 and self.step % train.save_steps == 0
             saved = train.save_steps >= 0 and (save_due or self.step == train.max_steps)
             if saved:
@@ -275,8 +264,8 @@ class Trainer:
 
     def _save(self) -> None:
         start = time.perf_counter()
-        path = save_checkpoint(self.models.student, self.cfg.train.output_dir, self.step,
-                                          self.trainer_state(), self.cfg.train.keep_last)
+        path = save_checkpoint(self.models.student, self.cfg.train.output_dir, self.step, self.trainer_state(),
+                               self.cfg.train.keep_last)
         self.save_seconds = time.perf_counter() - start
         for callback in self.callbacks:
             callback.on_checkpoint(self, self.step, path)
@@ -294,15 +283,6 @@ class Trainer:
         raise Interrupted(f"stopped by {stop.signal_name or 'SIGTERM'} after step {self.step}: {where}; run the "
                           f"same command to resume", stop.exit_code or 128 + 15)
 
-    def _check_rewards(self, metrics: dict) -> None:
-        """A run whose every reward call fails (the verifier raises or hangs) gets no signal: stop it."""
-        limit = self.cfg.train.max_failed_reward_steps
-        self.failed_reward_steps = self.failed_reward_steps + 1 if metrics["reward_failed_frac"] >= 1.0 else 0
-        if limit and self.failed_reward_steps >= limit:
-            raise TrainingError(f"every reward call failed in {self.failed_reward_steps} consecutive steps (raised "
-                                f"or timed out), so nothing can be learned; first error: {self.reward_error}; fix "
-                                f"the task's verifier or raise --reward_timeout_s")
-
     def _evaluate(self, step: int, metrics: dict) -> float | None:
         """Evaluate, tell the callbacks, add the results' summary to `metrics`; the accuracy, or None."""
         results = self.evaluate()
@@ -315,16 +295,3 @@ class Trainer:
             logger.warning("evaluation at step %d: %d scoring errors / timeouts, scored 0 (not wrong answers; "
                            "first: %s)", step, metrics["eval_score_errors"], "; ".join(results["score_messages"]))
         return metrics["eval_accuracy"]
-
-    def _check_finite(self, metrics: dict) -> None:
-        """Count non-finite (skipped) updates; too many in a row end the run, after the step is reported."""
-        self.bad_steps = 0 if metrics["finite"] else self.bad_steps + 1
-        metrics["skipped_steps"] = self.bad_steps
-        if not metrics["finite"] and self.rank == 0:  # `finite` is the same on every rank
-            logger.warning("step %d: non-finite loss or gradient norm; the update was skipped (%d in a row)",
-                           self.step, self.bad_steps)
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
-            for callback in self.callbacks:  # the failing step's numbers are what the user debugs from
-                callback.on_step_end(self, self.step, metrics)
-            raise TrainingError(f"{self.bad_steps} consecutive non-finite steps; lower --lr or check the data and "
-                                f"rewards (see metrics.jsonl)")

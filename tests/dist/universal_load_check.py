@@ -19,10 +19,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from rlad_ds.checkpoint import protocol
 from rlad_ds.config.parsing import parse_config
-from rlad_ds.engines import build_engines
 from rlad_ds.distributed import init_process_group, single_process_env
 from rlad_ds.methods import get_method
 from rlad_ds.models import load_tokenizer
+from rlad_ds.run_models import build_run_models
 
 
 def gathered(engine) -> dict:
@@ -34,11 +34,11 @@ directory, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg, _ = parse_config(sys.argv[3:])
 single_process_env()
 init_process_group(120)
-engines = build_engines(cfg, get_method(cfg.loss.method), Path(cfg.model.student), None,
-                        load_tokenizer(cfg.model.student))
-initial = gathered(engines.student)
-state = protocol.load_checkpoint(engines.student, directory, seed=cfg.train.seed)
-loaded = gathered(engines.student)
+models = build_run_models(cfg, get_method(cfg.loss.method), Path(cfg.model.student), None,
+                          load_tokenizer(cfg.model.student))
+initial = gathered(models.student)
+state = protocol.load_checkpoint(models.student, directory, seed=cfg.train.seed)
+loaded = gathered(models.student)
 saved = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
 
 
@@ -48,6 +48,6 @@ def max_diff(a: dict, b: dict) -> float:
 
 out.write_text(json.dumps({"step": state["step"], "names": sorted(loaded) == sorted(saved),
                            "loaded_vs_saved": max_diff(loaded, saved), "initial_vs_saved": max_diff(initial, saved),
-                           "global_steps": engines.student.global_steps}))
+                           "global_steps": models.student.global_steps}))
 dist.barrier()
 dist.destroy_process_group()
