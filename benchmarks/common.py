@@ -60,8 +60,10 @@ def markdown_table(records: list[dict], details: dict[str, str] | None = None) -
     details = details or {}
     lines = ["| benchmark | value | unit | goal | meets | measured |", "|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['name']} | {format_value(r['value'])} | {r['unit']} | {r['goal']} | "
-                     f"{'yes' if r['meets'] else 'NO'} | {details.get(r['name'], '')} |")
+        lines.append(
+            f"| {r['name']} | {format_value(r['value'])} | {r['unit']} | {r['goal']} | "
+            f"{'yes' if r['meets'] else 'NO'} | {details.get(r['name'], '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -72,6 +74,7 @@ def write_json(records: list[dict], path: str | Path) -> None:
 
 
 # ---- memory -----------------------------------------------------------------------------------------------------
+
 
 def current_rss_bytes() -> int:
     """Resident set size now (Linux /proc/self/statm)."""
@@ -99,24 +102,42 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 
 # ---- machine ----------------------------------------------------------------------------------------------------
 
+
 def machine_info() -> dict:
     import deepspeed
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(os.sysconf("SC_PHYS_PAGES") *
-                                                                      os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "load_average": os.getloadavg()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 # ---- subprocess workers -----------------------------------------------------------------------------------------
 
+
 def worker_env(extra: dict | None = None) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra or {})
@@ -127,8 +148,15 @@ def run_worker(cmd: list[str], out_json: Path, timeout: float, env: dict | None 
     """Run a worker command that writes its result to `out_json`; return that result or raise with its log."""
     out_json = Path(out_json)
     out_json.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=worker_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -146,14 +174,28 @@ def deepspeed_cmd(module: str, args: list[str], nprocs: int, workdir: Path) -> l
     hostfile = Path(workdir) / f"hostfile_{nprocs}"
     hostfile.write_text(f"localhost slots={nprocs}\n")
     target = [module] if module.endswith(".py") else ["--module", module]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *target,
+        *map(str, args),
+    ]
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
 
-def save_model_dir(path: str | Path, tokenizer=None, *, vocab_size: int | None = None, seed: int = 0,
-                   never_eos: bool = False, **size) -> Path:
+
+def save_model_dir(
+    path: str | Path, tokenizer=None, *, vocab_size: int | None = None, seed: int = 0, never_eos: bool = False, **size
+) -> Path:
     """A random tiny Qwen3 HF dir (see rlad_ds.tiny.tiny_config); `never_eos` zeroes the lm-head row of EOS.
 
     With random weights the other logits of a step are spread around 0 and the largest is far above it, so an
@@ -172,8 +214,9 @@ def save_model_dir(path: str | Path, tokenizer=None, *, vocab_size: int | None =
         with torch.no_grad():
             model.get_output_embeddings().weight[model.config.eos_token_id].zero_()
     if tokenizer is not None:
-        model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id,
-                                                   eos_token_id=tokenizer.eos_token_id)
+        model.generation_config = GenerationConfig(
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        )
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:

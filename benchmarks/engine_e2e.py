@@ -29,17 +29,36 @@ def vllm_recipe():
     to reach the same early-stop target (sampled accuracy 0.25): with 400 this build stopped at 0.04."""
     from rlad_ds.demo.recipe import DEFAULT_RECIPE
 
-    return dataclasses.replace(DEFAULT_RECIPE, student=dataclasses.replace(DEFAULT_RECIPE.student, heads=2, kv_heads=1),
-                               student_sft=dataclasses.replace(DEFAULT_RECIPE.student_sft, steps=1200))
+    return dataclasses.replace(
+        DEFAULT_RECIPE,
+        student=dataclasses.replace(DEFAULT_RECIPE.student, heads=2, kv_heads=1),
+        student_sft=dataclasses.replace(DEFAULT_RECIPE.student_sft, steps=1200),
+    )
 
 
 def train_flags(models: dict, out: Path, engine: str, seed: int, steps: int) -> list[str]:
     """The demo's PROFILE as flags (it applies only without --student), plus the rollout, seed and length."""
     from rlad_ds.demo.recipe import PROFILE
 
-    flags = ["--student", models["student"], "--teacher", models["teacher"], "--output_dir", out, "--rollout", engine,
-             "--seed", seed, "--max_steps", steps, "--report_to", "none", "--eval_steps", 0]
-    for section, values in PROFILE.items():
+    flags = [
+        "--student",
+        models["student"],
+        "--teacher",
+        models["teacher"],
+        "--output_dir",
+        out,
+        "--rollout",
+        engine,
+        "--seed",
+        seed,
+        "--max_steps",
+        steps,
+        "--report_to",
+        "none",
+        "--eval_steps",
+        0,
+    ]
+    for values in PROFILE.values():
         for name, value in values.items():
             if name not in ("max_steps", "output_dir", "eval_steps"):
                 flags += [f"--{name}", value]
@@ -49,19 +68,26 @@ def train_flags(models: dict, out: Path, engine: str, seed: int, steps: int) -> 
 def run_one(models: dict, work: Path, engine: str, seed: int, steps: int, timeout: float = 1800) -> dict:
     out = work / f"p5_{engine}_{seed}"
     flags = train_flags(models, out, engine, seed, steps)
-    cmd = deepspeed_cmd("launchers/train.py", ["--deepspeed", "ds_configs/zero3.json", *flags,
-                                               "--overwrite_output_dir"], 2, work)
-    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = deepspeed_cmd(
+        "launchers/train.py", ["--deepspeed", "ds_configs/zero3.json", *flags, "--overwrite_output_dir"], 2, work
+    )
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=worker_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in rows if "time/step" in r][1:]
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
-    return {"engine": engine, "seed": seed, "step_s": statistics.median(r["time/step"] for r in steps_),
-            "rollout_s": statistics.median(r["time/rollout"] for r in steps_),
-            "sync_share": statistics.median(r["time/weight_sync"] / r["time/step"] for r in steps_),
-            "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None}
+    return {
+        "engine": engine,
+        "seed": seed,
+        "step_s": statistics.median(r["time/step"] for r in steps_),
+        "rollout_s": statistics.median(r["time/rollout"] for r in steps_),
+        "sync_share": statistics.median(r["time/weight_sync"] / r["time/step"] for r in steps_),
+        "eval_before": evals[0] if evals else None,
+        "eval_after": evals[-1] if evals else None,
+    }
 
 
 def run_p5(steps: int, seeds: int, work: Path) -> dict:
@@ -87,8 +113,10 @@ def p5_records(m: dict) -> tuple[list[dict], dict]:
     ratio = make_record(f"P5 step time, vLLM / gathered ({where})", step["vllm"] / step["gathered"], "x", "<= 1.0")
     sync = make_record(f"P5 weight sync share of the vLLM step ({where})", share, "x", "<= 0.10")
     acc = {e: [r["eval_after"] for r in rs] for e, rs in by.items()}
-    details = {ratio["name"]: f"step {step['vllm']:.2f} s vs {step['gathered']:.2f} s; rollout {rollout['vllm']:.2f} s "
-                              f"vs {rollout['gathered']:.2f} s (medians)",
-               sync["name"]: "held-out greedy accuracy after training, per seed: " + "; ".join(
-                   f"{e} {', '.join(f'{a:.3f}' for a in acc[e] if a is not None)}" for e in acc)}
+    details = {
+        ratio["name"]: f"step {step['vllm']:.2f} s vs {step['gathered']:.2f} s; rollout {rollout['vllm']:.2f} s "
+        f"vs {rollout['gathered']:.2f} s (medians)",
+        sync["name"]: "held-out greedy accuracy after training, per seed: "
+        + "; ".join(f"{e} {', '.join(f'{a:.3f}' for a in acc[e] if a is not None)}" for e in acc),
+    }
     return [ratio, sync], details

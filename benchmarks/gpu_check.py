@@ -25,8 +25,16 @@ from pathlib import Path
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-QWEN3_06B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True)
+QWEN3_06B = dict(
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:
@@ -66,14 +74,22 @@ def format_table(rows: list[dict]) -> str:
 
 # ---- the GPU runs ----------------------------------------------------------------------------------------------
 
+
 def build_engine(model_dir: Path, attn: str, gradient_checkpointing: bool):
     import deepspeed
 
     from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
     from rlad_ds.models import load_causal_lm
 
-    config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=1, micro_batch_size=1,
-                               gradient_accumulation_steps=1, lr=1e-6, gradient_clipping=1.0, device="cuda")
+    config = fill_train_config(
+        CONFIG_DIR / "zero3.json",
+        world_size=1,
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        lr=1e-6,
+        gradient_clipping=1.0,
+        device="cuda",
+    )
     model = load_causal_lm(model_dir, config, attn_implementation=attn, gradient_checkpointing=gradient_checkpointing)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     return engine
@@ -118,25 +134,30 @@ def rollout_rows(engine, model_dir: Path, args) -> list[dict]:
     """Rollout tokens/s of the gathered engine and the vLLM engine (if it can run), and vLLM's weight sync time."""
     from rlad_ds.config.schema import RolloutConfig
     from rlad_ds.rollout.hf import GatheredRollout
-    from rlad_ds.tiny import char_tokenizer
     from rlad_ds.rollout.vllm import VLLMRollout, vllm_unavailable_reason
+    from rlad_ds.tiny import char_tokenizer
 
     shape = f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"
-    gathered = rollout_rate(GatheredRollout(engine, char_tokenizer()), engine, args.rollout_prompts, 64,
-                            args.rollout_tokens)
+    gathered = rollout_rate(
+        GatheredRollout(engine, char_tokenizer()), engine, args.rollout_prompts, 64, args.rollout_tokens
+    )
     rows = [{"name": "gathered rollout tokens/s (sdpa, greedy)", "value": gathered, "unit": "tok/s", "detail": shape}]
     reason = vllm_unavailable_reason(engine.module.config, "cuda")
     names = ("vLLM rollout tokens/s (greedy)", "vLLM / gathered rollout tokens/s", "vLLM weight sync from ZeRO-3")
     if reason is not None:
-        return rows + [{"name": name, "value": None, "unit": unit, "detail": reason}
-                       for name, unit in zip(names, ("tok/s", "x", "s"))]
+        return rows + [
+            {"name": name, "value": None, "unit": unit, "detail": reason}
+            for name, unit in zip(names, ("tok/s", "x", "s"))
+        ]
     vllm = VLLMRollout(engine, char_tokenizer(), model_dir, RolloutConfig(vllm_gpu_memory_utilization=0.3))
     rate = rollout_rate(vllm, engine, args.rollout_prompts, 64, args.rollout_tokens)
     vllm.synced_step = None
     vllm.sync_weights()
-    rows += [{"name": names[0], "value": rate, "unit": "tok/s", "detail": shape},
-             {"name": names[1], "value": rate / gathered, "unit": "x", "detail": "goal >= 4"},
-             {"name": names[2], "value": vllm.sync_seconds, "unit": "s", "detail": "every weight, layer by layer"}]
+    rows += [
+        {"name": names[0], "value": rate, "unit": "tok/s", "detail": shape},
+        {"name": names[1], "value": rate / gathered, "unit": "x", "detail": "goal >= 4"},
+        {"name": names[2], "value": vllm.sync_seconds, "unit": "s", "detail": "every weight, layer by layer"},
+    ]
     vllm.shutdown()
     return rows
 
@@ -149,13 +170,21 @@ def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, 
 
     name = f"train tokens/s, {attn}, {args.seq_len} tokens, bf16 ZeRO-3"
     if attn == "flash_attention_2" and not flash_attention_available():
-        return [{"name": name, "value": None, "unit": "tok/s", "detail": "flash-attn not installed"},
-                {"name": f"MFU, {attn}", "value": None, "unit": "fraction"}]
+        return [
+            {"name": name, "value": None, "unit": "tok/s", "detail": "flash-attn not installed"},
+            {"name": f"MFU, {attn}", "value": None, "unit": "fraction"},
+        ]
     engine = build_engine(model_dir, attn, args.gradient_checkpointing)
     rate, peak_gib = train_rate(engine, args.seq_len, args.steps)
-    rows = [{"name": name, "value": rate, "unit": "tok/s", "detail": f"peak {peak_gib:.1f} GiB allocated"},
-            {"name": f"MFU, {attn}", "value": mfu(rate, flops, peak), "unit": "fraction",
-             "detail": f"{flops / 1e9:.2f} GFLOP/token, peak {peak} TFLOP/s ({device})"}]
+    rows = [
+        {"name": name, "value": rate, "unit": "tok/s", "detail": f"peak {peak_gib:.1f} GiB allocated"},
+        {
+            "name": f"MFU, {attn}",
+            "value": mfu(rate, flops, peak),
+            "unit": "fraction",
+            "detail": f"{flops / 1e9:.2f} GFLOP/token, peak {peak} TFLOP/s ({device})",
+        },
+    ]
     if attn == "sdpa":
         rows += rollout_rows(engine, model_dir, args)
     del engine
@@ -164,7 +193,7 @@ def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq_len", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=5)
@@ -173,13 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout_prompts", type=int, default=32)
     parser.add_argument("--rollout_tokens", type=int, default=512)
     parser.add_argument("--json", default="gpu_check.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device is visible; this check needs a GPU (run python -m benchmarks.run on CPU)",
-              file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device is visible; this check needs a GPU (run python -m benchmarks.run on CPU)",
+            file=sys.stderr,
+        )
         return 2
     import deepspeed
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -189,16 +223,21 @@ def main(argv: list[str] | None = None) -> int:
 
     single_process_env()
     from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
+
     init_process_group(1800)
     device = torch.cuda.get_device_name()
     peak = peak_tflops(device, args.peak_tflops)
-    config = Qwen3Config(**QWEN3_06B, max_position_embeddings=max(args.seq_len, 40960), pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
+    config = Qwen3Config(
+        **QWEN3_06B, max_position_embeddings=max(args.seq_len, 40960), pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    flops = train_flops_per_token(matmul_params(total, config.vocab_size, config.hidden_size, True),
-                                  config.num_hidden_layers, config.num_attention_heads * config.head_dim,
-                                  args.seq_len)
+    flops = train_flops_per_token(
+        matmul_params(total, config.vocab_size, config.hidden_size, True),
+        config.num_hidden_layers,
+        config.num_attention_heads * config.head_dim,
+        args.seq_len,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -207,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         for attn in ("flash_attention_2", "sdpa"):
             rows += measure(Path(tmp), attn, args, flops, peak, device)
     print(format_table(rows))
-    Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                           "deepspeed": deepspeed.__version__, "rows": rows}, indent=1) + "\n")
+    Path(args.json).write_text(
+        json.dumps(
+            {"device": device, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "rows": rows}, indent=1
+        )
+        + "\n"
+    )
     return 0
 
 

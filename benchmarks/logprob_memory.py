@@ -41,7 +41,7 @@ def inputs(tokens: int, hidden_size: int, vocab: int, seed: int = 0):
 
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(1, tokens, hidden_size, generator=generator).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, generator=generator) * hidden_size ** -0.5).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * hidden_size**-0.5).requires_grad_()
     targets = torch.randint(0, vocab, (1, tokens), generator=generator)
     return hidden, weight, targets
 
@@ -73,10 +73,19 @@ def main() -> None:
         start = time.perf_counter()
         step(args.variant, hidden, weight, targets, args.chunk_size)
         times.append(time.perf_counter() - start)
-    result = {"variant": args.variant, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-              "chunk_size": args.chunk_size, "threads": torch.get_num_threads(), "baseline_bytes": baseline,
-              "peak_growth_bytes": peak_growth, "first_seconds": first, "seconds": times,
-              "median_seconds": statistics.median(times) if times else first}
+    result = {
+        "variant": args.variant,
+        "tokens": args.tokens,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
+        "chunk_size": args.chunk_size,
+        "threads": torch.get_num_threads(),
+        "baseline_bytes": baseline,
+        "peak_growth_bytes": peak_growth,
+        "first_seconds": first,
+        "seconds": times,
+        "median_seconds": statistics.median(times) if times else first,
+    }
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

@@ -28,8 +28,9 @@ def _default_match_types(call: ast.Call) -> tuple[str, ...] | None:
     """The match types of a default-settings comparison, or None when the call sets another option."""
     name = getattr(call.func, "id", None)
     if name == "verify":  # verify(parse(gold), parse(pred)) with no options: parse's own defaults
-        plain = not call.keywords and all(isinstance(a, ast.Call) and not a.keywords and len(a.args) == 1
-                                          for a in call.args)
+        plain = not call.keywords and all(
+            isinstance(a, ast.Call) and not a.keywords and len(a.args) == 1 for a in call.args
+        )
         return ("parse-defaults",) if plain else None
     keywords = {k.arg: k.value for k in call.keywords}
     if name != "compare_strings" or set(keywords) - {"match_types"} or len(call.args) != 2:
@@ -54,14 +55,25 @@ def collect_cases(tests_dir: Path) -> list[dict]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.FunctionDef):
                 continue
-            calls = [c for c in ast.walk(node) if isinstance(c, ast.Call)
-                     and getattr(c.func, "id", None) in ("compare_strings", "verify")]
+            calls = [
+                c
+                for c in ast.walk(node)
+                if isinstance(c, ast.Call) and getattr(c.func, "id", None) in ("compare_strings", "verify")
+            ]
             match_types = _default_match_types(calls[0]) if len(calls) == 1 else None
             if match_types is None:
                 continue
             for gold, pred, expected in _parametrized_cases(node):
-                cases.append({"file": path.name, "test": node.name, "gold": gold, "pred": pred,
-                              "expected": expected, "match_types": match_types})
+                cases.append(
+                    {
+                        "file": path.name,
+                        "test": node.name,
+                        "gold": gold,
+                        "pred": pred,
+                        "expected": expected,
+                        "match_types": match_types,
+                    }
+                )
     return cases
 
 
@@ -98,9 +110,11 @@ def main(argv=None) -> int:
     if args.differences:
         for c in cases:
             if c["ours"] != c["expected"]:
-                print(f"- {c['file']}::{c['test']} expected={int(c['expected'])} ours={int(c['ours'])} "
-                      f"math_verify={int(c['math_verify'])} match={'+'.join(c['match_types'])}\n"
-                      f"    gold={c['gold']!r}\n    pred={c['pred']!r}")
+                print(
+                    f"- {c['file']}::{c['test']} expected={int(c['expected'])} ours={int(c['ours'])} "
+                    f"math_verify={int(c['math_verify'])} match={'+'.join(c['match_types'])}\n"
+                    f"    gold={c['gold']!r}\n    pred={c['pred']!r}"
+                )
     if args.json:
         args.json.write_text(json.dumps(cases, indent=1))
     return 0

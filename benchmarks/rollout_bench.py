@@ -69,8 +69,11 @@ def parse_args():
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--engines", default="gathered,per_layer", help="comma-separated: gathered (always, the "
-                        "reference), per_layer, vllm")
+    parser.add_argument(
+        "--engines",
+        default="gathered,per_layer",
+        help="comma-separated: gathered (always, the reference), per_layer, vllm",
+    )
     parser.add_argument("--vllm_kv_cache_gb", type=float, default=1.0)
     parser.add_argument("--persistence_threshold", type=int, default=0, help="0: every parameter is partitioned")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -83,12 +86,43 @@ def student_engine(args, world: int):
     from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
     from rlad_ds.models import load_causal_lm
 
-    config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_batch_size=1,
-                               gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",
-                               persistence_threshold=args.persistence_threshold)
+    config = fill_train_config(
+        CONFIG_DIR / "zero3.json",
+        world_size=world,
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        lr=1e-5,
+        gradient_clipping=1.0,
+        device="cpu",
+        persistence_threshold=args.persistence_threshold,
+    )
     model = load_causal_lm(args.model, config)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=config)
     return engine
+
+
+def time_rollouts(args, engine, tokenizer, rank: int) -> tuple[dict, dict, str | None]:
+    """Every asked-for rollout on the same per-rank prompts: (timings, output ids, why vLLM was skipped or None)."""
+    import torch
+    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+
+    from rlad_ds.rollout.registry import KINDS
+
+    # Random prompts of ordinary tokens, different on every rank; greedy, so the rollouts must agree token for token.
+    shape, generator = (args.prompts, args.prompt_len), torch.Generator().manual_seed(1000 + rank)
+    prompt_ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), shape, generator=generator)
+    request = RolloutRequest(prompt_ids=prompt_ids, prompt_attention_mask=torch.ones_like(prompt_ids))
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, n_samples_per_prompt=args.samples)
+    warmup = SamplingConfig(max_new_tokens=4, temperature=0.0, n_samples_per_prompt=args.samples)
+    kinds = args.engines.split(",")
+    results, outputs = {}, {}
+    for kind in (k for k in kinds if k != "vllm"):
+        rollout = KINDS[kind].load()(engine, tokenizer)
+        results[kind], outputs[kind] = time_rollout(rollout, request, sampling, warmup, args.repeats)
+    skipped = None
+    if "vllm" in kinds:
+        skipped = time_vllm(engine, tokenizer, args, request, sampling, warmup, results, outputs)
+    return results, outputs, skipped
 
 
 def main() -> None:
@@ -97,37 +131,29 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import torch.distributed as dist
-    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
     from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
     from rlad_ds.models import load_tokenizer
-    from rlad_ds.rollout.registry import KINDS
 
     init_process_group(1800)
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer, engine = load_tokenizer(args.model), student_engine(args, world)
     partitioned = all(getattr(p, "ds_numel", 0) > p.numel() for p in engine.module.parameters()) if world > 1 else True
-
-    # Random prompts of ordinary tokens, different on every rank; greedy, so both engines must agree token for token.
-    prompt_ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (args.prompts, args.prompt_len),
-                               generator=torch.Generator().manual_seed(1000 + rank))
-    request = RolloutRequest(prompt_ids=prompt_ids, prompt_attention_mask=torch.ones_like(prompt_ids))
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, n_samples_per_prompt=args.samples)
-    warmup = SamplingConfig(max_new_tokens=4, temperature=0.0, n_samples_per_prompt=args.samples)
-    engines = args.engines.split(",")
-    results, outputs = {}, {}
-    for kind in (k for k in engines if k != "vllm"):
-        results[kind], outputs[kind] = time_rollout(KINDS[kind].load()(engine, tokenizer), request, sampling, warmup,
-                                                    args.repeats)
-    skipped = time_vllm(engine, tokenizer, args, request, sampling, warmup, results, outputs) if "vllm" in engines \
-        else None
+    results, outputs, skipped = time_rollouts(args, engine, tokenizer, rank)
     same = {name: torch.tensor([float(torch.equal(outputs["gathered"], ids))]) for name, ids in outputs.items()}
     for flag in same.values():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if rank == 0:
-        result = {"world_size": world, "partitioned": partitioned, "threads": torch.get_num_threads(), **results,
-                  "identical_to_gathered": {name: bool(flag == 1.0) for name, flag in same.items() if name != "gathered"},
-                  "rows_per_rank": args.prompts * args.samples, "max_new_tokens": args.max_new_tokens}
+        identical = {name: bool(flag == 1.0) for name, flag in same.items() if name != "gathered"}
+        result = {
+            "world_size": world,
+            "partitioned": partitioned,
+            "threads": torch.get_num_threads(),
+            **results,
+            "identical_to_gathered": identical,
+            "rows_per_rank": args.prompts * args.samples,
+            "max_new_tokens": args.max_new_tokens,
+        }
         if skipped is not None:
             result["vllm_skipped"] = skipped
         Path(args.out).write_text(json.dumps(result, indent=1))

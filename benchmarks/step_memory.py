@@ -34,7 +34,7 @@ def forward_backward(engine, response_tokens: int, vocab: int, chunk_size: int) 
     input_ids = torch.randint(3, vocab, (1, total), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     mask = torch.zeros(1, total - 1, dtype=torch.bool)
-    mask[:, PROMPT - 1:] = True
+    mask[:, PROMPT - 1 :] = True
     out = token_logprobs(engine, input_ids, attention_mask, chunk_size=chunk_size, with_entropy=True)
     old = out.logprobs.detach()
     teacher = old + 0.1 * torch.randn(old.shape, generator=generator)
@@ -54,16 +54,24 @@ def main() -> None:
     single_process_env()
     import deepspeed
 
+    from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
     from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
     from rlad_ds.models import load_causal_lm
 
-    from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
     init_process_group(1800)
-    config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=1, micro_batch_size=1,
-                               gradient_accumulation_steps=1, lr=1e-5, gradient_clipping=1.0, device="cpu",
-                               persistence_threshold=0)
-    model = load_causal_lm(args.model, config, attn_implementation="sdpa",
-                           gradient_checkpointing=args.gradient_checkpointing)
+    config = fill_train_config(
+        CONFIG_DIR / "zero3.json",
+        world_size=1,
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        lr=1e-5,
+        gradient_clipping=1.0,
+        device="cpu",
+        persistence_threshold=0,
+    )
+    model = load_causal_lm(
+        args.model, config, attn_implementation="sdpa", gradient_checkpointing=args.gradient_checkpointing
+    )
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     engine.train()
     vocab = model.config.vocab_size
@@ -72,9 +80,14 @@ def main() -> None:
     start = time.perf_counter()
     forward_backward(engine, args.tokens, vocab, args.chunk_size)
     seconds = time.perf_counter() - start
-    result = {"tokens": args.tokens, "prompt": PROMPT, "baseline_bytes": baseline,
-              "peak_growth_bytes": peak_rss_bytes() - baseline, "seconds": seconds,
-              "gradient_checkpointing": args.gradient_checkpointing}
+    result = {
+        "tokens": args.tokens,
+        "prompt": PROMPT,
+        "baseline_bytes": baseline,
+        "peak_growth_bytes": peak_rss_bytes() - baseline,
+        "seconds": seconds,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

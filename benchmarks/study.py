@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -44,13 +43,20 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.study_report import (KD, SWEEP_ALPHAS, carry_subset, plot, render_table, subset_accuracy, summarise,
-                                    tables, token_confidence)
+from benchmarks.misaligned_teacher import prepare_misaligned_teacher
+from benchmarks.study_report import (
+    KD,
+    SWEEP_ALPHAS,
+    plot,
+    render_table,
+    subset_accuracy,
+    summarise,
+    tables,
+    token_confidence,
+)
 from rlad_ds.callbacks import Callback
 from rlad_ds.demo.cache import cache_dir
 from rlad_ds.tasks import arith
-
-MISALIGNED_VERSION = 2
 
 # Run time per mode: the full grid runs the demo recipe's 60 steps (48 runs, about 23 minutes on 2 cores once
 # the models are cached); --quick is a smoke run of the whole pipeline.
@@ -60,27 +66,14 @@ MODES = {
 }
 
 
-# ---- pure pieces (unit-tested in tests/test_study.py) ---------------------------------------------------------------
-
-def misaligned_solution(example: dict) -> str:
-    """The misaligned teacher's worked solution: when the units column carries, the tens column adds it twice."""
-    a, b, carry, steps, digits = example["a"], example["b"], 0, [], []
-    for column in range(3):
-        da, db = a % 10, b % 10
-        total = da + db + carry + (carry if column == 1 else 0)
-        steps.append(f"{da}+{db}+{carry}={total:02d}")
-        digits.append(total % 10)
-        carry, a, b = total // 10, a // 10, b // 10
-    return "|".join(steps) + f"|>{carry}{digits[2]}{digits[1]}{digits[0]}"
-
-
 # ---- the run grid --------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Job:
-    name: str          # row label, e.g. "rlad a=0.5"
-    group: str         # main / sweep / misaligned
-    method: str        # trainer method
+    name: str  # row label, e.g. "rlad a=0.5"
+    group: str  # main / sweep / misaligned
+    method: str  # trainer method
     seed: int
     teacher: str = "aligned"
     alpha: float = 0.5
@@ -91,59 +84,29 @@ class Job:
 
 def build_jobs(seeds: int, sweep_seeds: int) -> list[Job]:
     jobs = []
-    teacher_runs = [(KD, "kd", None, 0.1), ("kdrl", "kdrl", None, 0.1),
-                    ("kdrl beta_kd=1", "kdrl", None, 1.0), ("rlad a=0.5", "rlad", None, 0.1)]
+    teacher_runs = [
+        (KD, "kd", None, 0.1),
+        ("kdrl", "kdrl", None, 0.1),
+        ("kdrl beta_kd=1", "kdrl", None, 1.0),
+        ("rlad a=0.5", "rlad", None, 0.1),
+    ]
     for seed in range(seeds):
-        jobs += [Job("grpo", "main", "grpo", seed),
-                 Job("grpo shuffled rewards", "main", "grpo", seed, control="shuffled"),
-                 Job("rlad adaptive alpha", "main", "rlad", seed, adaptive=True),
-                 Job("sft (offline distill)", "main", "sft", seed)]
+        jobs += [
+            Job("grpo", "main", "grpo", seed),
+            Job("grpo shuffled rewards", "main", "grpo", seed, control="shuffled"),
+            Job("rlad adaptive alpha", "main", "rlad", seed, adaptive=True),
+            Job("sft (offline distill)", "main", "sft", seed),
+        ]
         for group, teacher in (("main", "aligned"), ("misaligned", "misaligned")):
-            jobs += [Job(name, group, method, seed, teacher=teacher, control=control, beta_kd=beta)
-                     for name, method, control, beta in teacher_runs]
+            jobs += [
+                Job(name, group, method, seed, teacher=teacher, control=control, beta_kd=beta)
+                for name, method, control, beta in teacher_runs
+            ]
     for seed in range(sweep_seeds):
         for alpha in SWEEP_ALPHAS:
             jobs.append(Job(f"rlad a={alpha}", "sweep", "rlad", seed, alpha=alpha))
     # Longest first (sft generates with the teacher), so the queue ends with short jobs.
     return sorted(jobs, key=lambda j: (j.method != "sft", j.seed))
-
-
-# ---- the misaligned teacher ------------------------------------------------------------------------------------------
-
-def prepare_misaligned_teacher(cache_dir: Path, seed: int = 0, progress: bool = True) -> Path:
-    """The misaligned teacher's HF dir: demo teacher architecture + SFT recipe on `misaligned_solution` targets."""
-    from rlad_ds.demo import cache, recipe, sft
-
-    spec = recipe.DEFAULT_RECIPE
-    blob = json.dumps({"teacher": dataclasses.asdict(spec.teacher), "sft": dataclasses.asdict(spec.teacher_sft),
-                       "seed": seed, "version": MISALIGNED_VERSION, "demo_version": recipe.FORMAT_VERSION,
-                       "rule": "tens column counts the units carry twice", "alphabet": arith.ALPHABET,
-                       "template": recipe.DEMO_CHAT_TEMPLATE}, sort_keys=True)
-
-    def complete(root: Path) -> bool:
-        return (root / "info.json").is_file() and (root / "teacher" / "config.json").is_file()
-
-    def build(tmp: Path) -> None:
-        tokenizer = recipe.demo_tokenizer()
-        model = recipe.build_model(spec.teacher, tokenizer, seed * 1000 + 7)
-        start = time.perf_counter()
-        with cache._threads(1):
-            losses = sft.train_sft(model, tokenizer, spec.teacher_sft, seed * 1000 + 7, progress,
-                                    desc="misaligned teacher SFT", solution=misaligned_solution)
-        info = {"rule": "when the units column carries, the tens column counts the carry twice",
-                "sft_steps": len(losses), "sft_seconds": round(time.perf_counter() - start, 1),
-                "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4)}
-        test = arith.generate("test", 256, seed)
-        for name in ("carry", "no_carry"):
-            part = [e for e in test if carry_subset(e) == name]
-            info[f"heldout_greedy_{name}"] = sft.accuracy(model, tokenizer, part, greedy=True)
-            info[f"heldout_examples_{name}"] = len(part)
-        model.save_pretrained(tmp / "teacher", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "teacher")
-        (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-
-    name = f"arith-misaligned-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-    return cache.build_cached(Path(cache_dir), name, complete, build) / "teacher"
 
 
 # ---- a worker process ------------------------------------------------------------------------------------------------
@@ -210,10 +173,16 @@ def _config(job: Job, mode: dict):
     loss = {"method": job.method}
     loss.update({"alpha": job.alpha, "adaptive_alpha": job.adaptive} if "alpha" in method.reads else {})
     loss.update({"beta_kd": job.beta_kd} if "beta_kd" in method.reads else {})
-    return config_from_layers(PROFILE, {
-        "model": {"student": paths["student"], "teacher": teacher if method.needs_teacher else None},
-        "loss": loss, "data": {"train_size": 4000}, "eval": {"eval_size": 0},
-        "train": {"max_steps": mode["steps"], "seed": job.seed, "report_to": "none", "save_steps": -1}})
+    return config_from_layers(
+        PROFILE,
+        {
+            "model": {"student": paths["student"], "teacher": teacher if method.needs_teacher else None},
+            "loss": loss,
+            "data": {"train_size": 4000},
+            "eval": {"eval_size": 0},
+            "train": {"max_steps": mode["steps"], "seed": job.seed, "report_to": "none", "save_steps": -1},
+        },
+    )
 
 
 def _held_out(mode: dict) -> None:
@@ -233,16 +202,17 @@ def _eval_scores(rollout) -> list[float]:
     from rlad_ds.generation import evaluate_examples
     from rlad_ds.tasks import get_task
 
-    results = evaluate_examples(rollout, _STATE["tokenizer"], get_task("arith"), _STATE["eval"], _STATE["eval_cfg"],
-                                _STATE["rewards"], "cpu")
+    results = evaluate_examples(
+        rollout, _STATE["tokenizer"], get_task("arith"), _STATE["eval"], _STATE["eval_cfg"], _STATE["rewards"], "cpu"
+    )
     return [p["scores"][0] for p in results["problems"]]
 
 
 def _models(job: Job, mode: dict):
     import torch
 
-    from rlad_ds.run_models import build_run_models
     from rlad_ds.methods import get_method
+    from rlad_ds.run_models import build_run_models
 
     cfg = _config(job, mode)
     random.seed(job.seed)
@@ -273,17 +243,25 @@ def run_job(job_and_mode) -> dict:
     job = Job(**job)
     start = time.perf_counter()
     cfg, method, models = _models(job, mode)
-    rewards = _ShuffledRewards(_STATE["rewards"], 10_000 + job.seed) if job.control == "shuffled" \
-        else _STATE["rewards"]
+    rewards = _ShuffledRewards(_STATE["rewards"], 10_000 + job.seed) if job.control == "shuffled" else _STATE["rewards"]
     train = list(load_train_examples(cfg.data, _STATE["tokenizer"], seed=job.seed))
     setup_s = time.perf_counter() - start
     recorder = _Recorder(mode)
     Trainer(cfg, method, models, _STATE["tokenizer"], get_task("arith"), rewards, train, []).fit([recorder])
     final = recorder.curve[-1][1]
-    return {"job": dataclasses.asdict(job), "final": final["all"], "subsets": final, "curve": recorder.curve,
-            "train_accuracy": recorder.train_accuracy, "alpha_trace": recorder.alphas,
-            "step_seconds": recorder.step_seconds, "non_finite_steps": recorder.bad, "setup_s": round(setup_s, 1),
-            "seconds": round(time.perf_counter() - start, 1), "pid": os.getpid()}
+    return {
+        "job": dataclasses.asdict(job),
+        "final": final["all"],
+        "subsets": final,
+        "curve": recorder.curve,
+        "train_accuracy": recorder.train_accuracy,
+        "alpha_trace": recorder.alphas,
+        "step_seconds": recorder.step_seconds,
+        "non_finite_steps": recorder.bad,
+        "setup_s": round(setup_s, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "pid": os.getpid(),
+    }
 
 
 def _task(item):
@@ -292,6 +270,7 @@ def _task(item):
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -304,8 +283,15 @@ def _print_confidence() -> None:
     from rlad_ds.demo.cache import prepare_demo
 
     rows = token_confidence(str(prepare_demo(cache_dir(), seed=0)["student"]), arith.generate("test", 300, 0))
-    cells = [[str(r["position"]), f"`{r['example_char']}`".replace("|", "\\|"), f"{r['mean_p']:.3f}",
-              f"{r['frac_below_0.9']:.2f}"] for r in rows]
+    cells = [
+        [
+            str(r["position"]),
+            f"`{r['example_char']}`".replace("|", "\\|"),
+            f"{r['mean_p']:.3f}",
+            f"{r['frac_below_0.9']:.2f}",
+        ]
+        for r in rows
+    ]
     print(render_table(["position", "char (first example)", "mean p(correct)", "fraction p < 0.9"], cells))
 
 
@@ -325,8 +311,11 @@ def _run_grid(paths: dict, mode: dict, workers: int, wall: float) -> tuple[list[
                 continue
             results.append(out)
             j = out["job"]
-            print(f"  [{time.perf_counter() - wall:6.0f} s] {len(results)}/{len(jobs)} {j['group']}/{j['name']} "
-                  f"seed {j['seed']}: {out['final']:.3f} ({out['seconds']:.0f} s)", flush=True)
+            print(
+                f"  [{time.perf_counter() - wall:6.0f} s] {len(results)}/{len(jobs)} {j['group']}/{j['name']} "
+                f"seed {j['seed']}: {out['final']:.3f} ({out['seconds']:.0f} s)",
+                flush=True,
+            )
     return results, refs
 
 
@@ -335,12 +324,17 @@ def _write(out: Path, record: dict, text: str, summary: dict) -> None:
 
     import torch
 
-    record["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                         "torch": torch.__version__}
+    record["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(record, indent=1) + "\n")
-    Path(f"{out}.tables.md").write_text(text + f"\nWall time: {record['wall_seconds']:.0f} s ({record['workers']} "
-                                        "workers).\n")
+    Path(f"{out}.tables.md").write_text(
+        text + f"\nWall time: {record['wall_seconds']:.0f} s ({record['workers']} workers).\n"
+    )
     plot(summary, Path(f"{out}.png"))
 
 
@@ -352,8 +346,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=_positive_int, default=None, help="override the mode's steps")
     parser.add_argument("--seeds", type=_positive_int, default=None, help="override the mode's seeds")
     parser.add_argument("--sweep_seeds", type=_positive_int, default=None, help="override the mode's sweep seeds")
-    parser.add_argument("--confidence", action="store_true",
-                        help="only print the initial student's per-position confidence in the correct solution")
+    parser.add_argument(
+        "--confidence",
+        action="store_true",
+        help="only print the initial student's per-position confidence in the correct solution",
+    )
     args = parser.parse_args(argv)
     if args.confidence:
         _print_confidence()
@@ -364,17 +361,27 @@ def main(argv=None) -> int:
     from rlad_ds.demo.cache import demo_info, prepare_demo
 
     demo_paths = prepare_demo(cache_dir(), seed=0)
-    paths = {**{k: str(v) for k, v in demo_paths.items()}, "misaligned_teacher": str(prepare_misaligned_teacher(cache_dir()))}
+    paths = {
+        **{k: str(v) for k, v in demo_paths.items()},
+        "misaligned_teacher": str(prepare_misaligned_teacher(cache_dir())),
+    }
     prep_s = time.perf_counter() - wall
     results, refs = _run_grid(paths, mode, args.workers, wall)
     wall_s = time.perf_counter() - wall
     summary = {**summarise(results, refs, mode), "examples": refs["examples"]}
     text = tables(summary, mode, mode["eval_size"])
     misaligned_info = json.loads((Path(paths["misaligned_teacher"]).parent / "info.json").read_text())
-    record = {"command": " ".join(["python", "-m", "benchmarks.study"] + (argv if argv is not None else sys.argv[1:])),
-              "mode": mode, "workers": args.workers, "wall_seconds": round(wall_s, 1),
-              "prepare_seconds": round(prep_s, 1), "demo": demo_info(demo_paths), "misaligned_teacher": misaligned_info,
-              "summary": summary, "runs": results}
+    record = {
+        "command": " ".join(["python", "-m", "benchmarks.study"] + (argv if argv is not None else sys.argv[1:])),
+        "mode": mode,
+        "workers": args.workers,
+        "wall_seconds": round(wall_s, 1),
+        "prepare_seconds": round(prep_s, 1),
+        "demo": demo_info(demo_paths),
+        "misaligned_teacher": misaligned_info,
+        "summary": summary,
+        "runs": results,
+    }
     _write(Path(args.out), record, text, summary)
     print(text)
     print(f"wall time {wall_s:.0f} s; wrote {args.out}.json, {args.out}.png, {args.out}.tables.md")

@@ -24,8 +24,13 @@ def aggregate(values: list[float]) -> dict:
     """Mean, sample std (ddof 1; 0 for one value), min, max and n of per-seed values."""
     if not values:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def format_agg(agg: dict) -> str:
@@ -71,64 +76,105 @@ def summarise(results: list[dict], refs: dict, mode: dict) -> dict:
         runs = sorted(runs, key=lambda r: r["job"]["seed"])
         subsets = sorted({k for r in runs for k in r["subsets"]})
         steps = [s for s, _ in runs[0]["curve"]]
-        curve = [[s, {k: statistics.fmean(r["curve"][i][1][k] for r in runs) for k in runs[0]["curve"][i][1]}]
-                 for i, s in enumerate(steps)]
+        curve = [
+            [s, {k: statistics.fmean(r["curve"][i][1][k] for r in runs) for k in runs[0]["curve"][i][1]}]
+            for i, s in enumerate(steps)
+        ]
         train = [statistics.fmean(r["train_accuracy"][i] for r in runs) for i in range(len(runs[0]["train_accuracy"]))]
         summary[f"{group}/{name}"] = {
-            "group": group, "name": name, "seeds": [r["job"]["seed"] for r in runs],
-            "final": aggregate([r["final"] for r in runs]), "per_seed": [r["final"] for r in runs],
+            "group": group,
+            "name": name,
+            "seeds": [r["job"]["seed"] for r in runs],
+            "final": aggregate([r["final"] for r in runs]),
+            "per_seed": [r["final"] for r in runs],
             "subsets": {k: aggregate([r["subsets"][k] for r in runs]) for k in subsets},
-            "curve_mean": curve, "train_accuracy_mean": train,
+            "curve_mean": curve,
+            "train_accuracy_mean": train,
             "final_alpha_mean": statistics.fmean(r["alpha_trace"][-1] for r in runs)
-            if runs[0]["alpha_trace"][-1] is not None else None,
-            "seconds_mean": statistics.fmean(r["seconds"] for r in runs)}
+            if runs[0]["alpha_trace"][-1] is not None
+            else None,
+            "seconds_mean": statistics.fmean(r["seconds"] for r in runs),
+        }
     return {"reference": reference, "rows": summary}
 
 
-MAIN_ORDER = ["grpo", "grpo shuffled rewards", KD, "kdrl", "kdrl beta_kd=1", "rlad a=0.5",
-              "rlad adaptive alpha", "sft (offline distill)"]
+MAIN_ORDER = [
+    "grpo",
+    "grpo shuffled rewards",
+    KD,
+    "kdrl",
+    "kdrl beta_kd=1",
+    "rlad a=0.5",
+    "rlad adaptive alpha",
+    "sft (offline distill)",
+]
 
 
 def tables(summary: dict, mode: dict, eval_size: int) -> str:
+    """The study's three tables (aligned teacher, alpha sweep, misaligned teacher) as markdown."""
+    head = (
+        f"Held-out accuracy, greedy, {eval_size} fixed test-split prompts; after {mode['steps']} steps "
+        f"(16 prompts x G=8 per step). Cells: mean ± sample std (min-max) over seeds."
+    )
+    return "\n".join([head, "", *_main_table(summary), *_sweep_table(summary), *_misaligned_table(summary, eval_size)])
+
+
+def _main_table(summary: dict) -> list[str]:
     ref, rows = summary["reference"], summary["rows"]
-    out = [f"Held-out accuracy, greedy, {eval_size} fixed test-split prompts; after {mode['steps']} steps "
-           f"(16 prompts x G=8 per step). Cells: mean ± sample std (min-max) over seeds.", ""]
-    main_rows = [["student before (initial)", "-", f"{ref['student_before']['all']:.3f}", "-"],
-                 ["teacher (aligned, reference)", "-", f"{ref['teacher_aligned']['all']:.3f}", "-"]]
+    table = [
+        ["student before (initial)", "-", f"{ref['student_before']['all']:.3f}", "-"],
+        ["teacher (aligned, reference)", "-", f"{ref['teacher_aligned']['all']:.3f}", "-"],
+    ]
     for name in MAIN_ORDER:
         row = rows.get(f"main/{name}")
         if row:
-            main_rows.append([name, str(len(row["seeds"])), format_agg(row["final"]),
-                              " / ".join(f"{v:.3f}" for v in row["per_seed"])])
-    out += ["### Aligned teacher (the demo teacher)", "",
-            render_table(["method", "seeds", "held-out accuracy", "per seed"], main_rows), ""]
-    sweep = []
+            per_seed = " / ".join(f"{v:.3f}" for v in row["per_seed"])
+            table.append([name, str(len(row["seeds"])), format_agg(row["final"]), per_seed])
+    header = ["method", "seeds", "held-out accuracy", "per seed"]
+    return ["### Aligned teacher (the demo teacher)", "", render_table(header, table), ""]
+
+
+def _sweep_table(summary: dict) -> list[str]:
+    rows, table = summary["rows"], []
     for alpha in sorted(set(SWEEP_ALPHAS) | {0.5}):
-        key = "main/rlad a=0.5" if alpha == 0.5 else f"sweep/rlad a={alpha}"
-        row = rows.get(key)
+        row = rows.get("main/rlad a=0.5" if alpha == 0.5 else f"sweep/rlad a={alpha}")
         if row:
-            sweep.append([f"{alpha}", str(len(row["seeds"])), format_agg(row["final"])])
+            table.append([f"{alpha}", str(len(row["seeds"])), format_agg(row["final"])])
     if "main/grpo" in rows:
-        sweep.append(["1.0 (= grpo)", str(len(rows["main/grpo"]["seeds"])), format_agg(rows["main/grpo"]["final"])])
-    out += ["### RLAD alpha sweep (aligned teacher; alpha = 1 is GRPO)", "",
-            render_table(["alpha", "seeds", "held-out accuracy"], sweep), ""]
-    parts = ("all", "carry", "no_carry")
-    mis = [["student before (initial)", "-"] + [f"{ref['student_before'][k]:.3f}" for k in parts],
-           ["teacher (misaligned, reference)", "-"] + [f"{ref['teacher_misaligned'][k]:.3f}" for k in parts]]
-    for key, label in [("main/grpo", "grpo (no teacher)"), (f"misaligned/{KD}", KD),
-                       ("misaligned/kdrl", "kdrl"), ("misaligned/kdrl beta_kd=1", "kdrl beta_kd=1"),
-                       ("misaligned/rlad a=0.5", "rlad a=0.5")]:
+        table.append(["1.0 (= grpo)", str(len(rows["main/grpo"]["seeds"])), format_agg(rows["main/grpo"]["final"])])
+    header = ["alpha", "seeds", "held-out accuracy"]
+    return ["### RLAD alpha sweep (aligned teacher; alpha = 1 is GRPO)", "", render_table(header, table), ""]
+
+
+def _misaligned_table(summary: dict, eval_size: int) -> list[str]:
+    ref, rows, parts = summary["reference"], summary["rows"], ("all", "carry", "no_carry")
+    table = [
+        ["student before (initial)", "-"] + [f"{ref['student_before'][k]:.3f}" for k in parts],
+        ["teacher (misaligned, reference)", "-"] + [f"{ref['teacher_misaligned'][k]:.3f}" for k in parts],
+    ]
+    labels = [
+        ("main/grpo", "grpo (no teacher)"),
+        (f"misaligned/{KD}", KD),
+        ("misaligned/kdrl", "kdrl"),
+        ("misaligned/kdrl beta_kd=1", "kdrl beta_kd=1"),
+        ("misaligned/rlad a=0.5", "rlad a=0.5"),
+    ]
+    for key, label in labels:
         row = rows.get(key)
         if row:
-            mis.append([label, str(len(row["seeds"]))] + [format_agg(row["subsets"][k]) if k != "all"
-                                                          else format_agg(row["final"])
-                                                          for k in parts])
+            cells = [format_agg(row["subsets"][k]) if k != "all" else format_agg(row["final"]) for k in parts]
+            table.append([label, str(len(row["seeds"]))] + cells)
     n_carry = sum(carry_subset(e) == "carry" for e in summary.get("examples", []))
-    out += ["### Misaligned teacher (wrong whenever the units column carries)", "",
-            f"`carry`: the units digits sum to 10 or more ({n_carry} of {eval_size} prompts; the teacher is wrong "
-            "there), `no_carry`: they do not (the teacher is right).", "",
-            render_table(["method", "seeds", "all", "carry (teacher wrong)", "no_carry (teacher right)"], mis), ""]
-    return "\n".join(out)
+    header = ["method", "seeds", "all", "carry (teacher wrong)", "no_carry (teacher right)"]
+    return [
+        "### Misaligned teacher (wrong whenever the units column carries)",
+        "",
+        f"`carry`: the units digits sum to 10 or more ({n_carry} of {eval_size} prompts; the teacher is wrong "
+        "there), `no_carry`: they do not (the teacher is right).",
+        "",
+        render_table(header, table),
+        "",
+    ]
 
 
 def plot(summary: dict, png: Path) -> None:
@@ -139,14 +185,26 @@ def plot(summary: dict, png: Path) -> None:
 
     ref, rows = summary["reference"], summary["rows"]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    misaligned = ["main/grpo", f"misaligned/{KD}", "misaligned/kdrl", "misaligned/kdrl beta_kd=1",
-                  "misaligned/rlad a=0.5"]
-    panels = [("aligned teacher: held-out accuracy (greedy), all prompts", [f"main/{n}" for n in MAIN_ORDER], "all"),
-              ("alpha sweep (aligned teacher), all prompts",
-               [f"sweep/rlad a={a}" for a in SWEEP_ALPHAS[:2]] + ["main/rlad a=0.5"]
-               + [f"sweep/rlad a={a}" for a in SWEEP_ALPHAS[2:]] + ["main/grpo"], "all"),
-              ("misaligned teacher: 'carry' prompts (units column carries, teacher wrong)", misaligned, "carry"),
-              ("misaligned teacher: 'no_carry' prompts (teacher right)", misaligned, "no_carry")]
+    misaligned = [
+        "main/grpo",
+        f"misaligned/{KD}",
+        "misaligned/kdrl",
+        "misaligned/kdrl beta_kd=1",
+        "misaligned/rlad a=0.5",
+    ]
+    panels = [
+        ("aligned teacher: held-out accuracy (greedy), all prompts", [f"main/{n}" for n in MAIN_ORDER], "all"),
+        (
+            "alpha sweep (aligned teacher), all prompts",
+            [f"sweep/rlad a={a}" for a in SWEEP_ALPHAS[:2]]
+            + ["main/rlad a=0.5"]
+            + [f"sweep/rlad a={a}" for a in SWEEP_ALPHAS[2:]]
+            + ["main/grpo"],
+            "all",
+        ),
+        ("misaligned teacher: 'carry' prompts (units column carries, teacher wrong)", misaligned, "carry"),
+        ("misaligned teacher: 'no_carry' prompts (teacher right)", misaligned, "no_carry"),
+    ]
     for ax, (title, keys, part) in zip(axes.flat, panels):
         before = ref["student_before"][part]
         for key in keys:
@@ -168,6 +226,7 @@ def plot(summary: dict, png: Path) -> None:
 
 
 # ---- where the student is unsure ------------------------------------------------------------------------------------
+
 
 def token_confidence(student_dir: str, examples: list[dict]) -> list[dict]:
     """Per position of the worked solution: the student's mean probability of the correct token (teacher forcing).
@@ -196,7 +255,12 @@ def token_confidence(student_dir: str, examples: list[dict]) -> list[dict]:
             sums[i] += p
             below[i] += p < 0.9
     sample = arith.solution(examples[0])
-    return [{"position": i, "example_char": sample[i], "mean_p": sums[i] / len(examples),
-             "frac_below_0.9": below[i] / len(examples)} for i in range(width)]
-
-
+    return [
+        {
+            "position": i,
+            "example_char": sample[i],
+            "mean_p": sums[i] / len(examples),
+            "frac_below_0.9": below[i] / len(examples),
+        }
+        for i in range(width)
+    ]

@@ -14,19 +14,19 @@ recipe `rlad_ds.demo.recipe.PROFILE` over the defaults of `rlad_ds.config`) thro
 deepspeed.launcher.runner --hostfile (localhost slots=1) --no_ssh_check ...`, OMP_NUM_THREADS=1,
 DS_ACCELERATOR=cpu. Times: `time/step` and `time/rollout` of TMP/metrics.jsonl.
 
-TRL: this file re-run with `--trl_worker` in the TRL venv's python (TRL never enters the project's environment;
-the venv holds rlad_ds itself with --no-deps, for the data and the verifier only). The worker parses the same
-config tree (`rlad_ds.config.parsing.parse_config` of the same flags under `rlad_ds.demo.recipe.PROFILE`) and takes every setting from
-it: the demo student (`prepare_demo`, cached), its tokenizer and raw chat template, the first N x 16 prompts in
-rlad_ds's own order (`load_train_examples`, then the DistributedSampler order of `Trainer.prompts_for_step`,
-with TRL's shuffling off), the reward `rlad_ds.rewards.score` (the task's verifier, called in-process), and
-GRPOConfig(use_cpu, fp32, no gradient checkpointing, num_generations=G, max_completion_length, temperature,
-top_p, top_k, lr, AdamW betas / eps / weight decay as in ds_configs/zero3.json, constant lr, grad clip,
-beta=beta_ref, num_iterations=ppo_epochs, epsilon=clip_low, epsilon_high=clip_high, loss_type "grpo" (the
-per-sequence token mean, = seq-mean-token-mean), scale_rewards "group" (= scale_adv_by_std), no vLLM, logging
-every step, report_to none). torch.set_num_threads(1). A TrainerCallback times on_step_begin -> on_step_end;
-a wrapper around `GRPOTrainer._generate_single_turn` (tokenised prompts -> `model.generate`) times generation,
-since TRL logs its own timings only to wandb / mlflow / trackio.
+TRL: `benchmarks/trl_side.py` run in the TRL venv's python (TRL never enters the project's environment; the venv
+holds rlad_ds itself with --no-deps, for the data and the verifier only). The worker parses the same config tree
+(`rlad_ds.config.parsing.parse_config` of the same flags under `rlad_ds.demo.recipe.PROFILE`) and takes every
+setting from it: the demo student (`prepare_demo`, cached), its tokenizer and raw chat template, the first N x 16
+prompts in rlad_ds's own order (`load_train_examples`, then the DistributedSampler order of
+`Trainer.prompts_for_step`, with TRL's shuffling off), the reward `rlad_ds.rewards.score` (the task's verifier,
+called in-process), and GRPOConfig(use_cpu, fp32, no gradient checkpointing, num_generations=G,
+max_completion_length, temperature, top_p, top_k, lr, AdamW betas / eps / weight decay as in ds_configs/zero3.json,
+constant lr, grad clip, beta=beta_ref, num_iterations=ppo_epochs, epsilon=clip_low, epsilon_high=clip_high,
+loss_type "grpo" (the per-sequence token mean, = seq-mean-token-mean), scale_rewards "group" (= scale_adv_by_std),
+no vLLM, logging every step, report_to none). torch.set_num_threads(1). A TrainerCallback times on_step_begin ->
+on_step_end; a wrapper around `GRPOTrainer._generate_single_turn` (tokenised prompts -> `model.generate`) times
+generation, since TRL logs its own timings only to wandb / mlflow / trackio.
 
 One TRL step is one optimizer step over 16 prompts x 8 completions: TRL's per_device_train_batch_size counts
 completions, so it is G x prompts_per_step = 128 with gradient_accumulation_steps=1 and steps_per_generation=1,
@@ -62,175 +62,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.trl_side import RECIPE_FLAGS, median_after_warmup
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRL_PYTHON = "/tmp/trlvenv/bin/python"
-VENV_HELP = ("no TRL python at {python}: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 "
-             "&& /tmp/trlvenv/bin/pip install trl && /tmp/trlvenv/bin/pip install --no-deps -e {root}")
-# The recipe both sides run: the demo profile (no --student) with rlad_ds's GRPO and no evaluation.
-RECIPE_FLAGS = ["--method", "grpo", "--eval_size", "0"]
-# rlad_ds's loss aggregations as TRL loss types (the same normalisation of the per-token losses).
-LOSS_TYPES = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "seq-mean-token-sum-norm": "dr_grpo"}
-
-
-def median_after_warmup(values: list[float]) -> float:
-    """The median of `values` without the first (warm-up); of all of them when there is only one."""
-    values = values[1:] if len(values) > 1 else values
-    return statistics.median(values) if values else float("nan")
-
-
-# ---- the TRL side (runs in the TRL venv) --------------------------------------------------------------------------
-
-def recipe_config(steps: int):
-    """The config tree of the rlad_ds run: the same flags under the demo's profile."""
-    from rlad_ds.demo import recipe
-    from rlad_ds.config.parsing import parse_config
-
-    cfg, _ = parse_config([*RECIPE_FLAGS, "--max_steps", str(steps)], profile=recipe.PROFILE)
-    return cfg
-
-
-def step_prompts(cfg, tokenizer, steps: int) -> list[dict]:
-    """The records (with "prompt_text") of rlad_ds's steps 0..steps-1 on one rank, in its order."""
-    from torch.utils.data import DistributedSampler
-
-    from rlad_ds.data import load_train_examples
-
-    examples = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed)
-    per_step = cfg.train.prompts_per_step
-    sampler = DistributedSampler(range(len(examples)), num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed,
-                                 drop_last=True)
-    sampler.set_epoch(0)  # Trainer.prompts_for_step: epoch step // steps_per_epoch, 0 for these few steps
-    order = list(sampler)
-    if steps * per_step > len(order):
-        raise ValueError(f"{steps} steps need {steps * per_step} prompts; the epoch has {len(order)}")
-    return [examples[i] for i in order[:steps * per_step]]
-
-
-def make_reward(task: str, task_args):
-    """A TRL reward function that scores each completion with the task's own verifier, in-process."""
-    from rlad_ds.rewards import score
-
-    def arith_reward(prompts, completions, record, **_):
-        return [score(task, completion, json.loads(raw), task_args) for completion, raw in zip(completions, record)]
-
-    return arith_reward
-
-
-def trl_config(cfg, steps: int, output_dir: str):
-    """GRPOConfig with every setting taken from the rlad_ds config tree (see the module docstring)."""
-    from trl import GRPOConfig
-
-    rollout, loss, train = cfg.rollout, cfg.loss, cfg.train
-    return GRPOConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=train.seed,
-        max_steps=steps, per_device_train_batch_size=rollout.group_size * train.prompts_per_step,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_generations=rollout.group_size,
-        shuffle_dataset=False, max_completion_length=rollout.max_new_tokens, temperature=rollout.temperature,
-        top_p=rollout.top_p, top_k=max(rollout.top_k, 0), learning_rate=train.lr, weight_decay=train.weight_decay,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", lr_scheduler_type="constant",
-        warmup_steps=0, max_grad_norm=train.grad_clip, beta=loss.beta_ref, num_iterations=train.ppo_epochs,
-        epsilon=loss.clip_low, epsilon_high=loss.clip_high, loss_type=LOSS_TYPES[loss.loss_agg],
-        scale_rewards="group" if loss.scale_adv_by_std else "none", use_vllm=False, logging_steps=1,
-        report_to="none", save_strategy="no", dataloader_num_workers=0, log_completions=False,
-        disable_tqdm=True)
-
-
-def check_semantics(args, cfg) -> None:
-    """One TRL step = one optimizer step over prompts_per_step x G completions, generated at once."""
-    rows = cfg.rollout.group_size * cfg.train.prompts_per_step
-    got = (args.generation_batch_size, args.steps_per_generation, args.gradient_accumulation_steps,
-           args.num_iterations)
-    if got != (rows, 1, 1, 1):
-        raise SystemExit(f"TRL resolved (generation_batch_size, steps_per_generation, gradient_accumulation_steps, "
-                         f"num_iterations) = {got}, expected ({rows}, 1, 1, 1)")
-
-
-class StepClock:
-    """A TrainerCallback (built lazily: transformers lives in the TRL venv) timing each optimizer step, and the
-    generate calls inside it through a wrapper around the trainer's `_generate_single_turn`."""
-
-    @staticmethod
-    def attach(trainer) -> list[dict]:
-        import torch
-        from transformers import TrainerCallback
-
-        steps, current = [], {}
-        inner = trainer._generate_single_turn
-
-        def timed_generate(prompt_ids, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return inner(prompt_ids, *args, **kwargs)
-            finally:
-                current["generate_s"] = current.get("generate_s", 0.0) + time.perf_counter() - start
-                current["generate_calls"] = current.get("generate_calls", 0) + 1
-                current["rows"] = current.get("rows", 0) + len(prompt_ids)
-
-        class Clock(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                current.clear()
-                current.update(threads=torch.get_num_threads(), start=time.perf_counter())
-
-            def on_step_end(self, args, state, control, **kwargs):
-                record = dict(current, step_s=time.perf_counter() - current.pop("start"))
-                steps.append({k: v for k, v in record.items() if k != "start"})
-
-        trainer._generate_single_turn = timed_generate
-        trainer.add_callback(Clock())
-        return steps
-
-
-def trl_worker(steps: int, out: Path) -> None:
-    """Train `steps` TRL GRPO steps on the demo and write the per-step times and settings to `out`."""
-    import torch
-
-    torch.set_num_threads(1)
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOTrainer
-
-    from rlad_ds.demo.cache import cache_dir, prepare_demo
-
-    cfg = recipe_config(steps)
-    student = prepare_demo(cache_dir(), seed=0, progress=False)["student"]
-    tokenizer = AutoTokenizer.from_pretrained(student)
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, attn_implementation="sdpa")
-    records = step_prompts(cfg, tokenizer, steps)
-    dataset = Dataset.from_list([{"prompt": r["prompt_text"], "record": json.dumps(
-        {k: v for k, v in r.items() if k != "prompt_text"})} for r in records])
-    with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
-        args = trl_config(cfg, steps, tmp)
-        check_semantics(args, cfg)
-        trainer = GRPOTrainer(model=model, reward_funcs=make_reward(cfg.data.task, cfg.data.task_args), args=args,
-                              train_dataset=dataset, processing_class=tokenizer)
-        torch.set_num_threads(1)
-        times = StepClock.attach(trainer)
-        trainer.train()
-    rows = cfg.rollout.group_size * cfg.train.prompts_per_step
-    bad = [t for t in times if t.get("generate_calls") != 1 or t.get("rows") != rows]
-    if len(times) != steps or bad:
-        raise SystemExit(f"expected {steps} steps of one generate call of {rows} rows each, got {times}")
-    logs = [h for h in trainer.state.log_history if "reward" in h]
-    settings = {k: getattr(args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
-                                              "steps_per_generation", "generation_batch_size", "num_generations",
-                                              "max_completion_length", "temperature", "top_p", "top_k",
-                                              "learning_rate", "beta", "num_iterations", "epsilon", "epsilon_high",
-                                              "loss_type", "scale_rewards", "max_grad_norm", "optim",
-                                              "lr_scheduler_type", "bf16", "gradient_checkpointing", "use_vllm")}
-    settings = {k: getattr(v, "value", v) for k, v in settings.items()}  # enums (optim, scheduler) as text
-    out.write_text(json.dumps({"trl": trl.__version__, "torch": torch.__version__, "steps": times,
-                               "rewards": [h["reward"] for h in logs], "settings": settings}, indent=1))
-
-
+VENV_HELP = (
+    "no TRL python at {python}: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 "
+    "&& /tmp/trlvenv/bin/pip install trl && /tmp/trlvenv/bin/pip install --no-deps -e {root}"
+)
 # ---- the driver (runs in the project's environment) ---------------------------------------------------------------
+
 
 def trl_versions(python: str) -> dict | None:
     """{trl, torch, transformers} versions of the TRL python, or None if it is missing or cannot import TRL."""
     if not Path(python).is_file():
         return None
-    code = "import json, trl, torch, transformers as t; print(json.dumps({'trl': trl.__version__, " \
-           "'torch': torch.__version__, 'transformers': t.__version__}))"
+    code = (
+        "import json, trl, torch, transformers as t; print(json.dumps({'trl': trl.__version__, "
+        "'torch': torch.__version__, 'transformers': t.__version__}))"
+    )
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
 
@@ -238,8 +88,7 @@ def trl_versions(python: str) -> dict | None:
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict) -> None:
     """Run `cmd` in the repository root with its output in `log`; raise with the log's tail if it fails."""
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -255,18 +104,41 @@ def run_rlad(steps: int, work: Path, timeout: float) -> dict:
     from benchmarks.common import deepspeed_cmd, worker_env
 
     out = work / "rlad_ds"
-    flags = ["--deepspeed", "ds_configs/zero3.json", *RECIPE_FLAGS, "--max_steps", steps, "--report_to", "none",
-             "--save_steps", -1, "--output_dir", out, "--overwrite_output_dir"]
+    flags = [
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        *RECIPE_FLAGS,
+        "--max_steps",
+        steps,
+        "--report_to",
+        "none",
+        "--save_steps",
+        -1,
+        "--output_dir",
+        out,
+        "--overwrite_output_dir",
+    ]
     log = work / "rlad_ds.log"
     start = time.perf_counter()
     run_logged(deepspeed_cmd("launchers/train.py", flags, 1, work), log, timeout, worker_env({"OMP_NUM_THREADS": "1"}))
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step" in r]
-    engine = next((line.split("rollout engine:", 1)[1].strip() for line in log.read_text().splitlines()
-                   if "rollout engine:" in line), "unknown")
-    return {"step_s": [r["time/step"] for r in rows], "generate_s": [r["time/rollout"] for r in rows],
-            "rewards": [r["reward_mean"] for r in rows], "rollout_engine": engine, "wall_s": wall}
+    engine = next(
+        (
+            line.split("rollout engine:", 1)[1].strip()
+            for line in log.read_text().splitlines()
+            if "rollout engine:" in line
+        ),
+        "unknown",
+    )
+    return {
+        "step_s": [r["time/step"] for r in rows],
+        "generate_s": [r["time/rollout"] for r in rows],
+        "rewards": [r["reward_mean"] for r in rows],
+        "rollout_engine": engine,
+        "wall_s": wall,
+    }
 
 
 def run_trl(python: str, steps: int, work: Path, timeout: float) -> dict:
@@ -274,35 +146,44 @@ def run_trl(python: str, steps: int, work: Path, timeout: float) -> dict:
     from benchmarks.common import worker_env
 
     out = work / "trl.json"
-    cmd = [python, "-m", "benchmarks.trl_compare", "--trl_worker", "--steps", str(steps), "--out", str(out)]
+    cmd = [python, "-m", "benchmarks.trl_side", "--steps", str(steps), "--out", str(out)]
     start = time.perf_counter()
     run_logged(cmd, work / "trl.log", timeout, worker_env({"OMP_NUM_THREADS": "1"}))
     result = json.loads(out.read_text())
     steps_ = result.pop("steps")
-    return {**result, "step_s": [s["step_s"] for s in steps_], "generate_s": [s["generate_s"] for s in steps_],
-            "threads": sorted({s["threads"] for s in steps_}), "wall_s": time.perf_counter() - start}
+    return {
+        **result,
+        "step_s": [s["step_s"] for s in steps_],
+        "generate_s": [s["generate_s"] for s in steps_],
+        "threads": sorted({s["threads"] for s in steps_}),
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def summary(side: dict) -> dict:
     """Medians over the steps after the first, and the median generation share of a step."""
     shares = [g / s for g, s in zip(side["generate_s"], side["step_s"])]
     rewards = side["rewards"]
-    return {"median_step_s": median_after_warmup(side["step_s"]),
-            "median_generate_s": median_after_warmup(side["generate_s"]),
-            "generation_share": median_after_warmup(shares),
-            "mean_reward": statistics.fmean(rewards) if rewards else float("nan")}
+    return {
+        "median_step_s": median_after_warmup(side["step_s"]),
+        "median_generate_s": median_after_warmup(side["generate_s"]),
+        "generation_share": median_after_warmup(shares),
+        "mean_reward": statistics.fmean(rewards) if rewards else float("nan"),
+    }
 
 
 def format_table(result: dict) -> str:
     r, t = result["rlad_ds"]["summary"], result["trl"]["summary"]
-    lines = [f"{'':24}{'rlad_ds':>12}{'TRL ' + result['trl']['trl']:>16}",
-             f"{'median step (s)':24}{r['median_step_s']:>12.3f}{t['median_step_s']:>16.3f}",
-             f"{'median generation (s)':24}{r['median_generate_s']:>12.3f}{t['median_generate_s']:>16.3f}",
-             f"{'generation share':24}{r['generation_share']:>12.1%}{t['generation_share']:>16.1%}",
-             f"{'mean reward':24}{r['mean_reward']:>12.3f}{t['mean_reward']:>16.3f}",
-             f"ratio rlad_ds / TRL (median step): {result['ratio']:.2f}   "
-             f"({result['steps']} steps each, step 1 excluded; rlad_ds rollout engine: "
-             f"{result['rlad_ds']['rollout_engine']}; TRL threads: {result['trl']['threads']})"]
+    lines = [
+        f"{'':24}{'rlad_ds':>12}{'TRL ' + result['trl']['trl']:>16}",
+        f"{'median step (s)':24}{r['median_step_s']:>12.3f}{t['median_step_s']:>16.3f}",
+        f"{'median generation (s)':24}{r['median_generate_s']:>12.3f}{t['median_generate_s']:>16.3f}",
+        f"{'generation share':24}{r['generation_share']:>12.1%}{t['generation_share']:>16.1%}",
+        f"{'mean reward':24}{r['mean_reward']:>12.3f}{t['mean_reward']:>16.3f}",
+        f"ratio rlad_ds / TRL (median step): {result['ratio']:.2f}   "
+        f"({result['steps']} steps each, step 1 excluded; rlad_ds rollout engine: "
+        f"{result['rlad_ds']['rollout_engine']}; TRL threads: {result['trl']['threads']})",
+    ]
     return "\n".join(lines)
 
 
@@ -315,9 +196,13 @@ def compare(steps: int, trl_python: str, versions: dict) -> dict:
         trl = run_trl(trl_python, steps, work, timeout)
     rlad["summary"], trl["summary"] = summary(rlad), summary(trl)
     trl.update(versions)
-    return {"steps": steps, "rlad_ds": rlad, "trl": trl,
-            "ratio": rlad["summary"]["median_step_s"] / trl["summary"]["median_step_s"],
-            "load_average": os.getloadavg()}
+    return {
+        "steps": steps,
+        "rlad_ds": rlad,
+        "trl": trl,
+        "ratio": rlad["summary"]["median_step_s"] / trl["summary"]["median_step_s"],
+        "load_average": os.getloadavg(),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -325,8 +210,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per side (the first is warm-up)")
     parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON, help="python of the venv that has TRL")
     parser.add_argument("--json", default=None, help="also write the result here as JSON")
-    parser.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
@@ -335,17 +218,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.trl_worker:
-        trl_worker(args.steps, Path(args.out))
-        return 0
     versions = trl_versions(args.trl_python)
     if versions is None:
         print(VENV_HELP.format(python=args.trl_python, root=ROOT), file=sys.stderr)
         return 2
     result = compare(args.steps, args.trl_python, versions)
     print(format_table(result))
-    print(json.dumps({"rlad_ds": result["rlad_ds"]["summary"], "trl": result["trl"]["summary"],
-                      "ratio": result["ratio"]}))
+    print(
+        json.dumps({"rlad_ds": result["rlad_ds"]["summary"], "trl": result["trl"]["summary"], "ratio": result["ratio"]})
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

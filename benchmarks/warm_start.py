@@ -27,10 +27,15 @@ def rows(tokenizer, task, records: list[dict]):
 
     pairs = []
     for record in records:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt(record)}], tokenize=False,
-                                               add_generation_prompt=True)
-        pairs.append((tokenizer.encode(prompt, add_special_tokens=False),
-                      tokenizer.encode(task.reference(record), add_special_tokens=False) + [tokenizer.eos_token_id]))
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.prompt(record)}], tokenize=False, add_generation_prompt=True
+        )
+        pairs.append(
+            (
+                tokenizer.encode(prompt, add_special_tokens=False),
+                tokenizer.encode(task.reference(record), add_special_tokens=False) + [tokenizer.eos_token_id],
+            )
+        )
     width = max(len(p) + len(t) for p, t in pairs)
     input_ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
     labels, attention_mask = torch.full_like(input_ids, -100), torch.zeros_like(input_ids)
@@ -38,7 +43,7 @@ def rows(tokenizer, task, records: list[dict]):
         end = len(prompt) + len(target)
         input_ids[i, :end] = torch.tensor(prompt + target)
         attention_mask[i, :end] = 1
-        labels[i, len(prompt):end] = torch.tensor(target)
+        labels[i, len(prompt) : end] = torch.tensor(target)
     return input_ids, attention_mask, labels
 
 
@@ -46,13 +51,23 @@ def sampled_score(model, tokenizer, task, records: list[dict], max_new_tokens: i
     import torch
 
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": task.prompt(r)}], tokenize=False,
-                                           add_generation_prompt=True) for r in records]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": task.prompt(r)}], tokenize=False, add_generation_prompt=True
+        )
+        for r in records
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**batch, do_sample=True, temperature=1.0, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return sum(task.score(c, r) for c, r in zip(completions, records)) / len(records)
 
 
@@ -79,15 +94,15 @@ def main(argv=None) -> int:
     tokenizer = char_tokenizer()
     config = tiny_config("qwen3", len(tokenizer), hidden=args.hidden, layers=args.layers, max_positions=2048)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=tokenizer.eos_token_id)
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+    )
     train = task.generate("train", args.steps * args.batch_size, args.seed)
     start = time.perf_counter()
     for step in range(args.steps):
-        batch = train[step * args.batch_size:(step + 1) * args.batch_size]
+        batch = train[step * args.batch_size : (step + 1) * args.batch_size]
         input_ids, attention_mask, labels = rows(tokenizer, task, batch)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> tuple[torch.Tensor, dict]:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale_by_std: bool = True, eps: float = 1e-6
+) -> tuple[torch.Tensor, dict]:
     """Normalise rewards within consecutive groups of `group_size` responses to the same prompt.
 
     `rewards` is `[N]` with N a multiple of `group_size`, groups contiguous (prompt p owns rows
@@ -17,8 +18,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bo
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
-                         f"got shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
+        )
     grouped = rewards.double().view(-1, group_size)
     mean = grouped.mean(-1, keepdim=True)
     std = grouped.std(-1, unbiased=False, keepdim=True)

@@ -11,8 +11,8 @@ import logging
 import signal
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from rlad_ds.distributed import end_process_group, env_rank, env_world_size, single_process_env
 from rlad_ds.errors import ConfigError, TrainingError, error_line
@@ -28,8 +28,11 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> in
     argv = sys.argv[1:] if argv is None else list(argv)
     # torch deprecates the collectives DeepSpeed 0.19 calls; the warning is not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING,
-                        format="[rlad_ds %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if env_rank() == 0 else logging.WARNING,
+        format="[rlad_ds %(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
     previous = guard_signals()
     try:
         return main(argv)
@@ -64,15 +67,19 @@ def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None
     except Exception as error:  # e.g. `datasets` cannot reach or parse a hub dataset
         if cfg.eval.eval_dataset is None:
             raise
-        raise ConfigError(f"cannot load --eval_dataset {cfg.eval.eval_dataset!r} ({error_line(error)}); give a local "
-                          f"file or save_to_disk dir, or a hub name reachable from here") from None
+        raise ConfigError(
+            f"cannot load --eval_dataset {cfg.eval.eval_dataset!r} ({error_line(error)}); give a local "
+            f"file or save_to_disk dir, or a hub name reachable from here"
+        ) from None
     if examples.skipped and env_rank() == 0:
-        logger.warning("--skip_bad_rows: skipped %d bad held-out rows (first: %s)", examples.skipped,
-                       examples.messages[0])
+        logger.warning(
+            "--skip_bad_rows: skipped %d bad held-out rows (first: %s)", examples.skipped, examples.messages[0]
+        )
     return examples
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
+
 
 def _model_paths(cfg) -> tuple[Path, Path | None]:
     if not cfg.is_demo:
@@ -87,15 +94,18 @@ def _model_paths(cfg) -> tuple[Path, Path | None]:
 def _train_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None):
     from rlad_ds.data import load_train_examples
 
-    train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed, rewards=rewards,
-                                max_prompt_tokens=max_prompt_tokens)
+    train = load_train_examples(
+        cfg.data, tokenizer, seed=cfg.train.seed, rewards=rewards, max_prompt_tokens=max_prompt_tokens
+    )
     if train.skipped and env_rank() == 0:
         logger.warning("--skip_bad_rows: skipped %d bad dataset rows (first: %s)", train.skipped, train.messages[0])
     world = env_world_size()
     # The same condition as the trainer's sampler (drop_last shards), found here before any model is loaded.
     if len(train) // world < cfg.train.prompts_per_step // world:
-        raise ConfigError(f"{len(train)} training prompts are fewer than --prompts_per_step "
-                          f"{cfg.train.prompts_per_step}; add data or lower --prompts_per_step")
+        raise ConfigError(
+            f"{len(train)} training prompts are fewer than --prompts_per_step "
+            f"{cfg.train.prompts_per_step}; add data or lower --prompts_per_step"
+        )
     return train
 
 
@@ -126,12 +136,23 @@ def _train(argv: list[str]) -> int:
     with RewardRunner.from_config(cfg.data) as rewards:
         train_examples = _train_examples(cfg, tokenizer, rewards, budget)
         eval_examples = _eval_examples(cfg, tokenizer, rewards, budget)
-        return _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples,
-                             eval_examples, resume_from)
+        return _run_training(
+            cfg,
+            method,
+            task,
+            student_path,
+            teacher_path,
+            tokenizer,
+            rewards,
+            train_examples,
+            eval_examples,
+            resume_from,
+        )
 
 
-def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples, eval_examples,
-                  resume_from) -> int:
+def _run_training(
+    cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples, eval_examples, resume_from
+) -> int:
     # Imported only now, so that bad input is reported without waiting for DeepSpeed's import.
     import random
 
@@ -141,8 +162,8 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
     from rlad_ds.checkpoint.manifest import write_json_atomic
     from rlad_ds.checkpoint.run_dir import move_aside, run_identity
     from rlad_ds.distributed import init_process_group
-    from rlad_ds.run_models import build_run_models
     from rlad_ds.metrics import MetricsLogger
+    from rlad_ds.run_models import build_run_models
     from rlad_ds.trainer import Trainer
 
     init_process_group(cfg.train.collective_timeout_s)
@@ -159,8 +180,14 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
     trainer = Trainer(cfg, method, models, tokenizer, task, rewards, train_examples, eval_examples)
     if resume_from is not None:
         trainer.resume(resume_from)
-    metrics = MetricsLogger(output_dir, rank=env_rank(), total_steps=cfg.train.max_steps,
-                            start_step=trainer.step, report_to=cfg.train.report_to, config=cfg.to_dict())
+    metrics = MetricsLogger(
+        output_dir,
+        rank=env_rank(),
+        total_steps=cfg.train.max_steps,
+        start_step=trainer.step,
+        report_to=cfg.train.report_to,
+        config=cfg.to_dict(),
+    )
     callbacks = [metrics, ExportHF(output_dir / "student_hf")]
     if cfg.is_demo:
         from rlad_ds.demo.summary import DemoSummary
@@ -176,14 +203,18 @@ def _run_training(cfg, method, task, student_path, teacher_path, tokenizer, rewa
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
 
+
 def _eval(argv: list[str]) -> int:
     from rlad_ds.config.parsing import build_parser, config_from_layers, read_layers
     from rlad_ds.models import check_model_dir, prompt_budget
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
-    parser = build_parser("eval", description="Mean@k and unbiased Pass@k of a causal LM on a task, per subset, "
-                                              "under ZeRO-3 inference (any number of ranks).")
+    parser = build_parser(
+        "eval",
+        description="Mean@k and unbiased Pass@k of a causal LM on a task, per subset, "
+        "under ZeRO-3 inference (any number of ranks).",
+    )
     parser.add_argument("--model", required=True, help="Hugging Face model dir (config.json + safetensors)")
     parser.add_argument("--output", default=None, help="write the results here as JSON")
     parser.add_argument("--save_completions", action="store_true", help="also store every completion in the JSON")
@@ -198,11 +229,14 @@ def _eval(argv: list[str]) -> int:
     with RewardRunner.from_config(cfg.data) as rewards:
         examples = _eval_examples(cfg, tokenizer, rewards, budget)
         if not examples:
-            raise ConfigError(f"nothing to evaluate: task {task.name!r} generates no problems and no "
-                              "--eval_dataset was given (or --eval_size is 0)")
+            raise ConfigError(
+                f"nothing to evaluate: task {task.name!r} generates no problems and no "
+                "--eval_dataset was given (or --eval_size is 0)"
+            )
         if cfg.eval.eval_temperature == 0 and cfg.eval.eval_samples > 1:
-            logger.warning("--eval_temperature 0 is greedy: all %d samples of a problem are the same",
-                           cfg.eval.eval_samples)
+            logger.warning(
+                "--eval_temperature 0 is greedy: all %d samples of a problem are the same", cfg.eval.eval_samples
+            )
         single_process_env()
         return _run_evaluation(cfg, task, model_dir, tokenizer, examples, rewards, args)
 
@@ -219,22 +253,36 @@ def _run_evaluation(cfg, task, model_dir, tokenizer, examples, rewards, args) ->
     init_process_group(cfg.train.collective_timeout_s)
     engine, rollout = build_eval_model(cfg, model_dir, tokenizer)
     load_seconds = time.perf_counter() - start
-    results = evaluate_examples(rollout, tokenizer, task, examples, cfg, rewards, engine.device,
-                                keep_completions=args.save_completions)
+    results = evaluate_examples(
+        rollout, tokenizer, task, examples, cfg, rewards, engine.device, keep_completions=args.save_completions
+    )
     if env_rank() == 0:
         seconds, tokens = results.pop("generate_seconds"), results.pop("generated_tokens")
-        results["run"] = {"model": str(model_dir), "eval_dataset": cfg.eval.eval_dataset, "size": len(examples),
-                          "skipped_rows": examples.skipped, "world_size": env_world_size(), "rollout": rollout.name,
-                          "generated_tokens": tokens, "load_seconds": round(load_seconds, 2),
-                          "generate_seconds": round(seconds, 2),
-                          "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-                          "seconds": round(time.perf_counter() - start, 2), "config": cfg.to_dict()}
+        results["run"] = {
+            "model": str(model_dir),
+            "eval_dataset": cfg.eval.eval_dataset,
+            "size": len(examples),
+            "skipped_rows": examples.skipped,
+            "world_size": env_world_size(),
+            "rollout": rollout.name,
+            "generated_tokens": tokens,
+            "load_seconds": round(load_seconds, 2),
+            "generate_seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "seconds": round(time.perf_counter() - start, 2),
+            "config": cfg.to_dict(),
+        }
         print(format_table(results), flush=True)
-        print(f"\n{len(examples)} problems x {cfg.eval.eval_samples} samples, {env_world_size()} rank(s), "
-              f"{rollout.name} generation: {tokens} tokens in {seconds:.1f} s", flush=True)
+        print(
+            f"\n{len(examples)} problems x {cfg.eval.eval_samples} samples, {env_world_size()} rank(s), "
+            f"{rollout.name} generation: {tokens} tokens in {seconds:.1f} s",
+            flush=True,
+        )
         if results["score_errors"] or results["score_timeouts"]:
-            print(f"scoring: {results['score_errors']} errors, {results['score_timeouts']} timeouts (scored 0; "
-                  f"first: {'; '.join(results['score_messages'])})")
+            print(
+                f"scoring: {results['score_errors']} errors, {results['score_timeouts']} timeouts (scored 0; "
+                f"first: {'; '.join(results['score_messages'])})"
+            )
         if args.output:
             print(f"wrote {write_json(results, args.output)}", flush=True)
     end_process_group()

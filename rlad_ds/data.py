@@ -21,9 +21,9 @@ included. A bad row is an error naming its place, or with `skip_bad_rows=True` i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from rlad_ds.data_sources import Unparsable, read_rows, saved_splits
 from rlad_ds.errors import ConfigError
@@ -92,8 +92,10 @@ class Renderer:
         if template is not None and "{prompt}" not in template:
             raise ConfigError(f"raw template {template!r} has no {{prompt}} placeholder; add one")
         if system_prompt is not None and tokenizer is None:
-            raise ConfigError("a system prompt needs the tokenizer's chat template; pass the tokenizer "
-                              "or put the system text in the raw template")
+            raise ConfigError(
+                "a system prompt needs the tokenizer's chat template; pass the tokenizer "
+                "or put the system text in the raw template"
+            )
         if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("the tokenizer has no chat template; pass a raw template with {prompt} instead")
         self.tokenizer, self.template, self.system_prompt = tokenizer, template, system_prompt
@@ -108,11 +110,21 @@ class Renderer:
         return user_text
 
 
-def load_examples(task: Task, source: str | Path | None = None, *, split: str = "train", n: int | None = None,
-                  seed: int = 0, columns: str | dict | None = None, tokenizer=None, template: str | None = None,
-                  system_prompt: str | None = None, skip_bad_rows: bool = False,
-                  check: Callable[[Sequence[dict]], dict[int, str]] | None = None,
-                  check_prompts: Callable[[Sequence[str]], dict[int, str]] | None = None) -> Examples:
+def load_examples(
+    task: Task,
+    source: str | Path | None = None,
+    *,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    columns: str | dict | None = None,
+    tokenizer=None,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    skip_bad_rows: bool = False,
+    check: Callable[[Sequence[dict]], dict[int, str]] | None = None,
+    check_prompts: Callable[[Sequence[str]], dict[int, str]] | None = None,
+) -> Examples:
     """Examples for `task` from `source` (see the module doc); `n` caps file rows or sets the generated count.
     `check(records)` returns {index: why} for records the verifier rejects (see the module doc), and
     `check_prompts(texts)` the same for rendered prompts, generated ones included."""
@@ -169,20 +181,28 @@ def _options(data_cfg, tokenizer, rewards: RewardRunner | None, max_prompt_token
         # Counted as generation tokenizes them (no special tokens added); a longer prompt would run the response
         # past the positions the model was built for.
         lengths = map(len, tokenizer(list(texts), add_special_tokens=False)["input_ids"])
-        return {index: f"the prompt is {length} tokens, more than the {max_prompt_tokens} that --max_new_tokens "
-                f"leaves of the model's context (max_position_embeddings); shorten it or lower --max_new_tokens"
-                for index, length in enumerate(lengths) if length > max_prompt_tokens}
+        return {
+            index: f"the prompt is {length} tokens, more than the {max_prompt_tokens} that --max_new_tokens "
+            f"leaves of the model's context (max_position_embeddings); shorten it or lower --max_new_tokens"
+            for index, length in enumerate(lengths)
+            if length > max_prompt_tokens
+        }
 
     # A raw template replaces the chat template, so the tokenizer is not used for rendering then.
-    return {"columns": data_cfg.columns, "system_prompt": data_cfg.system_prompt,
-            "template": data_cfg.prompt_template,
-            "tokenizer": None if data_cfg.prompt_template is not None else tokenizer,
-            "skip_bad_rows": data_cfg.skip_bad_rows, "check": check,
-            "check_prompts": None if max_prompt_tokens is None or tokenizer is None else check_prompts}
+    return {
+        "columns": data_cfg.columns,
+        "system_prompt": data_cfg.system_prompt,
+        "template": data_cfg.prompt_template,
+        "tokenizer": None if data_cfg.prompt_template is not None else tokenizer,
+        "skip_bad_rows": data_cfg.skip_bad_rows,
+        "check": check,
+        "check_prompts": None if max_prompt_tokens is None or tokenizer is None else check_prompts,
+    }
 
 
-def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunner | None = None,
-                        max_prompt_tokens: int | None = None) -> Examples:
+def load_train_examples(
+    data_cfg, tokenizer, seed: int = 0, rewards: RewardRunner | None = None, max_prompt_tokens: int | None = None
+) -> Examples:
     """Training prompts for `rlad_ds.config.schema.DataConfig`: every row of `dataset`, else `train_size` generated.
     Dataset rows are checked in `rewards` (the run's reward workers; None: workers started for the check);
     with `max_prompt_tokens` (`rlad_ds.models.prompt_budget`) a longer prompt is a bad row.
@@ -192,13 +212,20 @@ def load_train_examples(data_cfg, tokenizer, seed: int = 0, rewards: RewardRunne
     """
     task = get_task(data_cfg.task, data_cfg.task_args)
     n = data_cfg.train_size if data_cfg.dataset is None else None
-    examples = load_examples(task, data_cfg.dataset, split="train", n=n, seed=seed,
-                             **_options(data_cfg, tokenizer, rewards, max_prompt_tokens))
+    examples = load_examples(
+        task,
+        data_cfg.dataset,
+        split="train",
+        n=n,
+        seed=seed,
+        **_options(data_cfg, tokenizer, rewards, max_prompt_tokens),
+    )
     return Examples(as_records(examples), skipped=examples.skipped, messages=examples.messages)
 
 
-def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None,
-                       max_prompt_tokens: int | None = None) -> Examples:
+def load_eval_examples(
+    cfg, tokenizer, rewards: RewardRunner | None = None, max_prompt_tokens: int | None = None
+) -> Examples:
     """Held-out problems (records with "prompt_text") for the `eval` section of a `rlad_ds.config.schema.Config`.
 
     From `eval_dataset` (its `eval_split` when it is a saved dataset dict), else the task's generated "test"
@@ -213,8 +240,9 @@ def load_eval_examples(cfg, tokenizer, rewards: RewardRunner | None = None,
     source, split = cfg.eval.eval_dataset, cfg.eval.eval_split
     if source is None and task.generate is not None:
         if size is None:
-            raise ConfigError(f"--eval_size none means every row of --eval_dataset; say how many {task.name!r} "
-                              "problems to generate")
+            raise ConfigError(
+                f"--eval_size none means every row of --eval_dataset; say how many {task.name!r} problems to generate"
+            )
         source, split = None, "test"
     elif source is None:
         saved = cfg.data.dataset is not None and "test" in saved_splits(Path(cfg.data.dataset).expanduser())

@@ -13,9 +13,9 @@ Sources:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from rlad_ds.errors import ConfigError, error_line
 
@@ -44,8 +44,11 @@ def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, o
 
 
 def _looks_local(source: str) -> bool:
-    return (source.startswith((".", "/", "~")) or Path(source).suffix in (*JSON_SUFFIXES, *DATASETS_SUFFIXES)
-            or source.count("/") > 1)
+    return (
+        source.startswith((".", "/", "~"))
+        or Path(source).suffix in (*JSON_SUFFIXES, *DATASETS_SUFFIXES)
+        or source.count("/") > 1
+    )
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -53,9 +56,10 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
         text = data.decode("utf-8-sig")  # a leading byte-order mark, as some editors write, is not a bad row
     except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as "
-                          f"UTF-8 JSON") from None
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as UTF-8 JSON"
+        ) from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -97,8 +101,10 @@ def _load_from_disk(path: Path, split: str):
     import datasets
 
     if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        raise ConfigError(f"{path}: not a saved dataset (no dataset_info.json or dataset_dict.json); "
-                          "point at a data file or a save_to_disk directory")
+        raise ConfigError(
+            f"{path}: not a saved dataset (no dataset_info.json or dataset_dict.json); "
+            "point at a data file or a save_to_disk directory"
+        )
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -117,10 +123,15 @@ def _load_hub(name: str, split: str):
             datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
         return datasets.load_dataset(name, split=split)
     except Exception as error:  # ConnectionError, FileNotFoundError, ValueError...: datasets' reasons vary
-        why = ("the Hugging Face hub cannot be reached from here and the local datasets cache does not have it"
-               if offline else f"the hub cannot load it ({error_line(error)})")
-        raise ConfigError(f"{name}: no such local file or directory, and {why}; give a local data file or "
-                          f"save_to_disk dir (hub dataset names need network access)") from None
+        why = (
+            "the Hugging Face hub cannot be reached from here and the local datasets cache does not have it"
+            if offline
+            else f"the hub cannot load it ({error_line(error)})"
+        )
+        raise ConfigError(
+            f"{name}: no such local file or directory, and {why}; give a local data file or "
+            f"save_to_disk dir (hub dataset names need network access)"
+        ) from None
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 

@@ -21,8 +21,13 @@ def single_process_env() -> None:
     """A plain `python script.py` without a launcher acts as rank 0 of 1 (DeepSpeed would look for MPI)."""
     if "RANK" in os.environ:
         return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+    )
 
 
 def env_rank() -> int:

@@ -23,13 +23,16 @@ def load_ds_config(path: str | Path) -> dict:
     """Read a DeepSpeed JSON file; a missing file, bad JSON or a non-object raise one-line ConfigErrors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; pass an existing JSON file "
-                          f"(templates are in {CONFIG_DIR})")
+        raise ConfigError(
+            f"DeepSpeed config {path} does not exist; pass an existing JSON file (templates are in {CONFIG_DIR})"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
-                          f"{error.msg}); fix the file") from None
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+            f"{error.msg}); fix the file"
+        ) from None
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object, not {type(config).__name__}")
     return config
@@ -45,8 +48,10 @@ def _fill(section: dict, key: str, value, where: str) -> None:
     if current == AUTO:
         section[key] = value
     elif current != value:
-        raise ConfigError(f"DeepSpeed config sets {where}{key}={current!r} but the trainer needs {value!r}; "
-                          f"set it to \"auto\" or to {value!r}")
+        raise ConfigError(
+            f"DeepSpeed config sets {where}{key}={current!r} but the trainer needs {value!r}; "
+            f'set it to "auto" or to {value!r}'
+        )
 
 
 def zero_stage(config: dict) -> int:
@@ -57,12 +62,13 @@ def require_zero_stage(config: dict, stage: int = 3, role: str = "student") -> N
     """Refuse a config whose ZeRO stage is not `stage` (every model here is partitioned with ZeRO-3)."""
     found = zero_stage(config)
     if found != stage:
-        raise ConfigError(f"the {role} DeepSpeed config uses ZeRO stage {found}; set "
-                          f"zero_optimization.stage to {stage}")
+        raise ConfigError(
+            f"the {role} DeepSpeed config uses ZeRO stage {found}; set zero_optimization.stage to {stage}"
+        )
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """"bf16" or "fp32" (`rlad_ds.config.schema.PRECISIONS`): `auto` is bf16 on accelerators and fp32 on CPU."""
+    """ "bf16" or "fp32" (`rlad_ds.config.schema.PRECISIONS`): `auto` is bf16 on accelerators and fp32 on CPU."""
     if precision == "auto":
         return "fp32" if device == "cpu" else "bf16"
     return precision
@@ -72,19 +78,24 @@ def _fill_precision(config: dict, precision: str, device: str) -> None:
     bf16 = config.setdefault("bf16", {})
     _fill(bf16, "enabled", resolve_precision(precision, device) == "bf16", "bf16.")
     if config.get("fp16", {}).get("enabled", False) is True:
-        raise ConfigError("DeepSpeed config enables fp16; this trainer uses bf16 or fp32 (--precision): "
-                          "remove the fp16 section")
+        raise ConfigError(
+            "DeepSpeed config enables fp16; this trainer uses bf16 or fp32 (--precision): remove the fp16 section"
+        )
 
 
 def _cpu_optimizer(config: dict, device: str) -> None:
     """On CPU, Adam / AdamW run as torch's own (`torch_adam`): DeepSpeed's FusedAdam for the CPU accelerator is
-    JIT-compiled on first use (a minute or more on a small machine), and a run killed mid-build leaves a lock that hangs every
-    later start-up. A config that sets `torch_adam` itself, or offloads the optimizer (DeepSpeed's prebuilt-or-JIT
-    CPUAdam, its choice), is left as it is."""
+    JIT-compiled on first use (a minute or more on a small machine), and a run killed mid-build leaves a lock that
+    hangs every later start-up. A config that sets `torch_adam` itself, or offloads the optimizer (DeepSpeed's
+    prebuilt-or-JIT CPUAdam, its choice), is left as it is."""
     optimizer = config.get("optimizer")
     offloaded = isinstance(config.get("zero_optimization", {}).get("offload_optimizer"), dict)
-    if device == "cpu" and isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
-            and not offloaded:
+    if (
+        device == "cpu"
+        and isinstance(optimizer, dict)
+        and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+        and not offloaded
+    ):
         optimizer.setdefault("params", {}).setdefault("torch_adam", True)
 
 
@@ -107,10 +118,20 @@ def dtype_of(config: dict):
     return torch.bfloat16 if config.get("bf16", {}).get("enabled") is True else torch.float32
 
 
-def fill_train_config(config: str | Path | dict, *, world_size: int, micro_batch_size: int,
-                      gradient_accumulation_steps: int, lr: float, gradient_clipping: float, device: str,
-                      weight_decay: float = 0.0, precision: str = "auto", persistence_threshold: int | None = None,
-                      require_stage3: bool = True) -> dict:
+def fill_train_config(
+    config: str | Path | dict,
+    *,
+    world_size: int,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    lr: float,
+    gradient_clipping: float,
+    device: str,
+    weight_decay: float = 0.0,
+    precision: str = "auto",
+    persistence_threshold: int | None = None,
+    require_stage3: bool = True,
+) -> dict:
     """The student's training config with every "auto" filled (batch sizes, lr, weight decay, clipping,
     precision)."""
     config = _as_dict(config)
@@ -135,9 +156,16 @@ def fill_train_config(config: str | Path | dict, *, world_size: int, micro_batch
     return config
 
 
-def inference_config(config: str | Path | dict | None = None, *, offload: bool = True, world_size: int,
-                     micro_batch_size: int, device: str, precision: str = "auto",
-                     persistence_threshold: int | None = None) -> dict:
+def inference_config(
+    config: str | Path | dict | None = None,
+    *,
+    offload: bool = True,
+    world_size: int,
+    micro_batch_size: int,
+    device: str,
+    precision: str = "auto",
+    persistence_threshold: int | None = None,
+) -> dict:
     """A frozen model's inference config (teacher, reference, evaluated model): ZeRO-3, no optimizer,
     parameters offloaded to CPU if `offload`.
 
@@ -149,8 +177,9 @@ def inference_config(config: str | Path | dict | None = None, *, offload: bool =
     config = _as_dict(config)
     require_zero_stage(config, 3, "teacher")
     if "optimizer" in config or "scheduler" in config:
-        raise ConfigError("the teacher DeepSpeed config has an optimizer or scheduler; the teacher is frozen: "
-                          "remove them")
+        raise ConfigError(
+            "the teacher DeepSpeed config has an optimizer or scheduler; the teacher is frozen: remove them"
+        )
     zero = config["zero_optimization"]
     if offload:
         zero.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
@@ -170,13 +199,27 @@ def student_ds_config(cfg, world_size: int, device: str) -> dict:
     Each rank's micro-batch count varies with response lengths (a token budget); DeepSpeed only needs a
     nominal micro-batch size, and the trainer marks the accumulation boundary itself.
     """
-    return fill_train_config(cfg.deepspeed, world_size=world_size, micro_batch_size=1, gradient_accumulation_steps=1,
-                             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, gradient_clipping=cfg.train.grad_clip,
-                             device=device, precision=cfg.model.precision,
-                             persistence_threshold=cfg.model.param_persistence_threshold)
+    return fill_train_config(
+        cfg.deepspeed,
+        world_size=world_size,
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        gradient_clipping=cfg.train.grad_clip,
+        device=device,
+        precision=cfg.model.precision,
+        persistence_threshold=cfg.model.param_persistence_threshold,
+    )
 
 
 def frozen_ds_config(cfg, offload: bool, world_size: int, device: str) -> dict:
     """A frozen model's DeepSpeed config (teacher, reference, evaluated model) from the Config tree."""
-    return inference_config(offload=offload, world_size=world_size, micro_batch_size=1, device=device,
-                            precision=cfg.model.precision, persistence_threshold=cfg.model.param_persistence_threshold)
+    return inference_config(
+        offload=offload,
+        world_size=world_size,
+        micro_batch_size=1,
+        device=device,
+        precision=cfg.model.precision,
+        persistence_threshold=cfg.model.param_persistence_threshold,
+    )

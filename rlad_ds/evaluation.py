@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rlad_ds.tasks.base import Task, correct
 
@@ -58,8 +58,15 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def results_from_scores(task: Task, records: Sequence[dict], scores: Sequence[Sequence[float]], n: int,
-                        ks: Sequence[int] = (1,), errors: int = 0, timeouts: int = 0) -> dict:
+def results_from_scores(
+    task: Task,
+    records: Sequence[dict],
+    scores: Sequence[Sequence[float]],
+    n: int,
+    ks: Sequence[int] = (1,),
+    errors: int = 0,
+    timeouts: int = 0,
+) -> dict:
     """`evaluate`'s result from already computed scores: `scores[i]` are the n sample scores of `records[i]`."""
     ks = sorted(set(ks))
     if not records or len(records) != len(scores):
@@ -68,15 +75,25 @@ def results_from_scores(task: Task, records: Sequence[dict], scores: Sequence[Se
         raise ValueError(f"every k must be in 1..n={n}, got {list(ks)}")
     if any(len(s) != n for s in scores):
         raise ValueError(f"every record needs n={n} scores, got {sorted({len(s) for s in scores})}")
-    problems = [{"index": i, "subset": task.subset(r), "scores": list(s), **problem_metrics(s, ks)}
-                for i, (r, s) in enumerate(zip(records, scores))]
+    problems = [
+        {"index": i, "subset": task.subset(r), "scores": list(s), **problem_metrics(s, ks)}
+        for i, (r, s) in enumerate(zip(records, scores))
+    ]
     subsets = {}
     for name in sorted({p["subset"] for p in problems}, key=_natural_key):
         members = [p for p in problems if p["subset"] == name]
         subsets[name] = {"problems": len(members), **_average([_metrics_only(p) for p in members])}
     overall = {"problems": len(problems), **_average([_metrics_only(p) for p in problems])}
-    return {"task": task.name, "n": n, "ks": ks, "subsets": subsets, "overall": overall,
-            "score_errors": errors, "score_timeouts": timeouts, "problems": problems}
+    return {
+        "task": task.name,
+        "n": n,
+        "ks": ks,
+        "subsets": subsets,
+        "overall": overall,
+        "score_errors": errors,
+        "score_timeouts": timeouts,
+        "problems": problems,
+    }
 
 
 def _metrics_only(problem: dict) -> dict[str, float]:
@@ -89,14 +106,18 @@ def format_table(results: dict, style: str = "markdown") -> str:
         raise ValueError(f"style must be 'markdown' or 'plain', got {style!r}")
     metrics = [f"mean@{k}" for k in results["ks"]] + [f"pass@{k}" for k in results["ks"]]
     header = ["subset", "problems"] + [m.replace("mean", "Mean").replace("pass", "Pass") for m in metrics]
-    rows = [[name, str(row["problems"])] + [f"{100 * row[m]:.1f}" for m in metrics]
-            for name, row in [*results["subsets"].items(), ("overall", results["overall"])]]
+    rows = [
+        [name, str(row["problems"])] + [f"{100 * row[m]:.1f}" for m in metrics]
+        for name, row in [*results["subsets"].items(), ("overall", results["overall"])]
+    ]
     if style == "markdown":
         lines = [header, ["---"] * len(header), *rows]
         return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-                     for r in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    )
 
 
 def write_json(results: dict, path: str | Path) -> Path:
@@ -108,6 +129,7 @@ def write_json(results: dict, path: str | Path) -> Path:
 
 # ---- sharding over ranks (pure) ----------------------------------------------------------------------------------
 
+
 def shard_indices(num_items: int, rank: int, world_size: int) -> tuple[list[int], int]:
     """The item indices `rank` evaluates (strided: rank, rank + world, ...) and how many every rank runs.
 
@@ -115,8 +137,9 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> tuple[list[int]
     whenever its generation takes part in collectives (per-layer ZeRO-3 gathers), so no rank waits forever.
     """
     if world_size < 1 or not 0 <= rank < world_size or num_items < 0:
-        raise ValueError(f"need world_size >= 1, 0 <= rank < world_size, num_items >= 0; got {num_items}, "
-                         f"{rank}, {world_size}")
+        raise ValueError(
+            f"need world_size >= 1, 0 <= rank < world_size, num_items >= 0; got {num_items}, {rank}, {world_size}"
+        )
     return list(range(rank, num_items, world_size)), -(-num_items // world_size)
 
 
@@ -143,8 +166,10 @@ def eval_metrics(results: dict) -> dict:
     """An evaluation's log line: overall accuracy (Mean@k), Pass@k for k > 1, and the accuracy per subset."""
     overall, ks = results["overall"], results["ks"]
     # A verifier that raised or timed out scores 0 like a wrong answer; counted apart so that the two never blur.
-    metrics = {"eval_accuracy": overall[f"mean@{ks[0]}"],
-               "eval_score_errors": results["score_errors"] + results["score_timeouts"]}
+    metrics = {
+        "eval_accuracy": overall[f"mean@{ks[0]}"],
+        "eval_score_errors": results["score_errors"] + results["score_timeouts"],
+    }
     metrics.update({f"eval_pass@{k}": overall[f"pass@{k}"] for k in ks if k > 1})
     if len(results["subsets"]) > 1:
         metrics.update({f"eval_accuracy/{name}": row[f"mean@{ks[0]}"] for name, row in results["subsets"].items()})

@@ -16,7 +16,7 @@ same model and prompts give the same greedy accuracy everywhere.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,19 +29,35 @@ from rlad_ds.rollout.output import RolloutOutput, concat_rollouts
 
 
 def training_sampling(rollout_cfg) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
-                          top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
-                          n_samples_per_prompt=rollout_cfg.group_size)
+    return SamplingConfig(
+        max_new_tokens=rollout_cfg.max_new_tokens,
+        temperature=rollout_cfg.temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=rollout_cfg.top_k,
+        n_samples_per_prompt=rollout_cfg.group_size,
+    )
 
 
 def eval_sampling(cfg) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.eval.eval_temperature,
-                          top_p=cfg.eval.eval_top_p, top_k=cfg.eval.eval_top_k,
-                          n_samples_per_prompt=cfg.eval.eval_samples)
+    return SamplingConfig(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.eval.eval_temperature,
+        top_p=cfg.eval.eval_top_p,
+        top_k=cfg.eval.eval_top_k,
+        n_samples_per_prompt=cfg.eval.eval_samples,
+    )
 
 
-def generate(rollout, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, device, *, batch_size: int = 0,
-             seeds: Sequence[int] | None = None) -> RolloutOutput | None:
+def generate(
+    rollout,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    device,
+    *,
+    batch_size: int = 0,
+    seeds: Sequence[int] | None = None,
+) -> RolloutOutput | None:
     """Rollouts of `prompts` (n_samples_per_prompt rows each, prompt-major); None for no prompts.
 
     `seeds[i]`, if given, seeds torch before the generate call whose first prompt is i. Every rank enters
@@ -51,11 +67,12 @@ def generate(rollout, tokenizer, prompts: Sequence[str], sampling: SamplingConfi
     outputs = []
     with rollout.session():
         for start in range(0, len(prompts), size):
-            enc = _left_padded(tokenizer, list(prompts[start:start + size]))
+            enc = _left_padded(tokenizer, list(prompts[start : start + size]))
             if seeds is not None:
                 torch.manual_seed(seeds[start])
-            request = RolloutRequest(prompt_ids=enc["input_ids"].to(device),
-                                     prompt_attention_mask=enc["attention_mask"].to(device))
+            request = RolloutRequest(
+                prompt_ids=enc["input_ids"].to(device), prompt_attention_mask=enc["attention_mask"].to(device)
+            )
             outputs.append(rollout.generate(request, sampling))
     return concat_rollouts(outputs, tokenizer.pad_token_id) if outputs else None
 
@@ -70,48 +87,76 @@ def _left_padded(tokenizer, texts: list[str]):
 
 
 def decode_responses(tokenizer, output: RolloutOutput) -> list[str]:
-    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-            for ids, mask in zip(output.input_ids, output.response_mask)]
+    return [
+        tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+        for ids, mask in zip(output.input_ids, output.response_mask)
+    ]
 
 
-def evaluate_examples(rollout, tokenizer, task, records: Sequence[dict], cfg, rewards, device, *,
-                      keep_completions: bool = False) -> dict:
-    """Mean@k / Pass@k of the rollout engine's model on `records` (dicts with "prompt_text"), every rank.
+def evaluate_examples(
+    rollout, tokenizer, task, records: Sequence[dict], cfg, rewards, device, *, keep_completions: bool = False
+) -> dict:
+    """Mean@k / Pass@k of the rollout's model on `records` (dicts with "prompt_text"), every rank.
 
     Returns `rlad_ds.evaluation.results_from_scores`'s dict plus "generated_tokens", "generate_seconds"
     (slowest rank) and, with `keep_completions`, each problem's completions.
     """
     rank, world_size = world()
-    n = cfg.eval.eval_samples
-    own, per_rank = shard_indices(len(records), rank, world_size)
-    # Throw-away problems keep the generate calls of every rank in step where the engine needs it.
-    indices = own + [own[0] if own else 0] * (per_rank - len(own) if rollout.collective_calls else 0)
-    prompts = [records[i]["prompt_text"] for i in indices] if records else []
-    start = time.perf_counter()
-    with forked_rng():
-        output = generate(rollout, tokenizer, prompts, eval_sampling(cfg), device,
-                          batch_size=cfg.rollout.rollout_batch_size,
-                          seeds=[sample_seed(cfg.train.seed, i) for i in indices])
-    seconds = time.perf_counter() - start
-    texts = decode_responses(tokenizer, output)[:len(own) * n] if output is not None else []
-    tokens = int(output.response_mask[:len(own) * n].sum()) if output is not None else 0
-    scored = rewards.run(texts, [records[i] for i in own for _ in range(n)])
-    groups = [(i, (scored.scores[j * n:(j + 1) * n], texts[j * n:(j + 1) * n] if keep_completions else None))
-              for j, i in enumerate(own)]
-    gathered = [None] * world_size
-    part = {"items": groups, "errors": scored.errors, "timeouts": scored.timeouts, "tokens": tokens,
-            "seconds": seconds, "messages": scored.messages[:3]}
+    part = _evaluate_shard(rollout, tokenizer, records, cfg, rewards, device, rank, world_size, keep_completions)
+    gathered = [part]
     if world_size > 1:
+        gathered = [None] * world_size
         dist.all_gather_object(gathered, part)
-    else:
-        gathered = [part]
     merged = merge_shards([g["items"] for g in gathered], len(records))
-    results = results_from_scores(task, list(records), [m[0] for m in merged], n, cfg.eval.eval_k,
-                                  sum(g["errors"] for g in gathered), sum(g["timeouts"] for g in gathered))
+    errors, timeouts = sum(g["errors"] for g in gathered), sum(g["timeouts"] for g in gathered)
+    results = results_from_scores(
+        task, list(records), [m[0] for m in merged], cfg.eval.eval_samples, cfg.eval.eval_k, errors, timeouts
+    )
     if keep_completions:
         for problem, (_, completions) in zip(results["problems"], merged):
             problem["completions"] = completions
-    results.update(generated_tokens=sum(g["tokens"] for g in gathered),
-                   generate_seconds=max(g["seconds"] for g in gathered),
-                   score_messages=[m for g in gathered for m in g["messages"]][:3])
+    results.update(
+        generated_tokens=sum(g["tokens"] for g in gathered),
+        generate_seconds=max(g["seconds"] for g in gathered),
+        score_messages=[m for g in gathered for m in g["messages"]][:3],
+    )
     return results
+
+
+def _evaluate_shard(
+    rollout, tokenizer, records, cfg, rewards, device, rank: int, world_size: int, keep_completions: bool
+) -> dict:
+    """This rank's problems (strided), sampled and scored: {"items": [(index, (scores, completions))], counts}."""
+    n = cfg.eval.eval_samples
+    own, per_rank = shard_indices(len(records), rank, world_size)
+    # Throw-away problems keep the generate calls of every rank in step where the rollout needs it.
+    indices = own + [own[0] if own else 0] * (per_rank - len(own) if rollout.collective_calls else 0)
+    prompts = [records[i]["prompt_text"] for i in indices] if records else []
+    seeds = [sample_seed(cfg.train.seed, i) for i in indices]
+    start = time.perf_counter()
+    with forked_rng():
+        output = generate(
+            rollout,
+            tokenizer,
+            prompts,
+            eval_sampling(cfg),
+            device,
+            batch_size=cfg.rollout.rollout_batch_size,
+            seeds=seeds,
+        )
+    seconds = time.perf_counter() - start
+    texts = decode_responses(tokenizer, output)[: len(own) * n] if output is not None else []
+    tokens = int(output.response_mask[: len(own) * n].sum()) if output is not None else 0
+    scored = rewards.run(texts, [records[i] for i in own for _ in range(n)])
+    items = [
+        (i, (scored.scores[j * n : (j + 1) * n], texts[j * n : (j + 1) * n] if keep_completions else None))
+        for j, i in enumerate(own)
+    ]
+    return {
+        "items": items,
+        "errors": scored.errors,
+        "timeouts": scored.timeouts,
+        "tokens": tokens,
+        "seconds": seconds,
+        "messages": scored.messages[:3],
+    }

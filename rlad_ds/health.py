@@ -24,17 +24,22 @@ class RunHealth:
         self.bad_steps = 0 if metrics["finite"] else self.bad_steps + 1
         metrics["skipped_steps"] = self.bad_steps
         if not metrics["finite"] and self.rank == 0:
-            logger.warning("step %d: non-finite loss or gradient norm; the update was skipped (%d in a row)", step,
-                           self.bad_steps)
+            logger.warning(
+                "step %d: non-finite loss or gradient norm; the update was skipped (%d in a row)", step, self.bad_steps
+            )
         if self.bad_steps >= self.max_bad_steps:
-            return TrainingError(f"{self.bad_steps} consecutive non-finite steps; lower --lr or check the data and "
-                                 f"rewards (see metrics.jsonl)")
+            return TrainingError(
+                f"{self.bad_steps} consecutive non-finite steps; lower --lr or check the data and "
+                f"rewards (see metrics.jsonl)"
+            )
         return None
 
     def check_rewards(self, metrics: dict, first_error: str | None) -> None:
         """A run whose every reward call fails (the verifier raises or hangs) gets no signal: stop it."""
         self.failed_reward_steps = self.failed_reward_steps + 1 if metrics["reward_failed_frac"] >= 1.0 else 0
         if self.max_failed_reward_steps and self.failed_reward_steps >= self.max_failed_reward_steps:
-            raise TrainingError(f"every reward call failed in {self.failed_reward_steps} consecutive steps (raised "
-                                f"or timed out), so nothing can be learned; first error: {first_error}; fix the "
-                                f"task's verifier or raise --reward_timeout_s")
+            raise TrainingError(
+                f"every reward call failed in {self.failed_reward_steps} consecutive steps (raised "
+                f"or timed out), so nothing can be learned; first error: {first_error}; fix the "
+                f"task's verifier or raise --reward_timeout_s"
+            )

@@ -31,8 +31,9 @@ def _shm_prefix() -> str:
 def remove_own_shm_buffer() -> None:
     """This rank's own 69 MB all-reduce buffer, at exit (success or failure): DeepSpeed never removes it.
     The other ranks have mapped it since init, so removing the name does not disturb them."""
-    name = f"{_shm_prefix()}{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_" \
-           f"{os.environ.get('RANK', '0')}"
+    name = (
+        f"{_shm_prefix()}{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{os.environ.get('RANK', '0')}"
+    )
     try:
         (SHM_DIR / name).unlink()
     except OSError:
@@ -92,5 +93,7 @@ def check_build_locks() -> None:
     held = _open_files()
     stale = [lock for lock in locks if os.path.realpath(lock) not in held and os.path.exists(lock)]
     if stale:
-        raise ConfigError(f"{stale[0]} is the lock of a JIT build that was killed mid-way (no process holds it); "
-                          f"every start-up would wait on it forever: delete it (rm {stale[0]}) and start again")
+        raise ConfigError(
+            f"{stale[0]} is the lock of a JIT build that was killed mid-way (no process holds it); "
+            f"every start-up would wait on it forever: delete it (rm {stale[0]}) and start again"
+        )

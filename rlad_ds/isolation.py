@@ -72,8 +72,10 @@ def _worker_main(fd: int, target: str, parent_pid: int) -> None:
             conn.send(("error", f"{type(error).__name__}: {error}"))
 
 
-_WORKER_BOOT = "import json, sys; sys.path[:0] = json.loads(sys.argv[3]); from rlad_ds.isolation import " \
-               "_worker_main; _worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[4]))"
+_WORKER_BOOT = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[3]); from rlad_ds.isolation import "
+    "_worker_main; _worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[4]))"
+)
 
 
 class IsolatedWorker:
@@ -92,9 +94,11 @@ class IsolatedWorker:
         """Start the process and wait until `target` is imported; raises WorkerError if it cannot be."""
         parent, child = socket.socketpair()
         path = json.dumps([p for p in sys.path if p])
-        self.process = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, str(child.fileno()), self.target, path,
-                                         str(os.getpid())],
-                                        pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT, str(child.fileno()), self.target, path, str(os.getpid())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
         child.close()
         self.conn = Connection(parent.detach())
         _LIVE.add(self)
@@ -148,7 +152,7 @@ class IsolatedWorker:
         _LIVE.discard(self)
 
 
-_LIVE: "weakref.WeakSet[IsolatedWorker]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[IsolatedWorker] = weakref.WeakSet()
 
 
 @atexit.register

@@ -16,8 +16,16 @@ from rlad_ds.logprobs import microbatch_logprobs, microbatch_slices, synced_micr
 class LogProbScorer:
     """Per-token log-probs of given token ids under a (frozen, or no-grad) DeepSpeed engine."""
 
-    def __init__(self, engine, tokenizer, *, temperature: float = 1.0, chunk_size: int | None = None,
-                 max_tokens_per_microbatch: int = 16384, packed: bool = False):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+        max_tokens_per_microbatch: int = 16384,
+        packed: bool = False,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.temperature = temperature
@@ -40,9 +48,14 @@ class LogProbScorer:
         fillers = synced_microbatch_count(len(micro_batches)) - len(micro_batches)
         for rows, cols in micro_batches:
             inputs = slice(cols.start, cols.stop + 1)
-            out[rows, cols] = microbatch_logprobs(self.engine, input_ids[rows, inputs], attention_mask[rows, inputs],
-                                                  packed=self.packed, temperature=self.temperature,
-                                                  chunk_size=self.chunk_size).logprobs
+            out[rows, cols] = microbatch_logprobs(
+                self.engine,
+                input_ids[rows, inputs],
+                attention_mask[rows, inputs],
+                packed=self.packed,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+            ).logprobs
         for _ in range(fillers):
             filler = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
             token_logprobs(self.engine, filler, torch.ones_like(filler), chunk_size=self.chunk_size)

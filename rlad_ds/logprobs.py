@@ -9,12 +9,11 @@ recomputes each chunk's logits in backward, so memory is bounded by one [chunk, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from deepspeed.runtime.chunked_cross_entropy import chunked_cross_entropy
-
 
 # A chunk holds about this many logits (256 MiB in fp32), whatever the vocabulary: 441 rows at V = 151,936.
 _CHUNK_ELEMENTS = 1 << 26
@@ -104,8 +103,15 @@ def _chunk_logits(hidden, weight, temperature):
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
-def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                           chunk_size: int | None = None, temperature: float = 1.0, with_entropy: bool = False):
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
     """(log p(targets) [..., ], entropy [...] or None) from hidden [..., H] and an lm-head weight [V, H].
 
     `chunk_size` rows of logits are alive at a time; None sizes chunks to about 2^26 logits.
@@ -114,9 +120,14 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     shape = targets.shape
-    logp, entropy = _ChunkedTokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                targets.reshape(-1).long(), int(chunk_size), float(temperature),
-                                                bool(with_entropy))
+    logp, entropy = _ChunkedTokenLogProbs.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets.reshape(-1).long(),
+        int(chunk_size),
+        float(temperature),
+        bool(with_entropy),
+    )
     return logp.view(shape), (entropy.view(shape) if with_entropy else None)
 
 
@@ -134,9 +145,16 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   position_ids: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int | None = None,
-                   with_entropy: bool = False) -> TokenLogProbs:
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> TokenLogProbs:
     """Per-token log-probs of `input_ids` under `model` (an HF causal LM or a DeepSpeed engine around one).
 
     Positions follow the attention mask (left padding is skipped) unless `position_ids` is given; for a
@@ -150,8 +168,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         position_ids = positions_from_mask(attention_mask)
 
     def chunked_head(hidden):
-        logp, entropy = chunked_token_logprobs(hidden[:, :-1], lm_head.weight, targets, chunk_size=chunk_size,
-                                               temperature=temperature, with_entropy=with_entropy)
+        logp, entropy = chunked_token_logprobs(
+            hidden[:, :-1],
+            lm_head.weight,
+            targets,
+            chunk_size=chunk_size,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
         return torch.stack([logp, entropy], dim=-1) if with_entropy else logp
 
     # An instance attribute shadows the class's forward for this one call; nn.Module.__call__ still runs
@@ -188,7 +212,7 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRo
             raise ValueError("pack_rows needs each row's real tokens to be contiguous (padding only at the ends)")
         starts.append(start)
         lengths.append(length)
-        pieces.append(row[start:start + length])
+        pieces.append(row[start : start + length])
         positions.append(torch.arange(length, device=input_ids.device))
     return PackedRows(torch.cat(pieces)[None], torch.cat(positions)[None], starts, lengths, input_ids.shape[1])
 
@@ -203,7 +227,7 @@ def unpack_logprobs(packed_values: torch.Tensor, packed: PackedRows) -> torch.Te
     offset = 0
     for row, (start, length) in enumerate(zip(packed.starts, packed.lengths)):
         if length > 1:
-            out[row, start:start + length - 1] = values[offset:offset + length - 1]
+            out[row, start : start + length - 1] = values[offset : offset + length - 1]
         offset += length
     return out
 
@@ -231,8 +255,9 @@ def token_budget_microbatches(lengths: Sequence[int], max_tokens: int, padded: b
     return batches
 
 
-def microbatch_slices(attention_mask: torch.Tensor, max_tokens: int,
-                      packed: bool = False) -> list[tuple[torch.Tensor, slice]]:
+def microbatch_slices(
+    attention_mask: torch.Tensor, max_tokens: int, packed: bool = False
+) -> list[tuple[torch.Tensor, slice]]:
     """Token-budget micro-batches of a padded batch as (rows, cols), trimmed of all-padding columns.
 
     `cols` indexes [B, T-1] next-token-aligned tensors (log-probs, loss masks); the inputs that produce
@@ -268,17 +293,32 @@ def synced_microbatch_count(count: int) -> int:
     return int(total.item())
 
 
-def microbatch_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, packed: bool = False,
-                        temperature: float = 1.0, chunk_size: int | None = None,
-                        with_entropy: bool = False) -> TokenLogProbs:
+def microbatch_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    packed: bool = False,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> TokenLogProbs:
     """[n, T-1] log-probs of one micro-batch: run as the padded [n, T] block, or `packed` padding-free into
     one row whose position ids restart per sequence (flash-attention's varlen path, and transformers'
     packed-sequence masks elsewhere), so long responses of mixed lengths cost only their real tokens."""
     if not packed:
-        return token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size,
-                              with_entropy=with_entropy)
+        return token_logprobs(
+            model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+        )
     rows = pack_rows(input_ids, attention_mask)
-    out = token_logprobs(model, rows.input_ids, position_ids=rows.position_ids, temperature=temperature,
-                         chunk_size=chunk_size, with_entropy=with_entropy)
-    return TokenLogProbs(unpack_logprobs(out.logprobs, rows),
-                         unpack_logprobs(out.entropy, rows) if with_entropy else None)
+    out = token_logprobs(
+        model,
+        rows.input_ids,
+        position_ids=rows.position_ids,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    return TokenLogProbs(
+        unpack_logprobs(out.logprobs, rows), unpack_logprobs(out.entropy, rows) if with_entropy else None
+    )

@@ -57,8 +57,14 @@ def kl_estimate(logp: torch.Tensor, other_logp: torch.Tensor, estimator: str = "
     raise ValueError(f"unknown KL estimator {estimator!r}; choose from {KL_ESTIMATORS}")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "seq-mean-token-mean", *,
-              max_len: int | None = None, loss_norm: float | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_agg: str = "seq-mean-token-mean",
+    *,
+    max_len: int | None = None,
+    loss_norm: float | None = None,
+) -> torch.Tensor:
     """Reduce a per-token `[B, T]` quantity to a scalar.
 
     - "seq-mean-token-mean" (the paper): mean over tokens of each sequence, then mean over sequences.
@@ -108,8 +114,22 @@ def _clipped_surrogate(log_ratio, advantages, mask, clip_low, clip_high, dual_cl
     return surrogate, stats
 
 
-def _policy_loss(log_ratio, logp, advantages, mask, *, clip_low, clip_high, dual_clip, loss_agg, max_len,
-                 loss_norm, ref_logp, beta_ref, extra_per_token=None):
+def _policy_loss(
+    log_ratio,
+    logp,
+    advantages,
+    mask,
+    *,
+    clip_low,
+    clip_high,
+    dual_clip,
+    loss_agg,
+    max_len,
+    loss_norm,
+    ref_logp,
+    beta_ref,
+    extra_per_token=None,
+):
     """-aggregate(surrogate) [+ extra per-token penalty] [+ beta_ref * KL_k3(pi || pi_ref)], with metrics."""
     surrogate, metrics = _clipped_surrogate(log_ratio, advantages, mask, clip_low, clip_high, dual_clip)
     per_token = -surrogate
@@ -132,24 +152,93 @@ def _old_and_teacher_metrics(logp, old_logp, teacher_logp, mask):
         return metrics
 
 
-def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.28, loss_agg="seq-mean-token-mean",
-              dual_clip=None, ref_logp=None, beta_ref=0.0, max_len=None, loss_norm=None):
+def grpo_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=0.28,
+    loss_agg="seq-mean-token-mean",
+    dual_clip=None,
+    ref_logp=None,
+    beta_ref=0.0,
+    max_len=None,
+    loss_norm=None,
+):
     """GRPO (clipped PPO surrogate on group advantages), optionally with a k3 KL to a reference."""
-    loss, metrics = _policy_loss(logp - old_logp, logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                 dual_clip=dual_clip, loss_agg=loss_agg, max_len=max_len, loss_norm=loss_norm,
-                                 ref_logp=ref_logp, beta_ref=beta_ref)
+    loss, metrics = _policy_loss(
+        logp - old_logp,
+        logp,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        loss_norm=loss_norm,
+        ref_logp=ref_logp,
+        beta_ref=beta_ref,
+    )
     metrics.update(_old_and_teacher_metrics(logp, old_logp, None, mask))
     return loss, metrics
 
 
-def trrd_loss(logp, old_logp, teacher_logp, advantages, mask, *, alpha=0.5, clip_low=0.2, clip_high=0.28,
-              teacher_log_ratio_clip=1.0, loss_agg="seq-mean-token-mean", dual_clip=None, ref_logp=None,
-              beta_ref=0.0, max_len=None, loss_norm=None):
+def trrd_loss(
+    logp,
+    old_logp,
+    teacher_logp,
+    advantages,
+    mask,
+    *,
+    alpha=0.5,
+    clip_low=0.2,
+    clip_high=0.28,
+    teacher_log_ratio_clip=1.0,
+    loss_agg="seq-mean-token-mean",
+    dual_clip=None,
+    ref_logp=None,
+    beta_ref=0.0,
+    max_len=None,
+    loss_norm=None,
+):
     """TRRD, the RLAD objective: a PPO ratio whose trust region is centred on old^alpha * teacher^(1-alpha).
 
     `teacher_log_ratio_clip` (c, the paper uses 1.0) clamps `logp - teacher_logp` to [-c, c]; None disables
     it. alpha = 1 is exactly `grpo_loss`; see the module docstring for the convention.
     """
+    log_ratio, teacher_log_ratio = trrd_log_ratio(logp, old_logp, teacher_logp, alpha, teacher_log_ratio_clip)
+    loss, metrics = _policy_loss(
+        log_ratio,
+        logp,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        loss_norm=loss_norm,
+        ref_logp=ref_logp,
+        beta_ref=beta_ref,
+    )
+    metrics.update(_teacher_ratio_metrics(teacher_log_ratio, teacher_log_ratio_clip, mask))
+    metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
+    return loss, metrics
+
+
+@torch.no_grad()
+def _teacher_ratio_metrics(teacher_log_ratio, clip, mask) -> dict:
+    """The mean of logp - teacher_logp, and the share of tokens whose teacher term the clamp holds constant."""
+    clamped = 0.0 if clip is None else masked_mean((teacher_log_ratio.abs() > clip).to(teacher_log_ratio.dtype), mask)
+    return {"teacher_log_ratio_mean": masked_mean(teacher_log_ratio, mask), "teacher_clamp_frac": clamped}
+
+
+def trrd_log_ratio(logp, old_logp, teacher_logp, alpha: float = 0.5, teacher_log_ratio_clip: float | None = 1.0):
+    """(log r_TRRD, logp - teacher_logp): `alpha * (logp - old_logp) + (1 - alpha) * clamp(logp - teacher_logp, -c,
+    c)`, the log of a PPO ratio centred on old^alpha * teacher^(1 - alpha) (docs/method.md#trrd)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     teacher_log_ratio = logp - teacher_logp
@@ -158,36 +247,65 @@ def trrd_loss(logp, old_logp, teacher_logp, advantages, mask, *, alpha=0.5, clip
         if teacher_log_ratio_clip <= 0:
             raise ValueError(f"teacher_log_ratio_clip must be > 0 or None, got {teacher_log_ratio_clip}")
         clamped = teacher_log_ratio.clamp(-teacher_log_ratio_clip, teacher_log_ratio_clip)
-    log_ratio = alpha * (logp - old_logp) + (1 - alpha) * clamped
-    loss, metrics = _policy_loss(log_ratio, logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                 dual_clip=dual_clip, loss_agg=loss_agg, max_len=max_len, loss_norm=loss_norm,
-                                 ref_logp=ref_logp, beta_ref=beta_ref)
-    with torch.no_grad():
-        metrics["teacher_log_ratio_mean"] = masked_mean(teacher_log_ratio, mask)
-        metrics["teacher_clamp_frac"] = (0.0 if teacher_log_ratio_clip is None else masked_mean(
-            (teacher_log_ratio.abs() > teacher_log_ratio_clip).to(logp.dtype), mask))
-    metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
-    return loss, metrics
+    return alpha * (logp - old_logp) + (1 - alpha) * clamped, teacher_log_ratio
 
 
-def kdrl_loss(logp, old_logp, teacher_logp, advantages, mask, *, beta_kd, kl_estimator="k2", clip_low=0.2,
-              clip_high=0.28, loss_agg="seq-mean-token-mean", dual_clip=None, ref_logp=None, beta_ref=0.0,
-              max_len=None, loss_norm=None):
+def kdrl_loss(
+    logp,
+    old_logp,
+    teacher_logp,
+    advantages,
+    mask,
+    *,
+    beta_kd,
+    kl_estimator="k2",
+    clip_low=0.2,
+    clip_high=0.28,
+    loss_agg="seq-mean-token-mean",
+    dual_clip=None,
+    ref_logp=None,
+    beta_ref=0.0,
+    max_len=None,
+    loss_norm=None,
+):
     """KDRL: GRPO plus `beta_kd` * KL(pi_S || pi_T) estimated on the sampled tokens.
 
     With all advantages zero this is on-policy KD alone (the teacher term with no reward).
     """
     teacher_kl = kl_estimate(logp, teacher_logp, kl_estimator)
-    loss, metrics = _policy_loss(logp - old_logp, logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                 dual_clip=dual_clip, loss_agg=loss_agg, max_len=max_len, loss_norm=loss_norm,
-                                 ref_logp=ref_logp, beta_ref=beta_ref, extra_per_token=beta_kd * teacher_kl)
+    loss, metrics = _policy_loss(
+        logp - old_logp,
+        logp,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        loss_norm=loss_norm,
+        ref_logp=ref_logp,
+        beta_ref=beta_ref,
+        extra_per_token=beta_kd * teacher_kl,
+    )
     metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
     return loss, metrics
 
 
-def kd_loss(logp, teacher_logp, mask, *, beta_kd, kl_estimator="k2", loss_agg="seq-mean-token-mean", ref_logp=None,
-            beta_ref=0.0, max_len=None, loss_norm=None):
+def kd_loss(
+    logp,
+    teacher_logp,
+    mask,
+    *,
+    beta_kd,
+    kl_estimator="k2",
+    loss_agg="seq-mean-token-mean",
+    ref_logp=None,
+    beta_ref=0.0,
+    max_len=None,
+    loss_norm=None,
+):
     """On-policy distillation with no reward: `beta_kd` * KL(pi_S || pi_T) on the student's own samples.
 
     The value and gradient are those of `kdrl_loss` with every advantage zero. With k2 (the default) the

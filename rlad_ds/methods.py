@@ -60,8 +60,13 @@ class Method:
 
 
 def _policy_options(batch, cfg) -> dict:
-    return dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, ref_logp=batch.ref_logp,
-                beta_ref=cfg.beta_ref)
+    return dict(
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+        ref_logp=batch.ref_logp,
+        beta_ref=cfg.beta_ref,
+    )
 
 
 def adapt_alpha(alpha: float, kl_teacher: float, lo: float, hi: float) -> float:
@@ -88,26 +93,53 @@ class RLAD(Method):
         return {"alpha": adapt_alpha(controls["alpha"], metrics["kl_teacher"], cfg.alpha_min, cfg.alpha_max)}
 
     def loss(self, logp, batch, cfg, controls, reduce):
-        return trrd_loss(logp, batch.old(logp), batch.teacher_logp, batch.advantages, batch.loss_mask,
-                         alpha=controls["alpha"], teacher_log_ratio_clip=cfg.teacher_log_ratio_clip,
-                         **_policy_options(batch, cfg), **reduce)
+        return trrd_loss(
+            logp,
+            batch.old(logp),
+            batch.teacher_logp,
+            batch.advantages,
+            batch.loss_mask,
+            alpha=controls["alpha"],
+            teacher_log_ratio_clip=cfg.teacher_log_ratio_clip,
+            **_policy_options(batch, cfg),
+            **reduce,
+        )
 
 
 class GRPO(Method):
     def loss(self, logp, batch, cfg, controls, reduce):
-        return grpo_loss(logp, batch.old(logp), batch.advantages, batch.loss_mask, **_policy_options(batch, cfg), **reduce)
+        return grpo_loss(
+            logp, batch.old(logp), batch.advantages, batch.loss_mask, **_policy_options(batch, cfg), **reduce
+        )
 
 
 class KDRL(Method):
     def loss(self, logp, batch, cfg, controls, reduce):
-        return kdrl_loss(logp, batch.old(logp), batch.teacher_logp, batch.advantages, batch.loss_mask,
-                         beta_kd=cfg.beta_kd, kl_estimator=cfg.kl_estimator, **_policy_options(batch, cfg), **reduce)
+        return kdrl_loss(
+            logp,
+            batch.old(logp),
+            batch.teacher_logp,
+            batch.advantages,
+            batch.loss_mask,
+            beta_kd=cfg.beta_kd,
+            kl_estimator=cfg.kl_estimator,
+            **_policy_options(batch, cfg),
+            **reduce,
+        )
 
 
 class KD(Method):
     def loss(self, logp, batch, cfg, controls, reduce):
-        return kd_loss(logp, batch.teacher_logp, batch.loss_mask, beta_kd=cfg.beta_kd, kl_estimator=cfg.kl_estimator,
-                       ref_logp=batch.ref_logp, beta_ref=cfg.beta_ref, **reduce)
+        return kd_loss(
+            logp,
+            batch.teacher_logp,
+            batch.loss_mask,
+            beta_kd=cfg.beta_kd,
+            kl_estimator=cfg.kl_estimator,
+            ref_logp=batch.ref_logp,
+            beta_ref=cfg.beta_ref,
+            **reduce,
+        )
 
 
 class SFT(Method):
@@ -119,17 +151,39 @@ class SFT(Method):
         return sft_loss(logp, batch.loss_mask, **reduce)
 
 
-METHODS = {m.name: m for m in (
-    RLAD("rlad", "TRRD: the teacher enters the PPO ratio (the paper's method)", teacher_scores=True,
-         reads=_POLICY | _TRRD),
-    GRPO("grpo", "GRPO on the student's rollouts; no teacher", reads=_POLICY),
-    KDRL("kdrl", "GRPO + beta_kd * KL(student || teacher) on the sampled tokens", teacher_scores=True,
-         reads=_POLICY | _KL),
-    KD("kd", "on-policy distillation: beta_kd * KL(student || teacher) on the student's rollouts, no reward",
-       teacher_scores=True, uses_advantages=False, uses_ratio=False, reads=_KL | {"beta_ref"}),
-    SFT("sft", "offline distillation: likelihood of the teacher's rollouts that the verifier accepts",
-        teacher_generates=True, uses_advantages=False, uses_ratio=False),
-)}
+METHODS = {
+    m.name: m
+    for m in (
+        RLAD(
+            "rlad",
+            "TRRD: the teacher enters the PPO ratio (the paper's method)",
+            teacher_scores=True,
+            reads=_POLICY | _TRRD,
+        ),
+        GRPO("grpo", "GRPO on the student's rollouts; no teacher", reads=_POLICY),
+        KDRL(
+            "kdrl",
+            "GRPO + beta_kd * KL(student || teacher) on the sampled tokens",
+            teacher_scores=True,
+            reads=_POLICY | _KL,
+        ),
+        KD(
+            "kd",
+            "on-policy distillation: beta_kd * KL(student || teacher) on the student's rollouts, no reward",
+            teacher_scores=True,
+            uses_advantages=False,
+            uses_ratio=False,
+            reads=_KL | {"beta_ref"},
+        ),
+        SFT(
+            "sft",
+            "offline distillation: likelihood of the teacher's rollouts that the verifier accepts",
+            teacher_generates=True,
+            uses_advantages=False,
+            uses_ratio=False,
+        ),
+    )
+}
 
 
 def get_method(name: str) -> Method:
@@ -149,10 +203,14 @@ def check_config(cfg) -> None:
     for name in sorted(METHOD_FIELDS - method.reads):
         if getattr(cfg.loss, name) != defaults[name]:
             readers = ", ".join(m.name for m in METHODS.values() if name in m.reads)
-            raise ConfigError(f"--{name} does nothing with --method {method.name}; it is read by --method "
-                              f"{readers}: drop it or change --method")
-    if not cfg.loss.adaptive_alpha and (cfg.loss.alpha_min, cfg.loss.alpha_max) != \
-            (defaults["alpha_min"], defaults["alpha_max"]):
+            raise ConfigError(
+                f"--{name} does nothing with --method {method.name}; it is read by --method "
+                f"{readers}: drop it or change --method"
+            )
+    if not cfg.loss.adaptive_alpha and (cfg.loss.alpha_min, cfg.loss.alpha_max) != (
+        defaults["alpha_min"],
+        defaults["alpha_max"],
+    ):
         raise ConfigError("--alpha_min / --alpha_max bound the adaptive alpha only: add --adaptive_alpha or drop them")
     if not method.needs_teacher:
         if cfg.model.teacher is not None:
@@ -162,8 +220,10 @@ def check_config(cfg) -> None:
     if cfg.loss.beta_ref == 0 and cfg.model.reference_offload != _default(cfg.model, "reference_offload"):
         raise ConfigError("--reference_offload places the reference model, which only --beta_ref > 0 loads")
     if method.uses_advantages and cfg.rollout.group_size < 2:
-        raise ConfigError(f"--group_size must be >= 2 for --method {method.name} (group-relative advantages), "
-                          f"got {cfg.rollout.group_size}")
+        raise ConfigError(
+            f"--group_size must be >= 2 for --method {method.name} (group-relative advantages), "
+            f"got {cfg.rollout.group_size}"
+        )
 
 
 def _default(section, name: str):

@@ -10,13 +10,21 @@ import json
 import math
 from pathlib import Path
 
-from rlad_ds.evaluation import eval_metrics
 from rlad_ds.callbacks import Callback
+from rlad_ds.evaluation import eval_metrics
 
 
 class MetricsLogger(Callback):
-    def __init__(self, output_dir: str | Path, *, rank: int, total_steps: int, start_step: int = 0,
-                 report_to: str = "tensorboard", config: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        rank: int,
+        total_steps: int,
+        start_step: int = 0,
+        report_to: str = "tensorboard",
+        config: dict | None = None,
+    ):
         self.enabled = rank == 0
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tensorboard = self.wandb = self.bar = None
@@ -39,8 +47,11 @@ class MetricsLogger(Callback):
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
@@ -87,4 +98,3 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-

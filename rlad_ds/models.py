@@ -40,11 +40,13 @@ def read_model_config(path: str | Path, role: str = "model") -> dict:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
-        raise ConfigError(f"{file} is not valid JSON ({str(error).splitlines()[0]}); save the model again with "
-                          f"save_pretrained") from None
+        raise ConfigError(
+            f"{file} is not valid JSON ({str(error).splitlines()[0]}); save the model again with save_pretrained"
+        ) from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{file} holds a {type(config).__name__}, not a JSON object; save the model again with "
-                          f"save_pretrained")
+        raise ConfigError(
+            f"{file} holds a {type(config).__name__}, not a JSON object; save the model again with save_pretrained"
+        )
     return config
 
 
@@ -58,28 +60,36 @@ def _check_weights(path: Path, role: str) -> None:
         try:
             names = set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{role} dir {path}: {SAFETENSORS_INDEX} is not a shard index (JSON with a "
-                              f"weight_map); save the model again with save_pretrained") from None
+            raise ConfigError(
+                f"{role} dir {path}: {SAFETENSORS_INDEX} is not a shard index (JSON with a "
+                f"weight_map); save the model again with save_pretrained"
+            ) from None
         missing = sorted(name for name in names if not (path / name).is_file())
         if missing:
-            raise ConfigError(f"{role} dir {path}: {SAFETENSORS_INDEX} names {missing[0]}, which is missing "
-                              f"({len(missing)} of {len(names)} shards); copy the missing shards there")
+            raise ConfigError(
+                f"{role} dir {path}: {SAFETENSORS_INDEX} names {missing[0]}, which is missing "
+                f"({len(missing)} of {len(names)} shards); copy the missing shards there"
+            )
         files = [path / name for name in sorted(names)]
     if not files:
         pickles = sorted(p.name for p in path.glob("*.bin"))
         if pickles:
             convert = f"M.from_pretrained({str(path)!r}, dtype='auto').save_pretrained({str(path)!r})"
-            raise ConfigError(f"{role} dir {path} has only pickled PyTorch weights ({pickles[0]}); only safetensors "
-                              f"are loaded. If you trust the file (unpickling can run code), convert it once: python "
-                              f"-c \"from transformers import AutoModelForCausalLM as M; {convert}\"")
+            raise ConfigError(
+                f"{role} dir {path} has only pickled PyTorch weights ({pickles[0]}); only safetensors "
+                f"are loaded. If you trust the file (unpickling can run code), convert it once: python "
+                f'-c "from transformers import AutoModelForCausalLM as M; {convert}"'
+            )
         raise ConfigError(f"{role} dir {path} has no weights (*.safetensors); save the model with save_pretrained")
     for file in files:
         try:
             with safe_open(str(file), "numpy"):
                 pass
         except (SafetensorError, OSError) as error:
-            raise ConfigError(f"{role} dir {path}: {file.name} is not a whole safetensors file ({error}); it is "
-                              f"truncated or damaged: copy or download it again") from None
+            raise ConfigError(
+                f"{role} dir {path}: {file.name} is not a whole safetensors file ({error}); it is "
+                f"truncated or damaged: copy or download it again"
+            ) from None
 
 
 def _check_model_code(path: Path, role: str, config: dict, trust_remote_code: bool) -> None:
@@ -92,11 +102,15 @@ def _check_model_code(path: Path, role: str, config: dict, trust_remote_code: bo
         return
     what = f"model_type {model_type!r} is not one transformers {transformers.__version__} knows"
     if "auto_map" not in config:
-        raise ConfigError(f"{role} dir {path}: {what} and config.json has no auto_map naming model code; upgrade "
-                          f"transformers or use a supported model")
+        raise ConfigError(
+            f"{role} dir {path}: {what} and config.json has no auto_map naming model code; upgrade "
+            f"transformers or use a supported model"
+        )
     if not trust_remote_code:
-        raise ConfigError(f"{role} dir {path}: {what}, so it runs the model code in that dir (config.json auto_map); "
-                          f"pass --trust_remote_code, only if you trust that code")
+        raise ConfigError(
+            f"{role} dir {path}: {what}, so it runs the model code in that dir (config.json auto_map); "
+            f"pass --trust_remote_code, only if you trust that code"
+        )
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -116,30 +130,37 @@ def check_tokenizers_match(student, teacher) -> None:
     """Refuse a teacher whose vocabulary or special token ids differ from the student's."""
     fix = "use a teacher that shares the student's tokenizer (same vocabulary and special tokens)"
     if len(student) != len(teacher):
-        raise TokenizerMismatchError(f"teacher tokenizer has {len(teacher)} tokens, student has {len(student)}; "
-                                     f"{fix}")
+        raise TokenizerMismatchError(f"teacher tokenizer has {len(teacher)} tokens, student has {len(student)}; {fix}")
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         if getattr(student, name) != getattr(teacher, name):
-            raise TokenizerMismatchError(f"teacher {name}={getattr(teacher, name)} but student "
-                                         f"{name}={getattr(student, name)}; {fix}")
+            raise TokenizerMismatchError(
+                f"teacher {name}={getattr(teacher, name)} but student {name}={getattr(student, name)}; {fix}"
+            )
     student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
     if student_vocab != teacher_vocab:
-        token = next(t for t in student_vocab.keys() | teacher_vocab.keys()
-                     if student_vocab.get(t) != teacher_vocab.get(t))
-        raise TokenizerMismatchError(f"token {token!r} has id {student_vocab.get(token)} for the student and "
-                                     f"{teacher_vocab.get(token)} for the teacher; {fix}")
+        token = next(
+            t for t in student_vocab.keys() | teacher_vocab.keys() if student_vocab.get(t) != teacher_vocab.get(t)
+        )
+        raise TokenizerMismatchError(
+            f"token {token!r} has id {student_vocab.get(token)} for the student and "
+            f"{teacher_vocab.get(token)} for the teacher; {fix}"
+        )
 
 
 def check_vocab_sizes(student: str | Path, teacher: str | Path, teacher_generates: bool) -> None:
     """Refuse a sampling model whose vocab_size (config.json) exceeds the scoring model's: it samples token ids over
     its whole embedding, padding rows included, and the scorer's log-probs index its own, smaller one."""
-    sizes = {role: read_model_config(path, role).get("vocab_size") for role, path in (("student", student),
-                                                                                        ("teacher", teacher))}
+    sizes = {
+        role: read_model_config(path, role).get("vocab_size")
+        for role, path in (("student", student), ("teacher", teacher))
+    }
     sampler, scorer = ("teacher", "student") if teacher_generates else ("student", "teacher")
     if all(isinstance(size, int) for size in sizes.values()) and sizes[sampler] > sizes[scorer]:
-        raise ConfigError(f"{sampler} vocab_size {sizes[sampler]} is larger than the {scorer}'s {sizes[scorer]} "
-                          f"(config.json): the {scorer} cannot score token ids the {sampler} may sample; resize the "
-                          f"{sampler}'s embeddings to {sizes[scorer]} (resize_token_embeddings, then save_pretrained)")
+        raise ConfigError(
+            f"{sampler} vocab_size {sizes[sampler]} is larger than the {scorer}'s {sizes[scorer]} "
+            f"(config.json): the {scorer} cannot score token ids the {sampler} may sample; resize the "
+            f"{sampler}'s embeddings to {sizes[scorer]} (resize_token_embeddings, then save_pretrained)"
+        )
 
 
 def prompt_budget(path: str | Path, max_new_tokens: int, role: str = "model") -> int | None:
@@ -149,9 +170,11 @@ def prompt_budget(path: str | Path, max_new_tokens: int, role: str = "model") ->
     if not isinstance(context, int) or isinstance(context, bool):
         return None
     if max_new_tokens >= context:
-        raise ConfigError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the {role}'s context of "
-                          f"{context} tokens (max_position_embeddings in {Path(path) / 'config.json'}); lower "
-                          f"--max_new_tokens below {context}")
+        raise ConfigError(
+            f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the {role}'s context of "
+            f"{context} tokens (max_position_embeddings in {Path(path) / 'config.json'}); lower "
+            f"--max_new_tokens below {context}"
+        )
     return context - max_new_tokens
 
 
@@ -164,8 +187,10 @@ def choose_attention(device: str, override: str | None = None) -> str:
     else sdpa."""
     if override is not None:
         if override == "flash_attention_2" and not (device == "cuda" and flash_attention_available()):
-            raise ConfigError("attention backend flash_attention_2 needs CUDA and the flash-attn package; "
-                              "install flash-attn or choose sdpa")
+            raise ConfigError(
+                "attention backend flash_attention_2 needs CUDA and the flash-attn package; "
+                "install flash-attn or choose sdpa"
+            )
         return override
     if device == "cuda" and flash_attention_available():
         return "flash_attention_2"
@@ -185,8 +210,15 @@ def param_bytes(model) -> int:
     return total
 
 
-def load_causal_lm(path: str | Path, ds_config: dict, *, attn_implementation: str = "sdpa",
-                   gradient_checkpointing: bool = False, trainable: bool = True, trust_remote_code: bool = False):
+def load_causal_lm(
+    path: str | Path,
+    ds_config: dict,
+    *,
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    trainable: bool = True,
+    trust_remote_code: bool = False,
+):
     """An HF causal LM built directly into ZeRO-3 partitions (no rank ever holds the whole model).
 
     `ds_config` is a filled config (see `rlad_ds.ds_config`); its precision sets the dtype. Pass the same
@@ -207,9 +239,12 @@ def load_causal_lm(path: str | Path, ds_config: dict, *, attn_implementation: st
     # unset after so that no global state leaks into the next model load.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(ds_config),
-                                                     attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype_of(ds_config),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     finally:
         unset_hf_deepspeed_config()
         del hf_ds_config

@@ -18,15 +18,19 @@ def checked_tokenizer(path, role: str, cfg):
     # Checked first: transformers builds an (almost empty) tokenizer for a dir without these files, which
     # would surface later as a misleading tokenizer mismatch.
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"{role} dir {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save "
-                          f"the tokenizer there with tokenizer.save_pretrained")
+        raise ConfigError(
+            f"{role} dir {path} has no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}); save "
+            f"the tokenizer there with tokenizer.save_pretrained"
+        )
     try:
         return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     except ConfigError:
         raise
     except Exception as error:  # a damaged file surfaces as OSError, ValueError, KeyError, tokenizers' own Exception
-        raise ConfigError(f"{role} dir {path}: cannot load its tokenizer ({error_line(error)}); save it there with "
-                          f"tokenizer.save_pretrained") from None
+        raise ConfigError(
+            f"{role} dir {path}: cannot load its tokenizer ({error_line(error)}); save it there with "
+            f"tokenizer.save_pretrained"
+        ) from None
 
 
 def check_train_inputs(cfg) -> None:
@@ -40,8 +44,10 @@ def check_train_inputs(cfg) -> None:
 
     world = env_world_size()
     if cfg.train.prompts_per_step % world:
-        raise ConfigError(f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
-                          f"use a multiple of {world}")
+        raise ConfigError(
+            f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
+            f"use a multiple of {world}"
+        )
     require_zero_stage(load_ds_config(cfg.deepspeed), 3, "student")
     if not cfg.is_demo:  # the demo's models are built (or found in the cache) after these checks
         check_model_dir(cfg.model.student, "student", cfg.model.trust_remote_code)
@@ -59,8 +65,9 @@ def check_train_inputs(cfg) -> None:
     package = cfg.train.report_to
     if package != "none" and importlib.util.find_spec(package) is None:
         other = "tensorboard or none" if package == "wandb" else "none"
-        raise ConfigError(f"--report_to {package} needs the {package} package: pip install {package}, or pass "
-                          f"--report_to {other}")
+        raise ConfigError(
+            f"--report_to {package} needs the {package} package: pip install {package}, or pass --report_to {other}"
+        )
 
 
 def check_writable(path, flag: str, directory: bool) -> None:
@@ -82,5 +89,6 @@ def check_writable(path, flag: str, directory: bool) -> None:
             raise ConfigError(f"{flag} {path}: {place} is a file, not a directory; choose another {flag}")
         tempfile.TemporaryFile(dir=place, prefix=".rlad_write_probe_").close()
     except OSError as error:
-        raise ConfigError(f"{flag} {path}: cannot create files in {place} ({error.strerror or error}); choose a "
-                          f"writable {flag}") from None
+        raise ConfigError(
+            f"{flag} {path}: cannot create files in {place} ({error.strerror or error}); choose a writable {flag}"
+        ) from None

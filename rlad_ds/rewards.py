@@ -17,9 +17,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Sequence
 
 from rlad_ds.isolation import IsolatedWorker, WorkerError
 from rlad_ds.tasks import get_task
@@ -68,7 +68,7 @@ class RewardRunner:
         self.workers = [IsolatedWorker("rlad_ds.rewards:score_one") for _ in range(workers)]
 
     @classmethod
-    def from_config(cls, data_cfg) -> "RewardRunner":
+    def from_config(cls, data_cfg) -> RewardRunner:
         """The runner a `rlad_ds.config.schema.DataConfig` asks for."""
         return cls(data_cfg.task, data_cfg.reward_timeout_s, data_cfg.reward_workers, data_cfg.task_args)
 
@@ -108,8 +108,9 @@ class RewardRunner:
         if get_task(self.task, self.task_args).reference is not None:
             for index, value in enumerate(result.scores):
                 if index not in problems and value < 1.0:
-                    problems[index] = f"its gold answer does not verify against itself (score {value:g}); " \
-                                      "check the answer field"
+                    problems[index] = (
+                        f"its gold answer does not verify against itself (score {value:g}); check the answer field"
+                    )
         return problems
 
     def _collect(self, worker: IsolatedWorker, index: int, result: RewardResult) -> None:

@@ -48,14 +48,16 @@ def _attention(cfg, device: str) -> str:
     return choose_attention(device, None if override == "auto" else override)
 
 
-def load_frozen(path: str | Path, ds_config: dict, *, attn_implementation: str = "sdpa",
-                trust_remote_code: bool = False):
+def load_frozen(
+    path: str | Path, ds_config: dict, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+):
     """A frozen model as a ZeRO-3 inference engine (no optimizer), built partitioned, in eval mode; `ds_config`
     comes from `rlad_ds.ds_config.frozen_ds_config`."""
     import deepspeed
 
-    model = load_causal_lm(path, ds_config, attn_implementation=attn_implementation, trainable=False,
-                           trust_remote_code=trust_remote_code)
+    model = load_causal_lm(
+        path, ds_config, attn_implementation=attn_implementation, trainable=False, trust_remote_code=trust_remote_code
+    )
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
@@ -66,49 +68,77 @@ def _frozen_rollout(cfg, engine, tokenizer, device: str, role: str):
     return rollout.from_run(engine, tokenizer, None, cfg.rollout, cfg.train.seed)
 
 
-def build_run_models(cfg, method, student_path: Path, teacher_path: Path | None, tokenizer) -> RunModels:
-    """Every model `method` needs, partitioned over the ranks of the (initialised) process group."""
+def _student(cfg, path: Path, device: str, world_size: int, attn: str):
+    """The student's ZeRO-3 training engine, built with the DeepSpeed-config patch of the rollout it will use, and
+    that rollout's class (chosen before `deepspeed.initialize`: the patch changes how the engine is built)."""
     import deepspeed
 
+    student_ds = student_ds_config(cfg, world_size, device)
+    model = load_causal_lm(
+        path,
+        student_ds,
+        attn_implementation=attn,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    rollout = choose_rollout(cfg.rollout.rollout, model, device, cfg.rollout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, config={**student_ds, **copy.deepcopy(rollout.ds_config)}
+    )
+    return engine, rollout
+
+
+def build_run_models(cfg, method, student_path: Path, teacher_path: Path | None, tokenizer) -> RunModels:
+    """Every model `method` needs, partitioned over the ranks of the (initialised) process group."""
     if method.needs_teacher:  # first: the log-probs of student tokens under another vocabulary would be meaningless
         check_tokenizers_match(tokenizer, load_tokenizer(teacher_path, trust_remote_code=cfg.model.trust_remote_code))
     device, world_size = _device(), world()[1]
     attn = _attention(cfg, device)
-    student_ds = student_ds_config(cfg, world_size, device)
-    model = load_causal_lm(student_path, student_ds, attn_implementation=attn,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing,
-                           trust_remote_code=cfg.model.trust_remote_code)
-    rollout = choose_rollout(cfg.rollout.rollout, model, device, cfg.rollout)
-    student_ds = {**student_ds, **copy.deepcopy(rollout.ds_config)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    student, *_ = deepspeed.initialize(model=model, model_parameters=params, config=student_ds)
+    student, rollout = _student(cfg, student_path, device, world_size, attn)
     # Padding-free packing needs attention that honours per-sequence position ids: flash-attention's varlen
     # kernels on GPU (transformers' sdpa/eager masks also do, which is how CPU tests cover it).
     packed = cfg.model.pack_sequences == "on" or (cfg.model.pack_sequences == "auto" and attn == "flash_attention_2")
-    scoring = dict(temperature=cfg.rollout.temperature, chunk_size=cfg.model.logprob_chunk_size or None,
-                   max_tokens_per_microbatch=cfg.train.micro_batch_tokens, packed=packed)
-    models = RunModels(student, rollout.from_run(student, tokenizer, student_path, cfg.rollout, cfg.train.seed),
-                       LogProbScorer(student, tokenizer, **scoring), packed=packed)
+    scoring = dict(
+        temperature=cfg.rollout.temperature,
+        chunk_size=cfg.model.logprob_chunk_size or None,
+        max_tokens_per_microbatch=cfg.train.micro_batch_tokens,
+        packed=packed,
+    )
+    models = RunModels(
+        student,
+        rollout.from_run(student, tokenizer, student_path, cfg.rollout, cfg.train.seed),
+        LogProbScorer(student, tokenizer, **scoring),
+        packed=packed,
+    )
 
     def frozen(path: Path, offload: bool) -> object:
-        return load_frozen(path, frozen_ds_config(cfg, offload, world_size, device), attn_implementation=attn,
-                           trust_remote_code=cfg.model.trust_remote_code)
+        return load_frozen(
+            path,
+            frozen_ds_config(cfg, offload, world_size, device),
+            attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
 
     if method.needs_teacher:
         teacher = frozen(teacher_path, {"on": True, "off": False}.get(cfg.model.teacher_offload, device != "cpu"))
         models.teacher_scorer = LogProbScorer(teacher, tokenizer, **scoring)
         models.teacher_rollout = _frozen_rollout(cfg, teacher, tokenizer, device, "teacher")
     if cfg.loss.beta_ref > 0:
-        models.reference_scorer = LogProbScorer(frozen(student_path, cfg.model.reference_offload), tokenizer,
-                                                **scoring)
+        models.reference_scorer = LogProbScorer(frozen(student_path, cfg.model.reference_offload), tokenizer, **scoring)
     return models
 
 
 def build_eval_model(cfg, model_path: Path, tokenizer):
     """`launchers/eval.py`'s model: a frozen ZeRO-3 inference engine and its rollout, from the same builders."""
     device = _device()
-    engine = load_frozen(model_path, frozen_ds_config(cfg, cfg.eval.eval_offload, world()[1], device),
-                         attn_implementation=_attention(cfg, device), trust_remote_code=cfg.model.trust_remote_code)
-    rollout = choose_rollout(cfg.rollout.rollout, engine.module, device, cfg.rollout, role="evaluated model",
-                             frozen=True)
+    engine = load_frozen(
+        model_path,
+        frozen_ds_config(cfg, cfg.eval.eval_offload, world()[1], device),
+        attn_implementation=_attention(cfg, device),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    rollout = choose_rollout(
+        cfg.rollout.rollout, engine.module, device, cfg.rollout, role="evaluated model", frozen=True
+    )
     return engine, rollout.from_run(engine, tokenizer, model_path, cfg.rollout, cfg.train.seed)

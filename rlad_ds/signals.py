@@ -42,18 +42,26 @@ class StopRequest:
         if self.requested and time.monotonic() - self.requested_at < 1.0:
             return  # Ctrl-C reaches every process, then DeepSpeed's launcher SIGTERMs the ranks: one request
         if self.requested or not self.save or self.seconds_needed is None or self.seconds_needed > self.grace_s:
-            why = ("a second signal" if self.requested else "--save_on_signal is off" if not self.save
-                   else "no step finished yet" if self.seconds_needed is None
-                   else f"a step and a checkpoint take {self.seconds_needed:.0f} s, over --signal_grace_s "
-                        f"{self.grace_s:g}")
+            why = (
+                "a second signal"
+                if self.requested
+                else "--save_on_signal is off"
+                if not self.save
+                else "no step finished yet"
+                if self.seconds_needed is None
+                else f"a step and a checkpoint take {self.seconds_needed:.0f} s, over --signal_grace_s {self.grace_s:g}"
+            )
             if env_rank() == 0:
-                logger.warning("%s: exiting now (%s); the last complete checkpoint is where a rerun resumes", name,
-                               why)
+                logger.warning("%s: exiting now (%s); the last complete checkpoint is where a rerun resumes", name, why)
             raise SystemExit(128 + signum)
         self.signal_name, self.exit_code, self.requested_at = name, 128 + signum, time.monotonic()
         if env_rank() == 0:
-            logger.warning("%s: finishing this step, then saving a checkpoint and exiting (about %.0f s of the "
-                           "%g s grace)", name, self.seconds_needed, self.grace_s)
+            logger.warning(
+                "%s: finishing this step, then saving a checkpoint and exiting (about %.0f s of the %g s grace)",
+                name,
+                self.seconds_needed,
+                self.grace_s,
+            )
 
 
 STOP = StopRequest()

@@ -59,11 +59,17 @@ class StepMetrics:
         for row in rows[1:]:  # rank order, as an all-reduce sums them
             total += row
         summed, top = total.tolist(), rows.max(0).values.tolist()
-        weights = dict(zip([n for n in names if n in self.weights], summed[len(names):]))
+        weights = dict(zip([n for n in names if n in self.weights], summed[len(names) :]))
         result = {}
         for i, name in enumerate(names):
             kind = self.kinds[name]
-            result[name] = (summed[i] / max(weights[name], 1.0) if kind == TOKEN_MEAN else
-                            summed[i] / self.loss_divisor if kind == LOSS_SHARE else
-                            top[i] if kind == MAX else summed[i])
+            result[name] = (
+                summed[i] / max(weights[name], 1.0)
+                if kind == TOKEN_MEAN
+                else summed[i] / self.loss_divisor
+                if kind == LOSS_SHARE
+                else top[i]
+                if kind == MAX
+                else summed[i]
+            )
         return result

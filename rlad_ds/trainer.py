@@ -49,8 +49,9 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 class Trainer:
-    def __init__(self, cfg, method, models, tokenizer, task, rewards, train_examples: list[dict],
-                 eval_examples: list[dict]):
+    def __init__(
+        self, cfg, method, models, tokenizer, task, rewards, train_examples: list[dict], eval_examples: list[dict]
+    ):
         self.cfg, self.method, self.models = cfg, method, models
         self.tokenizer, self.task, self.rewards = tokenizer, task, rewards
         self.train_examples, self.eval_examples = train_examples, eval_examples
@@ -73,9 +74,14 @@ class Trainer:
         with timer("weight_sync"):
             sampler.sync_weights(step)  # a no-op for rollouts that read the training weights in place
         with timer("rollout"):
-            rollout = generate(sampler, self.tokenizer, [e["prompt_text"] for e in examples],
-                               training_sampling(self.cfg.rollout), self.models.device,
-                               batch_size=self.cfg.rollout.rollout_batch_size)
+            rollout = generate(
+                sampler,
+                self.tokenizer,
+                [e["prompt_text"] for e in examples],
+                training_sampling(self.cfg.rollout),
+                self.models.device,
+                batch_size=self.cfg.rollout.rollout_batch_size,
+            )
         with timer("reward"):
             batch = self.reward(rollout, examples, totals)
         self.score(batch, timer)
@@ -94,15 +100,23 @@ class Trainer:
         from torch.utils.data import DistributedSampler
 
         per_rank = self.cfg.train.prompts_per_step // self.world_size
-        sampler = DistributedSampler(range(len(self.train_examples)), num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=True, seed=self.cfg.train.seed, drop_last=True)
+        sampler = DistributedSampler(
+            range(len(self.train_examples)),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.cfg.train.seed,
+            drop_last=True,
+        )
         steps_per_epoch = len(sampler) // per_rank
         if steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.train_examples)} training prompts are fewer than --prompts_per_step "
-                              f"{self.cfg.train.prompts_per_step}; add data or lower --prompts_per_step")
+            raise ConfigError(
+                f"{len(self.train_examples)} training prompts are fewer than --prompts_per_step "
+                f"{self.cfg.train.prompts_per_step}; add data or lower --prompts_per_step"
+            )
         sampler.set_epoch(step // steps_per_epoch)
         position = step % steps_per_epoch
-        return [self.train_examples[i] for i in list(sampler)[position * per_rank:(position + 1) * per_rank]]
+        return [self.train_examples[i] for i in list(sampler)[position * per_rank : (position + 1) * per_rank]]
 
     def reward(self, rollout, examples: list[dict], totals: StepMetrics) -> Batch:
         """Verifier scores of the rollouts, group advantages, the loss mask; their totals into `totals`."""
@@ -110,18 +124,32 @@ class Trainer:
         scored = self.rewards.run(decode_responses(self.tokenizer, rollout), [e for e in examples for _ in range(G)])
         self.reward_error = scored.messages[0] if scored.failed else None
         if scored.errors or scored.timeouts:
-            logger.warning("rank %d: %d reward calls raised and %d timed out; they score 0 (first: %s)",
-                           self.rank, scored.errors, scored.timeouts, scored.messages[0])
+            logger.warning(
+                "rank %d: %d reward calls raised and %d timed out; they score 0 (first: %s)",
+                self.rank,
+                scored.errors,
+                scored.timeouts,
+                scored.messages[0],
+            )
         rewards = torch.tensor(scored.scores, dtype=torch.float32, device=device)
-        advantages, adv_stats = group_advantages(rewards, G, scale_by_std=self.cfg.loss.scale_adv_by_std) \
-            if self.method.uses_advantages else (torch.zeros_like(rewards), {"zero_std_frac": float("nan")})
+        advantages, adv_stats = (
+            group_advantages(rewards, G, scale_by_std=self.cfg.loss.scale_adv_by_std)
+            if self.method.uses_advantages
+            else (torch.zeros_like(rewards), {"zero_std_frac": float("nan")})
+        )
         loss_mask = self.method.loss_mask(rollout.response_mask[:, 1:].clone(), rewards)
-        for name, value in (("reward_sum", rewards.sum()), ("reward_sq_sum", (rewards ** 2).sum()),
-                            ("correct", correct(rewards).sum()), ("samples", len(rewards)),
-                            ("response_len_sum", rollout.response_lengths.float().sum()),
-                            ("truncated", rollout.truncated.sum()), ("reward_errors", scored.errors + scored.timeouts),
-                            ("zero_std_groups", adv_stats["zero_std_frac"] * len(examples)), ("groups", len(examples)),
-                            ("tokens", rollout.attention_mask.sum())):
+        for name, value in (
+            ("reward_sum", rewards.sum()),
+            ("reward_sq_sum", (rewards**2).sum()),
+            ("correct", correct(rewards).sum()),
+            ("samples", len(rewards)),
+            ("response_len_sum", rollout.response_lengths.float().sum()),
+            ("truncated", rollout.truncated.sum()),
+            ("reward_errors", scored.errors + scored.timeouts),
+            ("zero_std_groups", adv_stats["zero_std_frac"] * len(examples)),
+            ("groups", len(examples)),
+            ("tokens", rollout.attention_mask.sum()),
+        ):
             totals.add(name, value, SUM)
         return Batch(rollout.input_ids, rollout.attention_mask, loss_mask, advantages.to(device), rewards)
 
@@ -174,9 +202,15 @@ class Trainer:
 
         cfg = self.cfg
         with timer("train_forward"):
-            out = microbatch_logprobs(self.models.student, micro.input_ids, micro.attention_mask,
-                                      packed=self.models.packed, temperature=cfg.rollout.temperature,
-                                      chunk_size=cfg.model.logprob_chunk_size or None, with_entropy=True)
+            out = microbatch_logprobs(
+                self.models.student,
+                micro.input_ids,
+                micro.attention_mask,
+                packed=self.models.packed,
+                temperature=cfg.rollout.temperature,
+                chunk_size=cfg.model.logprob_chunk_size or None,
+                with_entropy=True,
+            )
             reduce = dict(loss_agg=cfg.loss.loss_agg, max_len=cfg.rollout.max_new_tokens, loss_norm=loss_norm)
             loss, metrics = self.method.loss(out.logprobs, micro, cfg.loss, self.controls, reduce)
             loss = loss * (1.0 if counts else 0.0)
@@ -196,11 +230,17 @@ class Trainer:
         reduced = totals.reduce()
         n = max(reduced["samples"], 1.0)
         mean = reduced["reward_sum"] / n
-        metrics = {"reward_mean": mean, "reward_std": math.sqrt(max(reduced["reward_sq_sum"] / n - mean ** 2, 0.0)),
-                   "accuracy": reduced["correct"] / n, "response_len": reduced["response_len_sum"] / n,
-                   "truncated_frac": reduced["truncated"] / n, "reward_errors": reduced["reward_errors"],
-                   "reward_failed_frac": reduced["reward_errors"] / n,
-                   "lr": self.models.student.get_lr()[0], "tokens": reduced["tokens"]}
+        metrics = {
+            "reward_mean": mean,
+            "reward_std": math.sqrt(max(reduced["reward_sq_sum"] / n - mean**2, 0.0)),
+            "accuracy": reduced["correct"] / n,
+            "response_len": reduced["response_len_sum"] / n,
+            "truncated_frac": reduced["truncated"] / n,
+            "reward_errors": reduced["reward_errors"],
+            "reward_failed_frac": reduced["reward_errors"] / n,
+            "lr": self.models.student.get_lr()[0],
+            "tokens": reduced["tokens"],
+        }
         if self.method.uses_advantages:
             metrics["zero_std_frac"] = reduced["zero_std_groups"] / max(reduced["groups"], 1.0)
         for kind in (TOKEN_MEAN, LOSS_SHARE):
@@ -215,15 +255,27 @@ class Trainer:
         launchers/eval.py; None without held-out prompts."""
         if not self.eval_examples:
             return None
-        return evaluate_examples(self.models.student_rollout, self.tokenizer, self.task, self.eval_examples, self.cfg,
-                                 self.rewards, self.models.device)
+        return evaluate_examples(
+            self.models.student_rollout,
+            self.tokenizer,
+            self.task,
+            self.eval_examples,
+            self.cfg,
+            self.rewards,
+            self.models.device,
+        )
 
     def trainer_state(self) -> dict:
         per_rank = self.cfg.train.prompts_per_step // self.world_size
         # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
-        return {"step": self.step, "controls": self.controls, "bad_steps": self.health.bad_steps,
-                "world_size": self.world_size, "samples_seen": self.step * per_rank * self.world_size,
-                "identity": run_identity(self.cfg)}
+        return {
+            "step": self.step,
+            "controls": self.controls,
+            "bad_steps": self.health.bad_steps,
+            "world_size": self.world_size,
+            "samples_seen": self.step * per_rank * self.world_size,
+            "identity": run_identity(self.cfg),
+        }
 
     def resume(self, directory) -> None:
         # Another world size is loaded through DeepSpeed's universal checkpoint; the data order goes on unchanged
@@ -264,8 +316,9 @@ class Trainer:
 
     def _save(self) -> None:
         start = time.perf_counter()
-        path = save_checkpoint(self.models.student, self.cfg.train.output_dir, self.step, self.trainer_state(),
-                               self.cfg.train.keep_last)
+        path = save_checkpoint(
+            self.models.student, self.cfg.train.output_dir, self.step, self.trainer_state(), self.cfg.train.keep_last
+        )
         self.save_seconds = time.perf_counter() - start
         for callback in self.callbacks:
             callback.on_checkpoint(self, self.step, path)
@@ -278,10 +331,16 @@ class Trainer:
             return
         if not saved and self.cfg.train.save_steps >= 0:
             self._save()
-        where = f"checkpoint step_{self.step:08d} saved" if self.cfg.train.save_steps >= 0 else "no checkpoint " \
-            "(--save_steps -1)"
-        raise Interrupted(f"stopped by {stop.signal_name or 'SIGTERM'} after step {self.step}: {where}; run the "
-                          f"same command to resume", stop.exit_code or 128 + 15)
+        where = (
+            f"checkpoint step_{self.step:08d} saved"
+            if self.cfg.train.save_steps >= 0
+            else "no checkpoint (--save_steps -1)"
+        )
+        raise Interrupted(
+            f"stopped by {stop.signal_name or 'SIGTERM'} after step {self.step}: {where}; run the "
+            f"same command to resume",
+            stop.exit_code or 128 + 15,
+        )
 
     def _evaluate(self, step: int, metrics: dict) -> float | None:
         """Evaluate, tell the callbacks, add the results' summary to `metrics`; the accuracy, or None."""
@@ -292,6 +351,10 @@ class Trainer:
             callback.on_evaluate(self, step, results)
         metrics.update(eval_metrics(results))
         if metrics["eval_score_errors"] and self.rank == 0:
-            logger.warning("evaluation at step %d: %d scoring errors / timeouts, scored 0 (not wrong answers; "
-                           "first: %s)", step, metrics["eval_score_errors"], "; ".join(results["score_messages"]))
+            logger.warning(
+                "evaluation at step %d: %d scoring errors / timeouts, scored 0 (not wrong answers; first: %s)",
+                step,
+                metrics["eval_score_errors"],
+                "; ".join(results["score_messages"]),
+            )
         return metrics["eval_accuracy"]

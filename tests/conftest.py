@@ -54,8 +54,9 @@ def no_init(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "init_distributed", refuse)
     # train_main fills these for a plain single process; set here so that monkeypatch restores them.
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29599").items():
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29599"
+    ).items():
         monkeypatch.setenv(key, value)
 
 
@@ -89,12 +90,29 @@ def run_deepspeed(args, nprocs=2, timeout=240, cwd=ROOT, env=None):
     """Run `deepspeed --hostfile <localhost slots=nprocs> ARGS` with a hard timeout; a hang fails the test."""
     hostfile = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"hostfile_{os.getpid()}_{nprocs}"
     hostfile.write_text(f"localhost slots={nprocs}\n")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *map(str, args),
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        **(env or {}),
+    }
     # Own session so that a hang kills the launcher *and* every rank it started.
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

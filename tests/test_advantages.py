@@ -10,7 +10,7 @@ from rlad_ds.advantages import group_advantages
 def brute_force(rewards, group_size, eps=1e-6):
     out = []
     for start in range(0, len(rewards), group_size):
-        group = rewards[start:start + group_size]
+        group = rewards[start : start + group_size]
         mean, std = statistics.fmean(group), statistics.pstdev(group)
         out += [0.0 if std == 0 else (r - mean) / (std + eps) for r in group]
     return out

@@ -5,17 +5,28 @@ import math
 
 import pytest
 
-from benchmarks import gpu_check, run
-from benchmarks.common import (RECORD_KEYS, make_record, markdown_table, meets_goal, parse_goal,
-                               write_json)
+from benchmarks import gpu_check, report, run
+from benchmarks.common import RECORD_KEYS, make_record, markdown_table, meets_goal, parse_goal, write_json
 
 
-@pytest.mark.parametrize("value, goal, expected", [
-    (5.6, ">= 5", True), (4.99, ">= 5", False), (5.0, ">= 5", True),
-    (0.04, "<= 0.10", True), (0.1, "<= 0.10", True), (0.25, "<= 0.10", False),
-    (1.0, "== 1", True), (0.0, "== 1", False), (2.0, "> 1", True), (1.0, "< 1", False),
-    (float("nan"), ">= 5", False), (float("inf"), ">= 5", False), (None, "<= 1", False),
-])
+@pytest.mark.parametrize(
+    "value, goal, expected",
+    [
+        (5.6, ">= 5", True),
+        (4.99, ">= 5", False),
+        (5.0, ">= 5", True),
+        (0.04, "<= 0.10", True),
+        (0.1, "<= 0.10", True),
+        (0.25, "<= 0.10", False),
+        (1.0, "== 1", True),
+        (0.0, "== 1", False),
+        (2.0, "> 1", True),
+        (1.0, "< 1", False),
+        (float("nan"), ">= 5", False),
+        (float("inf"), ">= 5", False),
+        (None, "<= 1", False),
+    ],
+)
 def test_meets_is_computed_from_value_and_goal(value, goal, expected):
     assert meets_goal(value, goal) is expected
     record = make_record("P0 x", value, "x", goal)
@@ -36,53 +47,92 @@ def check_record(record):
     assert record["meets"] == meets_goal(record["value"], record["goal"])
 
 
-P1 = {"world_size": 2, "threads": 1, "partitioned": True, "identical_to_gathered": {"per_layer": True},
-      "gathered": {"tokens_per_s": 600.0, "tokens": 1024.0}, "per_layer": {"tokens_per_s": 100.0, "tokens": 1024.0}}
-P2_FULL = {"tokens": 8192, "vocab": 151936, "hidden": 256, "chunk_size": 0, "peak_growth_bytes": 15 * 2**30,
-           "median_seconds": 40.0, "threads": 2}
+P1 = {
+    "world_size": 2,
+    "threads": 1,
+    "partitioned": True,
+    "identical_to_gathered": {"per_layer": True},
+    "gathered": {"tokens_per_s": 600.0, "tokens": 1024.0},
+    "per_layer": {"tokens_per_s": 100.0, "tokens": 1024.0},
+}
+P2_FULL = {
+    "tokens": 8192,
+    "vocab": 151936,
+    "hidden": 256,
+    "chunk_size": 0,
+    "peak_growth_bytes": 15 * 2**30,
+    "median_seconds": 40.0,
+    "threads": 2,
+}
 P2_CHUNKED = {**P2_FULL, "chunk_size": 1024, "peak_growth_bytes": 3 * 2**30, "median_seconds": 50.0}
-P3 = {"student_params": 76288, "teacher_params": 2370816, "cost": 1.05, "rlad_median_s": 1.5, "grpo_median_s": 0.7,
-      "teacher_median_s": 0.76, "step_ratio": 2.14, "same_rollouts": True}
+P3 = {
+    "student_params": 76288,
+    "teacher_params": 2370816,
+    "cost": 1.05,
+    "rlad_median_s": 1.5,
+    "grpo_median_s": 0.7,
+    "teacher_median_s": 0.76,
+    "step_ratio": 2.14,
+    "same_rollouts": True,
+}
 P4_SHORT = {"tokens": 2048, "peak_growth_bytes": 1.0 * 2**30, "seconds": 7.0, "gradient_checkpointing": False}
 P4_LONG = {**P4_SHORT, "tokens": 8192, "peak_growth_bytes": 4.2 * 2**30, "seconds": 25.0}
 
 
 def test_records_from_fake_measurements():
-    p1, details1 = run.p1_records(P1, 7_900_000)
+    p1, details1 = report.p1_records(P1, 7_900_000)
     assert [r["value"] for r in p1] == [6.0, 1.0] and all(r["meets"] for r in p1)
     assert "600 tok/s" in details1[p1[0]["name"]]
-    p2, _ = run.p2_records(P2_CHUNKED, P2_FULL)
+    p2, _ = report.p2_records(P2_CHUNKED, P2_FULL)
     assert p2[0]["value"] == pytest.approx(0.2) and not p2[0]["meets"]  # memory 0.2x > 0.10
     assert p2[1]["value"] == pytest.approx(1.25) and not p2[1]["meets"]  # time 1.25x > 1.0
     assert "T=8192" in p2[0]["name"] and "chunk 1024" in p2[0]["name"]
-    p3, details3 = run.p3_records(P3)
+    p3, details3 = report.p3_records(P3)
     assert p3[0]["value"] == 1.05 and p3[0]["meets"] and "31x" in p3[0]["name"]
     assert "2.14x" in details3[p3[0]["name"]]
-    p4, _ = run.p4_records(P4_SHORT, P4_LONG)
+    p4, _ = report.p4_records(P4_SHORT, P4_LONG)
     assert p4[0]["value"] == pytest.approx(4.2) and p4[0]["meets"] and "8K / 2K" in p4[0]["name"]
     for record in p1 + p2 + p3 + p4:
         check_record(record)
-    different, _ = run.p1_records({**P1, "identical_to_gathered": {"per_layer": False},
-                                   "per_layer": {"tokens_per_s": 150.0, "tokens": 1024.0}}, 7_900_000)
+    different, _ = report.p1_records(
+        {**P1, "identical_to_gathered": {"per_layer": False}, "per_layer": {"tokens_per_s": 150.0, "tokens": 1024.0}},
+        7_900_000,
+    )
     assert [r["meets"] for r in different] == [False, False]
 
 
 def test_vllm_records_when_vllm_ran_and_a_note_when_not():
     from benchmarks.engine_e2e import p5_records
 
-    rl = {"world_size": 2, "threads": 1, "rows_per_rank": 64, "max_new_tokens": 128,
-          "gathered": {"tokens_per_s": 600.0, "tokens": 16384.0}, "identical_to_gathered": {"vllm": False},
-          "vllm": {"tokens_per_s": 2700.0, "tokens": 16384.0, "sync_seconds": 0.2, "startup_seconds": 9.0}}
-    records, details = run.p1_records(P1, 47_000_000, rl)
+    rl = {
+        "world_size": 2,
+        "threads": 1,
+        "rows_per_rank": 64,
+        "max_new_tokens": 128,
+        "gathered": {"tokens_per_s": 600.0, "tokens": 16384.0},
+        "identical_to_gathered": {"vllm": False},
+        "vllm": {"tokens_per_s": 2700.0, "tokens": 16384.0, "sync_seconds": 0.2, "startup_seconds": 9.0},
+    }
+    records, details = report.p1_records(P1, 47_000_000, rl)
     assert [r["value"] for r in records] == [6.0, 1.0, 4.5] and records[2]["meets"]
     assert "vLLM / gathered (47.0M Qwen3, 2 ranks x 1 thread, 2 x 64 rows x 128 tokens)" in records[2]["name"]
     assert "differ from gathered's" in details[records[2]["name"]]
     skipped = {k: v for k, v in rl.items() if k != "vllm"} | {"vllm_skipped": "vLLM is not installed"}
-    records, details = run.p1_records(P1, 7_900_000, skipped)
+    records, details = report.p1_records(P1, 7_900_000, skipped)
     assert len(records) == 2 and "vLLM not run: vLLM is not installed" in details[records[0]["name"]]
-    runs = [{"engine": e, "seed": s, "step_s": t, "rollout_s": t / 2, "sync_share": 0.04 if e == "vllm" else 0.0,
-             "eval_before": 0.5, "eval_after": a}
-            for e, t, a in (("gathered", 2.0, 0.8), ("vllm", 1.5, 0.79)) for s in (0, 1)]
+    runs = [
+        {
+            "engine": e,
+            "seed": s,
+            "step_s": t,
+            "rollout_s": t / 2,
+            "sync_share": 0.04 if e == "vllm" else 0.0,
+            "eval_before": 0.5,
+            "eval_after": a,
+        }
+        for e, t, a in (("gathered", 2.0, 0.8), ("vllm", 1.5, 0.79))
+        for s in (0, 1)
+    ]
     p5, details = p5_records({"steps": 60, "seeds": 2, "runs": runs})
     assert [r["value"] for r in p5] == [0.75, 0.04] and all(r["meets"] for r in p5)
     assert "vllm 0.790, 0.790" in details[p5[1]["name"]]
@@ -92,7 +142,7 @@ def test_vllm_records_when_vllm_ran_and_a_note_when_not():
 
 
 def test_json_and_table_hold_exactly_the_records(tmp_path):
-    records = run.p1_records(P1, 7_900_000)[0] + [run.failed_record("P3 cost", "x", "<= 1.10")]
+    records = report.p1_records(P1, 7_900_000)[0] + [report.failed_record("P3 cost", "x", "<= 1.10")]
     path = tmp_path / "out" / "bench.json"
     write_json([{**r, "extra": 1} for r in records], path)
     loaded = json.loads(path.read_text())
@@ -106,15 +156,23 @@ def test_json_and_table_hold_exactly_the_records(tmp_path):
 
 def test_main_writes_records_and_markdown_and_reports_failures(tmp_path, monkeypatch):
     def fake_p1(settings, work):
-        return (*run.p1_records(P1, 7_900_000), {})
+        return (*report.p1_records(P1, 7_900_000), {})
 
     def broken_p3(settings, work):
         raise RuntimeError("worker exited 1\nlong log")
 
     monkeypatch.setitem(run.BENCHMARKS, "P1", (fake_p1, run.BENCHMARKS["P1"][1]))
     monkeypatch.setitem(run.BENCHMARKS, "P3", (broken_p3, run.BENCHMARKS["P3"][1]))
-    machine = {"nproc": 2, "cpu": "Test CPU", "memory_gib": 8.0, "python": "3", "torch": "t", "deepspeed": "d",
-               "transformers": "x", "load_average": (1.0, 1.0, 1.0)}
+    machine = {
+        "nproc": 2,
+        "cpu": "Test CPU",
+        "memory_gib": 8.0,
+        "python": "3",
+        "torch": "t",
+        "deepspeed": "d",
+        "transformers": "x",
+        "load_average": (1.0, 1.0, 1.0),
+    }
     monkeypatch.setattr(run, "machine_info", lambda: machine)
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     rc = run.main(["--quick", "--only", "P1,P3", "--json", str(out), "--markdown", str(md)])
@@ -138,6 +196,7 @@ def test_quick_settings_are_smaller_than_full():
 
 # ---- gpu_check helpers ------------------------------------------------------------------------------------------
 
+
 def test_flops_and_mfu():
     assert gpu_check.matmul_params(1000, vocab=10, hidden=20, tied=True) == 1000
     assert gpu_check.matmul_params(1000, vocab=10, hidden=20, tied=False) == 800
@@ -157,9 +216,13 @@ def test_peak_lookup():
 
 
 def test_gpu_table_formats_values_and_skips():
-    table = gpu_check.format_table([{"name": "train", "value": 12345.6, "unit": "tok/s", "detail": "d"},
-                                    {"name": "MFU", "value": 0.41234, "unit": "fraction"},
-                                    {"name": "flash", "value": None, "unit": "tok/s"}])
+    table = gpu_check.format_table(
+        [
+            {"name": "train", "value": 12345.6, "unit": "tok/s", "detail": "d"},
+            {"name": "MFU", "value": 0.41234, "unit": "fraction"},
+            {"name": "flash", "value": None, "unit": "tok/s"},
+        ]
+    )
     lines = table.splitlines()
     assert lines[2] == "| train | 12,346 | tok/s | d |"
     assert lines[3] == "| MFU | 0.412 | fraction |  |"

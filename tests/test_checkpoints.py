@@ -21,18 +21,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from conftest import ROOT, run_deepspeed
-from conftest import ReachedInit
+from conftest import ROOT, ReachedInit, run_deepspeed
 from test_reliability import DS_CONFIG, _script_env, base_args, expect_one_line
-from rlad_ds.checkpoint import manifest, protocol, run_dir
+
 from rlad_ds import rng
+from rlad_ds.checkpoint import manifest, protocol, run_dir
 from rlad_ds.cli import train_main
 from rlad_ds.config.parsing import parse_config
 from rlad_ds.errors import ConfigError, TrainingError
 from rlad_ds.methods import get_method
 from rlad_ds.trainer import Trainer
-
 
 IDENTITY = {"rollout": {"group_size": 4}, "loss": {"method": "rlad"}, "deepspeed": "zero3.json"}
 
@@ -60,8 +58,13 @@ class FakeEngine:
 
 
 def save(out, step, engine=None, identity=IDENTITY, keep_last=3):
-    return protocol.save_checkpoint(engine or FakeEngine(), out, step, {"step": step, "world_size": 1,
-                                      "controls": {}, "bad_steps": 0, "identity": identity}, keep_last)
+    return protocol.save_checkpoint(
+        engine or FakeEngine(),
+        out,
+        step,
+        {"step": step, "world_size": 1, "controls": {}, "bad_steps": 0, "identity": identity},
+        keep_last,
+    )
 
 
 def test_the_marker_is_a_manifest_of_every_file(tmp_path):
@@ -86,15 +89,27 @@ def test_the_marker_is_a_manifest_of_every_file(tmp_path):
 
 
 def test_each_rank_hashes_the_files_it_wrote(tmp_path):
-    for name in ("zero_pp_rank_1_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                 "rng_rank1.json", "rng_rank1.safetensors", "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                 "rng_rank0.json", "trainer_state.json"):
+    for name in (
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_rank1.json",
+        "rng_rank1.safetensors",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "rng_rank0.json",
+        "trainer_state.json",
+    ):
         (tmp_path / name).write_text(name)
-    assert set(manifest.hash_own(tmp_path, 1)) == {"zero_pp_rank_1_mp_rank_00_model_states.pt", "rng_rank1.json",
-                                                   "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                                   "rng_rank1.safetensors"}
-    assert set(manifest.hash_own(tmp_path, 0)) == {"zero_pp_rank_0_mp_rank_00_model_states.pt", "rng_rank0.json",
-                                                   "trainer_state.json"}
+    assert set(manifest.hash_own(tmp_path, 1)) == {
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "rng_rank1.json",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_rank1.safetensors",
+    }
+    assert set(manifest.hash_own(tmp_path, 0)) == {
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "rng_rank0.json",
+        "trainer_state.json",
+    }
 
 
 def test_auto_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog):
@@ -105,8 +120,11 @@ def test_auto_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog
         assert run_dir.resolve_resume("auto", tmp_path, IDENTITY, max_steps=10) == first
     size = (third / "trainer_state.json").stat().st_size
     warnings = [r.getMessage() for r in caplog.records]
-    assert any(w.startswith("step_00000003 fails verification (file trainer_state.json: size 2 != ")
-               and w.endswith("resuming from step_00000001") for w in warnings), warnings
+    assert any(
+        w.startswith("step_00000003 fails verification (file trainer_state.json: size 2 != ")
+        and w.endswith("resuming from step_00000001")
+        for w in warnings
+    ), warnings
     assert any("step_00000002 fails verification (file rng_rank0.safetensors: missing)" in w for w in warnings)
     assert size == 2
     with pytest.raises(ConfigError, match=r"--resume .*step_00000003 fails verification \(file trainer_state"):
@@ -121,8 +139,11 @@ def test_a_marker_without_a_manifest_is_refused_like_a_damaged_one(tmp_path):
     by --resume PATH in one line naming what to do, and passed over by --resume auto for an older one."""
     older, directory = save(tmp_path, 3), save(tmp_path, 4)
     (directory / manifest.MARKER).write_text('{"step": 4}')
-    with pytest.raises(ConfigError, match="its COMPLETE marker lists no files .* so it cannot be verified; resume it "
-                                          "with the rlad_ds version that wrote it, or start afresh"):
+    with pytest.raises(
+        ConfigError,
+        match="its COMPLETE marker lists no files .* so it cannot be verified; resume it "
+        "with the rlad_ds version that wrote it, or start afresh",
+    ):
         run_dir.resolve_resume(str(directory), tmp_path, IDENTITY)
     assert run_dir.resolve_resume("auto", tmp_path, IDENTITY, max_steps=5) == older
     shutil.rmtree(older)
@@ -142,12 +163,20 @@ def test_another_runs_checkpoint_is_never_resumed(tmp_path):
     assert run_dir.resolve_resume("auto", tmp_path, IDENTITY).name == "step_00000001"
 
 
-@pytest.mark.parametrize("error,piece", [
-    (OSError(errno.ENOSPC, "No space left on device", "x/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-     "No space left on device: x/zero_pp_rank_0"),
-    (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
-    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
-     "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+@pytest.mark.parametrize(
+    "error,piece",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "x/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+            "No space left on device: x/zero_pp_rank_0",
+        ),
+        (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+            "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0",
+        ),
+    ],
+)
 def test_a_failed_write_removes_the_partial_checkpoint_and_keeps_the_last_good(tmp_path, error, piece):
     first = save(tmp_path, 1)
     with pytest.raises(TrainingError) as failed:
@@ -167,8 +196,10 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     for params in ([torch.nn.Parameter(torch.tensor([0.0, float("nan")]))], [partitioned]):
         with pytest.raises(TrainingError) as failed:
             save(tmp_path, 2, FakeEngine(params=params))
-        assert str(failed.value).startswith("parameters are not finite after step 2: checkpoint not written, the last "
-                                            f"good one is step_00000001 ({first}); lower --lr")
+        assert str(failed.value).startswith(
+            "parameters are not finite after step 2: checkpoint not written, the last "
+            f"good one is step_00000001 ({first}); lower --lr"
+        )
         assert not (tmp_path / "checkpoints" / "step_00000002").exists()
 
 
@@ -190,13 +221,18 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, caplog):
 
 def test_a_checkpoint_deepspeed_cannot_load_is_one_line(tmp_path):
     directory = save(tmp_path, 1)
-    bad = FakeEngine(load_error=RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
-                                             "central directory\nmore"))
+    bad = FakeEngine(
+        load_error=RuntimeError(
+            "PytorchStreamReader failed reading zip archive: failed finding central directory\nmore"
+        )
+    )
     with pytest.raises(ConfigError) as failed:
         protocol.load_checkpoint(bad, directory)
-    assert str(failed.value) == (f"cannot load checkpoint {directory} on rank 0 (RuntimeError: PytorchStreamReader "
-                                 f"failed reading zip archive: failed finding central directory); --resume an older "
-                                 f"checkpoints/step_N dir, or start again with --overwrite_output_dir")
+    assert str(failed.value) == (
+        f"cannot load checkpoint {directory} on rank 0 (RuntimeError: PytorchStreamReader "
+        f"failed reading zip archive: failed finding central directory); --resume an older "
+        f"checkpoints/step_N dir, or start again with --overwrite_output_dir"
+    )
     with pytest.raises(ConfigError, match=r"on rank 0 \(AssertionError: \)"):
         protocol.load_checkpoint(FakeEngine(load_error=AssertionError()), directory)
     torch.manual_seed(123)  # the same world size: the saved RNG state comes back
@@ -212,8 +248,11 @@ def test_another_world_size_converts_or_says_why(tmp_path):
     state = json.loads((directory / "trainer_state.json").read_text())
     (directory / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
     (directory / manifest.MARKER).write_text(json.dumps({"step": 1, "world_size": 2}))
-    with pytest.raises(ConfigError, match=r"cannot convert checkpoint .*step_00000001 to DeepSpeed's universal "
-                                          r"format .*; resume with the 2 ranks that wrote it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot convert checkpoint .*step_00000001 to DeepSpeed's universal "
+        r"format .*; resume with the 2 ranks that wrote it",
+    ):
         protocol.load_checkpoint(FakeEngine(), directory)  # the fake files are no DeepSpeed checkpoint
     assert not (directory / "universal").exists() and not (directory / "universal.tmp").exists()
     assert rng.seed_rng(0, 5, 1) == rng.seed_rng(0, 5, 1) != rng.seed_rng(0, 5, 0)
@@ -253,21 +292,30 @@ def _checkpointed_run(models, out, *flags, step=2):
 def test_refusals_are_one_line_before_any_model(tiny_models, tmp_path, no_init, capsys):
     out = tmp_path / "out"
     directory = _checkpointed_run(tiny_models, out)
-    expect_one_line(train_main(base_args(tiny_models, out, "--max_steps", "2")), capsys.readouterr(),
-                    f"run in {out} already finished step 2 (--max_steps 2); raise --max_steps to continue it, pass "
-                    f"--overwrite_output_dir to run it again from step 0")
+    expect_one_line(
+        train_main(base_args(tiny_models, out, "--max_steps", "2")),
+        capsys.readouterr(),
+        f"run in {out} already finished step 2 (--max_steps 2); raise --max_steps to continue it, pass "
+        f"--overwrite_output_dir to run it again from step 0",
+    )
     with pytest.raises(ReachedInit):  # raised: it goes on
         train_main(base_args(tiny_models, out, "--max_steps", "3"))
-    expect_one_line(train_main(base_args(tiny_models, out, "--resume", directory, "--overwrite_output_dir")),
-                    capsys.readouterr(), f"--resume {directory} contradicts --overwrite_output_dir")
+    expect_one_line(
+        train_main(base_args(tiny_models, out, "--resume", directory, "--overwrite_output_dir")),
+        capsys.readouterr(),
+        f"--resume {directory} contradicts --overwrite_output_dir",
+    )
     with pytest.raises(ReachedInit):  # another run, overwritten: no refusal, no resume (moved aside after init)
         train_main(base_args(tiny_models, out, "--group_size", "2", "--overwrite_output_dir"))
     # The old version rewrote run_config.json on --overwrite_output_dir and kept the old checkpoints: the record
     # matches, the checkpoint's identity does not.
     cfg, _ = parse_config(base_args(tiny_models, out, "--group_size", "2"))
     (out / "run_config.json").write_text(json.dumps(run_dir.run_identity(cfg)))
-    expect_one_line(train_main(base_args(tiny_models, out, "--group_size", "2", "--max_steps", "5")),
-                    capsys.readouterr(), "belongs to a different run (it differs in rollout.group_size)")
+    expect_one_line(
+        train_main(base_args(tiny_models, out, "--group_size", "2", "--max_steps", "5")),
+        capsys.readouterr(),
+        "belongs to a different run (it differs in rollout.group_size)",
+    )
 
 
 # ---- real runs -----------------------------------------------------------------------------------------------------
@@ -275,8 +323,15 @@ def test_refusals_are_one_line_before_any_model(tiny_models, tmp_path, no_init, 
 
 def _python(*args, **popen):
     """`python ARGS` as a user runs it: one process, no launcher (rank 0 of 1)."""
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=_script_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=_script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def _finish(proc, timeout=180):
@@ -292,7 +347,9 @@ def test_damaged_checkpoint_resumed_on_one_rank_then_overwritten(tiny_models, tm
     changing --group_size starts at step 0 with the old run moved aside, whole."""
     start, out = time.perf_counter(), tmp_path / "out"
     common = ["--eval_size", "0", "--save_steps", "1", "--keep_last", "3"]
-    first = run_deepspeed(["launchers/train.py", *base_args(tiny_models, out, *common, "--max_steps", "2")], timeout=180)
+    first = run_deepspeed(
+        ["launchers/train.py", *base_args(tiny_models, out, *common, "--max_steps", "2")], timeout=180
+    )
     assert first.returncode == 0, first.stdout[-4000:]
     root = out / "checkpoints"
     for step in (1, 2):
@@ -303,8 +360,10 @@ def test_damaged_checkpoint_resumed_on_one_rank_then_overwritten(tiny_models, tm
     data[-100] ^= 0xFF
     damaged.write_bytes(bytes(data))
     text = _finish(_python("launchers/train.py", *base_args(tiny_models, out, *common, "--max_steps", "3")))
-    assert ("step_00000002 fails verification (file zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 differs); "
-            "resuming from step_00000001") in text, text[-4000:]
+    assert (
+        "step_00000002 fails verification (file zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 differs); "
+        "resuming from step_00000001"
+    ) in text, text[-4000:]
     assert "written by 2 ranks, this run has 1: loaded through DeepSpeed's universal checkpoint" in text
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records), records
@@ -313,11 +372,41 @@ def test_damaged_checkpoint_resumed_on_one_rank_then_overwritten(tiny_models, tm
         assert json.loads((directory / manifest.MARKER).read_text())["world_size"] == 1
         assert manifest.verify(directory) is None
     shutil.copytree(root / "step_00000001", tmp_path / "copy" / "step_00000001")  # the overwrite moves `out`
-    check = _python("tests/dist/universal_load_check.py", tmp_path / "copy" / "step_00000001", tmp_path / "check.json",
-                    "--student", tiny_models["student"], "--method", "grpo", "--deepspeed", DS_CONFIG, "--task",
-                    "toy_task:task", "--param_persistence_threshold", "0", "--group_size", "4", "--prompts_per_step", "4")
-    fresh = _python("launchers/train.py", *base_args(tiny_models, out, "--eval_size", "0", "--max_steps", "1",
-                                                     "--save_steps", "-1", "--group_size", "2", "--overwrite_output_dir"))
+    check = _python(
+        "tests/dist/universal_load_check.py",
+        tmp_path / "copy" / "step_00000001",
+        tmp_path / "check.json",
+        "--student",
+        tiny_models["student"],
+        "--method",
+        "grpo",
+        "--deepspeed",
+        DS_CONFIG,
+        "--task",
+        "toy_task:task",
+        "--param_persistence_threshold",
+        "0",
+        "--group_size",
+        "4",
+        "--prompts_per_step",
+        "4",
+    )
+    fresh = _python(
+        "launchers/train.py",
+        *base_args(
+            tiny_models,
+            out,
+            "--eval_size",
+            "0",
+            "--max_steps",
+            "1",
+            "--save_steps",
+            "-1",
+            "--group_size",
+            "2",
+            "--overwrite_output_dir",
+        ),
+    )
     _finish(check)
     result = json.loads((tmp_path / "check.json").read_text())
     assert result["step"] == 1 and result["names"] and result["global_steps"] == 1, result
@@ -343,9 +432,16 @@ def test_a_write_or_load_failing_on_one_rank_stops_both_ranks_together(tmp_path)
     assert ranks[0] == ranks[1] and ranks[0]["persistent"] > 0  # a collective at the end of DeepSpeed's save/load
     saves = ranks[0]["saves"]
     for step, file in (("2", "model_states"), ("3", "optim_states")):
-        assert saves[step].startswith(f"cannot write checkpoint {tmp_path}/checkpoints/step_0000000{step} on rank 1 "
-                                      f"(No space left on device: ") and f"_{file}.pt; " in saves[step], saves[step]
+        assert (
+            saves[step].startswith(
+                f"cannot write checkpoint {tmp_path}/checkpoints/step_0000000{step} on rank 1 "
+                f"(No space left on device: "
+            )
+            and f"_{file}.pt; " in saves[step]
+        ), saves[step]
         assert "the last complete one is step_00000001" in saves[step]
     assert saves["4"] == "ok" and ranks[0]["dirs"] == ranks[0]["complete"] == ["step_00000001", "step_00000004"]
-    assert ranks[0]["load"].startswith(f"cannot load checkpoint {tmp_path}/checkpoints/step_00000004 on rank 1 "
-                                       "(RuntimeError: PytorchStreamReader failed")
+    assert ranks[0]["load"].startswith(
+        f"cannot load checkpoint {tmp_path}/checkpoints/step_00000004 on rank 1 "
+        "(RuntimeError: PytorchStreamReader failed"
+    )

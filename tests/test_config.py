@@ -23,8 +23,12 @@ def test_every_flag_reaches_the_script_through_the_deepspeed_launcher():
     """The launcher's own parser must not take any of our flags for one of its own (it rejected `--n`)."""
     from deepspeed.launcher.runner import parse_args
 
-    flags = [action.option_strings[0] for parser in (build_parser("train"), build_parser("eval"))
-             for action in parser._actions if action.option_strings and action.dest not in ("help", "local_rank")]
+    flags = [
+        action.option_strings[0]
+        for parser in (build_parser("train"), build_parser("eval"))
+        for action in parser._actions
+        if action.option_strings and action.dest not in ("help", "local_rank")
+    ]
     for flag in flags:
         user_args = [flag, "1"]
         assert parse_args(["launchers/train.py", *user_args]).user_args == user_args, flag
@@ -42,8 +46,9 @@ def test_the_demo_profile_sits_under_the_users_values():
 
 def test_file_then_flags(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("train:\n  lr: 1e-6\n  max_steps: 9\nloss:\n  alpha: 0.3\neval:\n  eval_k: [1, 4]\n"
-                    "  eval_samples: 4\n")
+    path.write_text(
+        "train:\n  lr: 1e-6\n  max_steps: 9\nloss:\n  alpha: 0.3\neval:\n  eval_k: [1, 4]\n  eval_samples: 4\n"
+    )
     cfg, _ = parse_config(["--config", str(path), "--max_steps", "3"])
     assert cfg.train.lr == 1e-6 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-6 as a string
     assert cfg.train.max_steps == 3 and cfg.loss.alpha == 0.3 and cfg.eval.eval_k == (1, 4)
@@ -51,21 +56,24 @@ def test_file_then_flags(tmp_path):
     assert parse_config(["--config", str(tmp_path / "run.json")])[0].model.precision == "bf16"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train:\n  max_steps: 1.5\n", "--max_steps must be int, got 1.5"),
-    # 'false' and false are read as booleans now (tests/test_validation.py); other words are still refused.
-    ("model:\n  gradient_checkpointing: 'maybe'\n", "--gradient_checkpointing must be true or false, got 'maybe'"),
-    ("model:\n  teacher_offload: 2\n", "--teacher_offload must be auto, on or off, got 2"),
-    ("train:\n  lr: fast\n", "--lr must be float, got 'fast'"),
-    ("train:\n  lr: .inf\n", "--lr must be a finite number, got inf"),
-    ("train: [1, 2]\n", "section train must be a mapping of field: value"),
-    ("train: 3\n", "section train must be a mapping of field: value"),
-    ("trainer:\n  lr: 1\n", "unknown section(s) ['trainer']"),
-    ("train:\n  learning_rate: 1\n", "unknown field(s) ['learning_rate'] in section train"),
-    ("[1, 2]\n", "must hold a mapping of sections"),
-    ("eval:\n  eval_k: one\n", "--eval_k must be int, got 'one'"),
-    ("rollout:\n  engine: vllm\n", "--engine was renamed --rollout (in a --config file: rollout: rollout: ...)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  max_steps: 1.5\n", "--max_steps must be int, got 1.5"),
+        # 'false' and false are read as booleans now (tests/test_validation.py); other words are still refused.
+        ("model:\n  gradient_checkpointing: 'maybe'\n", "--gradient_checkpointing must be true or false, got 'maybe'"),
+        ("model:\n  teacher_offload: 2\n", "--teacher_offload must be auto, on or off, got 2"),
+        ("train:\n  lr: fast\n", "--lr must be float, got 'fast'"),
+        ("train:\n  lr: .inf\n", "--lr must be a finite number, got inf"),
+        ("train: [1, 2]\n", "section train must be a mapping of field: value"),
+        ("train: 3\n", "section train must be a mapping of field: value"),
+        ("trainer:\n  lr: 1\n", "unknown section(s) ['trainer']"),
+        ("train:\n  learning_rate: 1\n", "unknown field(s) ['learning_rate'] in section train"),
+        ("[1, 2]\n", "must hold a mapping of sections"),
+        ("eval:\n  eval_k: one\n", "--eval_k must be int, got 'one'"),
+        ("rollout:\n  engine: vllm\n", "--engine was renamed --rollout (in a --config file: rollout: rollout: ...)"),
+    ],
+)
 def test_wrong_values_in_a_file_are_one_line_naming_the_field(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -74,16 +82,22 @@ def test_wrong_values_in_a_file_are_one_line_naming_the_field(tmp_path, text, me
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max_steps", "x"], "--max_steps must be int, got 'x'"),
-    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
-    (["--report_to", "none", "--teacher_log_ratio_clip", "none", "--dataset", "none"], None),
-    (["--precision", "fp16"], "--precision 'fp16' is unknown"),
-    (["--engine", "vllm"], "--engine was renamed --rollout"),
-    (["--rollout", "fast"], "--rollout 'fast' is unknown; use one of auto, vllm, hybrid_engine, gathered, per_layer"),
-    (["--eval_temperature", "-1"], "--eval_temperature must be >= 0"),
-    (["--save_steps", "-2"], "--save_steps must be >= 0, or -1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_steps", "x"], "--max_steps must be int, got 'x'"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["--report_to", "none", "--teacher_log_ratio_clip", "none", "--dataset", "none"], None),
+        (["--precision", "fp16"], "--precision 'fp16' is unknown"),
+        (["--engine", "vllm"], "--engine was renamed --rollout"),
+        (
+            ["--rollout", "fast"],
+            "--rollout 'fast' is unknown; use one of auto, vllm, hybrid_engine, gathered, per_layer",
+        ),
+        (["--eval_temperature", "-1"], "--eval_temperature must be >= 0"),
+        (["--save_steps", "-2"], "--save_steps must be >= 0, or -1"),
+    ],
+)
 def test_flags(flags, message):
     if message is None:
         cfg, _ = parse_config(flags)
@@ -98,7 +112,8 @@ def test_the_run_record_round_trips():
     from rlad_ds.checkpoint.run_dir import run_identity
 
     cfg, _ = parse_config(["--eval_k", "1", "--max_steps", "5"])
-    other, _ = parse_config(["--eval_k", "1", "--max_steps", "50", "--eval_steps", "3", "--rollout", "vllm",
-                             "--vllm_kv_cache_gb", "2"])
+    other, _ = parse_config(
+        ["--eval_k", "1", "--max_steps", "50", "--eval_steps", "3", "--rollout", "vllm", "--vllm_kv_cache_gb", "2"]
+    )
     assert json.loads(json.dumps(run_identity(cfg))) == run_identity(other)  # resumable fields left out
     assert run_identity(cfg) != run_identity(parse_config(["--alpha", "0.2"])[0])

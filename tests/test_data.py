@@ -61,8 +61,9 @@ def test_saved_dataset_dirs(tmp_path):
 
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "single"))
     assert_math_rows(load_examples(MATH, tmp_path / "single"))
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
-                                   "test": datasets.Dataset.from_list(ROWS)})
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS)}
+    )
     splits.save_to_disk(str(tmp_path / "dict"))
     assert_math_rows(load_examples(MATH, tmp_path / "dict", split="test"))
     assert len(load_examples(MATH, tmp_path / "dict")) == 1
@@ -120,8 +121,11 @@ def test_skip_bad_rows_counts_them(tmp_path):
     examples = load_examples(MATH, path, skip_bad_rows=True)
     assert_math_rows(examples, ROWS[:3])
     assert examples.skipped == 3
-    assert [m.split(": ")[0].rsplit("/", 1)[-1] for m in examples.messages] == \
-        ["bad.jsonl:2", "bad.jsonl:4", "bad.jsonl:5"]
+    assert [m.split(": ")[0].rsplit("/", 1)[-1] for m in examples.messages] == [
+        "bad.jsonl:2",
+        "bad.jsonl:4",
+        "bad.jsonl:5",
+    ]
 
 
 def test_bad_rows_in_other_formats_name_the_row(tmp_path):
@@ -171,8 +175,9 @@ def test_chat_template_with_system_prompt(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "gsm.jsonl", ROWS[:1])
     example = load_examples(MATH, path, tokenizer=tiny_tokenizer, system_prompt="Be brief.")[0]
     user = MATH.prompt(example.record)
-    assert example.text == (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                            "<|im_start|>assistant\n")
+    assert example.text == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
     bare = load_examples(MATH, path, tokenizer=tiny_tokenizer)[0]
     assert bare.text == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -210,8 +215,10 @@ def test_generated_data_when_no_source(tiny_tokenizer):
 
 
 def test_published_kk_jsonl(tmp_path):
-    rows = [{"quiz": "Q", "names": ["Ann", "Bob"], "solution": [True, False], "solution_text": "x"},
-            {"quiz": "Q", "names": ["Ann", "Bob"], "solution": [True]}]
+    rows = [
+        {"quiz": "Q", "names": ["Ann", "Bob"], "solution": [True, False], "solution_text": "x"},
+        {"quiz": "Q", "names": ["Ann", "Bob"], "solution": [True]},
+    ]
     examples = load_examples(KK, write_jsonl(tmp_path / "kk.jsonl", rows), skip_bad_rows=True)
     assert len(examples) == 1 and examples.skipped == 1
     assert "kk.jsonl:2: K&K record has 1 solution" in examples.messages[0]
@@ -235,18 +242,25 @@ def test_trainer_adapters_read_the_config(tmp_path, tiny_tokenizer):
         data.load_eval_examples(config({"task": "kk"}, {"eval_size": None}), tiny_tokenizer)
 
     path = write_jsonl(tmp_path / "q.jsonl", [{"q": r["question"], "answer": r["answer"]} for r in ROWS] + ["{"])
-    file_data = {"task": "math", "dataset": str(path), "columns": "prompt=q", "prompt_template": "Q: {prompt}",
-                 "skip_bad_rows": True}
+    file_data = {
+        "task": "math",
+        "dataset": str(path),
+        "columns": "prompt=q",
+        "prompt_template": "Q: {prompt}",
+        "skip_bad_rows": True,
+    }
     rows = data.load_train_examples(config(file_data).data, tiny_tokenizer)
     assert len(rows) == 4 and rows[0]["prompt_text"] == "Q: " + MATH.prompt(rows[0])
     assert data.load_eval_examples(config(file_data, {"eval_size": 2}), tiny_tokenizer) == []  # nothing held out
     # A separate held-out file: every usable row (eval_size none), the bad one skipped and counted.
-    held_out = data.load_eval_examples(config(file_data, {"eval_size": None, "eval_dataset": str(path)}),
-                                       tiny_tokenizer)
+    held_out = data.load_eval_examples(
+        config(file_data, {"eval_size": None, "eval_dataset": str(path)}), tiny_tokenizer
+    )
     assert len(held_out) == 4 and held_out.skipped == 1 and held_out[0]["prompt_text"].startswith("Q: ")
 
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
-                                   "test": datasets.Dataset.from_list(ROWS)})
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS)}
+    )
     splits.save_to_disk(str(tmp_path / "dict"))
     saved = {"task": "math", "dataset": str(tmp_path / "dict"), "system_prompt": "Be brief."}
     assert len(data.load_train_examples(config(saved).data, tiny_tokenizer)) == 1

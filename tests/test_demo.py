@@ -10,14 +10,20 @@ from rlad_ds.tasks import arith
 from rlad_ds.tasks.arith import TASK
 
 # A recipe small enough to train in a second: the real one's code path with tiny models and few steps.
-MINI = recipe.DemoRecipe(teacher=recipe.ModelSpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
-                       teacher_sft=recipe.SFTSpec(steps=3, batch_size=8, warmup_steps=1),
-                       student=recipe.ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
-                       student_sft=recipe.SFTSpec(steps=2, batch_size=8, warmup_steps=1),
-                       eval_examples=4, student_target=0.0, student_check_every=1, student_check_examples=4)
+MINI = recipe.DemoRecipe(
+    teacher=recipe.ModelSpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    teacher_sft=recipe.SFTSpec(steps=3, batch_size=8, warmup_steps=1),
+    student=recipe.ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+    student_sft=recipe.SFTSpec(steps=2, batch_size=8, warmup_steps=1),
+    eval_examples=4,
+    student_target=0.0,
+    student_check_every=1,
+    student_check_examples=4,
+)
 
 
 # ---- the arith task -------------------------------------------------------------------------------------
+
 
 def test_task_interface_and_worked_example():
     example = arith.make_example(347, 285)
@@ -59,15 +65,26 @@ def test_score_grades_only_the_final_answer():
     example = arith.make_example(347, 285)
     right = "7+5+0=12|4+8+1=13|3+2+1=06|>0632"
     assert TASK.score(right, example) == 1.0
-    assert TASK.score(right + "<|im_end|>", example) == 1.0           # EOS decoded as text
-    assert TASK.score(right + "<|im_end|>9+9=>1", example) == 1.0     # anything after EOS is ignored
+    assert TASK.score(right + "<|im_end|>", example) == 1.0  # EOS decoded as text
+    assert TASK.score(right + "<|im_end|>9+9=>1", example) == 1.0  # anything after EOS is ignored
     assert TASK.score(" " + right + "\n", example) == 1.0
-    assert TASK.score(">632", example) == 1.0                         # steps are not graded ...
-    assert TASK.score("1+1+1=99|>0632", example) == 1.0               # ... even when wrong
+    assert TASK.score(">632", example) == 1.0  # steps are not graded ...
+    assert TASK.score("1+1+1=99|>0632", example) == 1.0  # ... even when wrong
     for wrong in ["7+5+0=12|4+8+1=13|3+2+1=06|>0633", ">0000", ">1632"]:
         assert TASK.score(wrong, example) == 0.0
-    for malformed in ["", "0632", "7+5+0=12|4+8+1=13|3+2+1=06|", ">", ">06x2", ">0632|", ">0632>",
-                      ">00632", ">-632", ">06 32", "7+5+0=12|4+8+1=13|3+2+1=06|>06"]:
+    for malformed in [
+        "",
+        "0632",
+        "7+5+0=12|4+8+1=13|3+2+1=06|",
+        ">",
+        ">06x2",
+        ">0632|",
+        ">0632>",
+        ">00632",
+        ">-632",
+        ">06 32",
+        "7+5+0=12|4+8+1=13|3+2+1=06|>06",
+    ]:
         assert TASK.score(malformed, example) == 0.0, malformed
 
 
@@ -81,6 +98,7 @@ def test_solution_round_trips_through_score():
 
 
 # ---- the demo tokenizer ---------------------------------------------------------------------------------
+
 
 def test_tokenizer_covers_every_prompt_and_solution_character():
     tokenizer = recipe.demo_tokenizer()
@@ -115,6 +133,7 @@ def test_sft_batch_masks_the_prompt_and_ends_with_eos():
 
 # ---- prepare_demo ---------------------------------------------------------------------------------------
 
+
 def test_prepare_demo_builds_loadable_dirs_and_reuses_the_cache(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,8 +146,12 @@ def test_prepare_demo_builds_loadable_dirs_and_reuses_the_cache(tmp_path, monkey
         assert model.config.model_type == "qwen3" and (path / "model.safetensors").is_file()
         assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
         assert model.generation_config.pad_token_id == tokenizer.pad_token_id == 0
-        assert tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
-                                             tokenize=False) == "1+2="
+        assert (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "1+2="}], add_generation_prompt=True, tokenize=False
+            )
+            == "1+2="
+        )
         sizes[role] = recipe.count_parameters(model)
     assert sizes["teacher"] > sizes["student"]
     info = cache.demo_info(paths)
@@ -179,8 +202,9 @@ def test_an_interrupted_build_leaves_no_cache_that_is_reused(tmp_path, monkeypat
 def test_sft_reduces_the_loss():
     tokenizer = recipe.demo_tokenizer()
     model = recipe.build_model(MINI.student, tokenizer, seed=0)
-    losses = sft.train_sft(model, tokenizer, recipe.SFTSpec(steps=30, batch_size=16, lr=1e-2, warmup_steps=2),
-                            seed=0, progress=False)
+    losses = sft.train_sft(
+        model, tokenizer, recipe.SFTSpec(steps=30, batch_size=16, lr=1e-2, warmup_steps=2), seed=0, progress=False
+    )
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5]) and not model.training
 
 
@@ -188,8 +212,15 @@ def test_sft_stops_early_when_told():
     tokenizer = recipe.demo_tokenizer()
     model = recipe.build_model(MINI.student, tokenizer, seed=0)
     checks = []
-    losses = sft.train_sft(model, tokenizer, recipe.SFTSpec(steps=20, batch_size=4), seed=0, progress=False,
-                            stop=lambda m: checks.append(m.training) or len(checks) == 2, check_every=3)
+    losses = sft.train_sft(
+        model,
+        tokenizer,
+        recipe.SFTSpec(steps=20, batch_size=4),
+        seed=0,
+        progress=False,
+        stop=lambda m: checks.append(m.training) or len(checks) == 2,
+        check_every=3,
+    )
     assert len(losses) == 6 and checks == [False, False] and not model.training
 
 
@@ -208,7 +239,7 @@ def test_evaluate_accuracy_matches_one_by_one_generation(tmp_path, monkeypatch):
     for example in examples:
         ids = tokenizer(prompts[id(example)], return_tensors="pt", add_special_tokens=False)["input_ids"]
         out = model.generate(ids, do_sample=False, max_new_tokens=recipe.MAX_NEW_TOKENS)
-        expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        expected.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     seen = []  # the scorer sees each completion with its example; every other one is "right"
     monkeypatch.setattr(arith, "score", lambda c, e: seen.append((c, e)) or float(len(seen) % 2))
     assert sft.accuracy(model, tokenizer, examples, greedy=True, batch_size=4) == 0.5

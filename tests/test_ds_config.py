@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from rlad_ds.config.parsing import config_from_layers
-from rlad_ds.ds_config import (CONFIG_DIR, dtype_of, fill_train_config, frozen_ds_config, inference_config,
-                               load_ds_config, require_zero_stage, student_ds_config)
+from rlad_ds.ds_config import (
+    CONFIG_DIR,
+    dtype_of,
+    fill_train_config,
+    frozen_ds_config,
+    inference_config,
+    load_ds_config,
+    require_zero_stage,
+    student_ds_config,
+)
 from rlad_ds.errors import ConfigError
 
 TRAIN = dict(world_size=2, micro_batch_size=4, gradient_accumulation_steps=3, lr=2e-6, gradient_clipping=1.0)
@@ -76,8 +84,9 @@ def test_inference_configs():
     plain = inference_config(offload=False, world_size=2, micro_batch_size=3, device="cuda")
     assert "offload_param" not in plain["zero_optimization"] and plain["bf16"]["enabled"] is True
     # One file serves both: offload=False strips offload_param from the offload template.
-    stripped = inference_config(CONFIG_DIR / "teacher_offload.json", offload=False, world_size=1, micro_batch_size=1,
-                              device="cpu")
+    stripped = inference_config(
+        CONFIG_DIR / "teacher_offload.json", offload=False, world_size=1, micro_batch_size=1, device="cpu"
+    )
     assert "offload_param" not in stripped["zero_optimization"]
     with pytest.raises(ConfigError, match="frozen"):
         inference_config(load_ds_config(CONFIG_DIR / "zero3.json"), world_size=1, micro_batch_size=1, device="cpu")
@@ -85,8 +94,12 @@ def test_inference_configs():
 
 def test_the_config_tree_reaches_the_deepspeed_json():
     """Weight decay, precision and the persistence threshold are config fields that reach every engine's JSON."""
-    cfg = config_from_layers({"train": {"lr": 3e-6, "weight_decay": 0.05, "grad_clip": 0.5},
-                              "model": {"precision": "bf16", "param_persistence_threshold": 7}})
+    cfg = config_from_layers(
+        {
+            "train": {"lr": 3e-6, "weight_decay": 0.05, "grad_clip": 0.5},
+            "model": {"precision": "bf16", "param_persistence_threshold": 7},
+        }
+    )
     student = student_ds_config(cfg, world_size=2, device="cpu")
     assert student["optimizer"]["params"]["weight_decay"] == 0.05 and student["optimizer"]["params"]["lr"] == 3e-6
     assert student["gradient_clipping"] == 0.5 and student["bf16"]["enabled"] is True  # bf16 on CPU when asked
@@ -114,7 +127,9 @@ def test_cpu_adam_needs_no_jit_build():
     accelerators keep DeepSpeed's FusedAdam; a config's own choice and an offloaded optimizer are left alone."""
     cpu = fill_train_config(CONFIG_DIR / "zero3.json", device="cpu", **TRAIN)
     assert cpu["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in fill_train_config(CONFIG_DIR / "zero3.json", device="cuda", **TRAIN)["optimizer"]["params"]
+    assert (
+        "torch_adam" not in fill_train_config(CONFIG_DIR / "zero3.json", device="cuda", **TRAIN)["optimizer"]["params"]
+    )
     own = load_ds_config(CONFIG_DIR / "zero3.json")
     own["optimizer"]["params"]["torch_adam"] = False
     assert fill_train_config(own, device="cpu", **TRAIN)["optimizer"]["params"]["torch_adam"] is False
@@ -125,12 +140,13 @@ def test_cpu_adam_needs_no_jit_build():
 def test_the_cpu_student_engine_uses_torch_adamw(monkeypatch):
     """What DeepSpeed builds from that config: torch.optim.AdamW inside ZeRO-3 (FusedAdam would need the build)."""
     import deepspeed
-
     from conftest import free_port
+
     from rlad_ds.distributed import end_process_group, init_process_group
 
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    ).items():
         monkeypatch.setenv(key, value)
     init_process_group(60)
     try:

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port, run_deepspeed
+
 from rlad_ds.rollout.hf import generation_config
 from rlad_ds.rollout.output import RolloutOutput, finish_rollout
 
@@ -24,14 +24,17 @@ SCRIPT = ROOT / "tests" / "dist" / "engines_check.py"
 @pytest.fixture(scope="module")
 def small_vocab_models(tmp_path_factory):
     """A 7-token vocabulary makes EOS frequent, so rows and ranks stop at different lengths."""
-    from rlad_ds.tiny import char_tokenizer
     from tiny_models import save_tiny_model
+
+    from rlad_ds.tiny import char_tokenizer
 
     root = tmp_path_factory.mktemp("small_vocab")
     tokenizer = char_tokenizer("abcd")
-    return [save_tiny_model(root / "student", "qwen3", tokenizer, seed=0, hidden=32, layers=2),
-            save_tiny_model(root / "tied", "qwen3", tokenizer, seed=3, hidden=32, layers=2, tie_embeddings=True),
-            save_tiny_model(root / "teacher", "qwen3", tokenizer, seed=1, hidden=64, layers=2)]
+    return [
+        save_tiny_model(root / "student", "qwen3", tokenizer, seed=0, hidden=32, layers=2),
+        save_tiny_model(root / "tied", "qwen3", tokenizer, seed=3, hidden=32, layers=2, tie_embeddings=True),
+        save_tiny_model(root / "teacher", "qwen3", tokenizer, seed=1, hidden=64, layers=2),
+    ]
 
 
 def read_results(out_dir, world):
@@ -40,10 +43,24 @@ def read_results(out_dir, world):
 
 def test_engines_single_process(small_vocab_models, tmp_path):
     # A subprocess, so the distributed environment deepspeed.initialize needs never leaks into other tests.
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *small_vocab_models, tmp_path], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *small_vocab_models, tmp_path],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (result,) = read_results(tmp_path, 1)
     assert result["partition_fraction"] == 1.0
@@ -87,20 +104,20 @@ def test_finish_rollout_masks_and_flags():
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     eos, pad = 2, 0
     # n=2 samples per prompt; generated part: EOS then junk / no EOS / EOS first / EOS last.
-    output = torch.tensor([[0, 5, 6, 7, 2, 9],
-                           [0, 5, 6, 7, 8, 9],
-                           [4, 5, 6, 2, 8, 8],
-                           [4, 5, 6, 7, 8, 2]])
+    output = torch.tensor([[0, 5, 6, 7, 2, 9], [0, 5, 6, 7, 8, 9], [4, 5, 6, 2, 8, 8], [4, 5, 6, 7, 8, 2]])
     batch = finish_rollout(prompt_mask, output, 2, eos, pad)
     assert isinstance(batch, RolloutOutput)
-    assert batch.input_ids.tolist() == [[0, 5, 6, 7, 2, 0], [0, 5, 6, 7, 8, 9], [4, 5, 6, 2, 0, 0],
-                                        [4, 5, 6, 7, 8, 2]]
+    assert batch.input_ids.tolist() == [[0, 5, 6, 7, 2, 0], [0, 5, 6, 7, 8, 9], [4, 5, 6, 2, 0, 0], [4, 5, 6, 7, 8, 2]]
     assert batch.eos.tolist() == [True, False, True, True]
     assert batch.truncated.tolist() == [False, True, False, False]
     assert batch.response_lengths.tolist() == [2, 3, 1, 3]
     assert batch.response_mask[:, :3].sum() == 0
-    assert batch.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0],
-                                             [1, 1, 1, 1, 1, 1]]
+    assert batch.attention_mask.tolist() == [
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+    ]
     assert batch.prompt_index.tolist() == [0, 0, 1, 1]
     assert batch.response_start_idx.tolist() == [3, 3, 3, 3]
 
@@ -108,8 +125,7 @@ def test_finish_rollout_masks_and_flags():
 def test_generation_config_overrides_every_sampling_knob(tiny_tokenizer):
     from deepspeed.runtime.rollout import SamplingConfig
 
-    config = generation_config(SamplingConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=-1),
-                               tiny_tokenizer)
+    config = generation_config(SamplingConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=-1), tiny_tokenizer)
     assert (config.do_sample, config.temperature, config.top_p, config.top_k) == (True, 0.7, 0.9, 0)
     greedy = generation_config(SamplingConfig(max_new_tokens=5, temperature=0.0), tiny_tokenizer)
     assert greedy.do_sample is False and greedy.eos_token_id == tiny_tokenizer.eos_token_id

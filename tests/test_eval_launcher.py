@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_deepspeed
+
 from rlad_ds.evaluation import merge_shards, sample_seed, shard_indices
 
 TESTS = ROOT / "tests"
@@ -21,11 +21,17 @@ def coin_task():
     from rlad_ds.tasks.base import Task
 
     arith = get_task("arith")
-    return Task(name="coin", prompt=arith.prompt, generate=arith.generate, subset=arith.subset,
-                score=lambda completion, example: float(bool(completion) and ord(completion[0]) % 2 == 0))
+    return Task(
+        name="coin",
+        prompt=arith.prompt,
+        generate=arith.generate,
+        subset=arith.subset,
+        score=lambda completion, example: float(bool(completion) and ord(completion[0]) % 2 == 0),
+    )
 
 
 # ---- fast: pure helpers ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("num", [0, 1, 2, 5, 6, 7, 33])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
@@ -63,8 +69,18 @@ def test_eval_flags_are_the_training_flags_with_the_same_defaults():
 
     train, evaluation = flags(build_parser("train")), flags(build_parser("eval"))
     assert set(evaluation) - set(train) == {"eval_offload"}
-    assert {"max_new_tokens", "rollout", "eval_samples", "eval_k", "eval_temperature", "rollout_batch_size", "task",
-            "reward_workers", "seed", "precision"} <= set(evaluation)
+    assert {
+        "max_new_tokens",
+        "rollout",
+        "eval_samples",
+        "eval_k",
+        "eval_temperature",
+        "rollout_batch_size",
+        "task",
+        "reward_workers",
+        "seed",
+        "precision",
+    } <= set(evaluation)
     assert not {"lr", "method", "alpha", "group_size", "temperature", "student"} & set(evaluation)
     cfg = config_from_layers(read_layers(build_parser("eval").parse_args(["--eval_k", "1,2", "--eval_samples", "2"])))
     assert cfg.eval.eval_k == (1, 2) and cfg.rollout.max_new_tokens == config_from_layers({}).rollout.max_new_tokens
@@ -72,19 +88,51 @@ def test_eval_flags_are_the_training_flags_with_the_same_defaults():
 
 # ---- slow: the real launcher ------------------------------------------------------------------------------------
 
+
 def eval_args(model, out, *extra):
     # --rollout_batch_size 1 seeds every generate call from its problem, so sampled outputs do not depend on the
     # ranks; 5 problems over 2 ranks make uneven shards (3 + 2); persistence threshold 0: tiny models really
     # partition, so that the gathered generation has something to gather.
-    return ["launchers/eval.py", "--model", model, "--task", "test_eval_launcher:coin_task", "--eval_size", "5",
-            "--eval_samples", "4", "--eval_k", "1,2,4", "--eval_temperature", "0.6", "--eval_top_p", "0.95",
-            "--max_new_tokens", "12", "--seed", "7", "--rollout_batch_size", "1", "--param_persistence_threshold", "0",
-            "--save_completions", "--output", out, *extra]
+    return [
+        "launchers/eval.py",
+        "--model",
+        model,
+        "--task",
+        "test_eval_launcher:coin_task",
+        "--eval_size",
+        "5",
+        "--eval_samples",
+        "4",
+        "--eval_k",
+        "1,2,4",
+        "--eval_temperature",
+        "0.6",
+        "--eval_top_p",
+        "0.95",
+        "--max_new_tokens",
+        "12",
+        "--seed",
+        "7",
+        "--rollout_batch_size",
+        "1",
+        "--param_persistence_threshold",
+        "0",
+        "--save_completions",
+        "--output",
+        out,
+        *extra,
+    ]
 
 
 def run_plain(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, **ENV})
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **ENV},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +179,22 @@ def test_two_ranks_gathered_match_one_rank(tiny_models, tmp_path, one_rank):
 def test_missing_model_dir_is_one_line_and_exit_2(tmp_path):
     proc = run_plain("launchers/eval.py", "--model", tmp_path / "nope", "--task", "arith", "--eval_size", "2")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == [f"rlad_ds: error: model dir {tmp_path / 'nope'} does not exist; "
-                                                "point the model path at a Hugging Face model dir"]
+    assert proc.stderr.strip().splitlines() == [
+        f"rlad_ds: error: model dir {tmp_path / 'nope'} does not exist; "
+        "point the model path at a Hugging Face model dir"
+    ]
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--task", "nosuch"], "unknown task 'nosuch'"),
-    (["--task", "arith", "--eval_dataset", "missing.jsonl"], "missing.jsonl: no such file"),
-    (["--task", "arith", "--eval_samples", "2", "--eval_k", "4"], "every --eval_k must be in 1..eval_samples=2"),
-    (["--task", "arith", "--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "nosuch"], "unknown task 'nosuch'"),
+        (["--task", "arith", "--eval_dataset", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--task", "arith", "--eval_samples", "2", "--eval_k", "4"], "every --eval_k must be in 1..eval_samples=2"),
+        (["--task", "arith", "--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),
+    ],
+)
 def test_bad_input_in_process(tiny_models, capsys, args, message):
     from rlad_ds.cli import eval_main
 

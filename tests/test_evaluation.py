@@ -7,8 +7,15 @@ from math import comb
 
 import pytest
 
-from rlad_ds.evaluation import (eval_metrics, format_table, mean_at_k, pass_at_k, problem_metrics, results_from_scores,
-                                write_json)
+from rlad_ds.evaluation import (
+    eval_metrics,
+    format_table,
+    mean_at_k,
+    pass_at_k,
+    problem_metrics,
+    results_from_scores,
+    write_json,
+)
 from rlad_ds.tasks import get_task
 from rlad_ds.tasks.kk import solution_text
 
@@ -50,7 +57,11 @@ def test_mean_at_k_equals_expected_mean_over_k_subsets():
     with pytest.raises(ValueError):
         mean_at_k(scores, 6)
     assert problem_metrics([1.0, 0.5, 0.0, 0.0], [1, 2]) == {
-        "mean@1": 0.375, "mean@2": 0.375, "pass@1": 0.25, "pass@2": 0.5}  # 0.5 is not "correct"
+        "mean@1": 0.375,
+        "mean@2": 0.375,
+        "pass@1": 0.25,
+        "pass@2": 0.5,
+    }  # 0.5 is not "correct"
 
 
 def right(record):
@@ -69,8 +80,10 @@ def puzzles():
 def scored_samples(records, accuracy_by_size, n, seed=0):
     """n completions per puzzle, right with a known probability per puzzle size, scored by the real verifier."""
     rng = random.Random(seed)
-    return [[KK.score(right(r) if rng.random() < accuracy_by_size[len(r["names"])] else wrong(r), r)
-             for _ in range(n)] for r in records]
+    return [
+        [KK.score(right(r) if rng.random() < accuracy_by_size[len(r["names"])] else wrong(r), r) for _ in range(n)]
+        for r in records
+    ]
 
 
 def test_results_per_subset_with_exact_accuracies(puzzles):
@@ -79,8 +92,13 @@ def test_results_per_subset_with_exact_accuracies(puzzles):
     assert list(results["subsets"]) == [f"PPL{s}" for s in range(2, 9)]
     for size in range(2, 9):
         row = results["subsets"][f"PPL{size}"]
-        assert row == {"problems": 2, "mean@1": accuracy[size], "mean@4": accuracy[size],
-                       "pass@1": accuracy[size], "pass@4": accuracy[size]}
+        assert row == {
+            "problems": 2,
+            "mean@1": accuracy[size],
+            "mean@4": accuracy[size],
+            "pass@1": accuracy[size],
+            "pass@4": accuracy[size],
+        }
     assert results["overall"]["problems"] == 14 and results["overall"]["mean@1"] == pytest.approx(3 / 7)
     assert results["score_errors"] == results["score_timeouts"] == 0
     assert len(results["problems"]) == 14 and results["problems"][0]["scores"] == [1.0] * 4
@@ -92,8 +110,9 @@ def test_results_per_subset_with_exact_accuracies(puzzles):
 def test_results_converge_to_the_sample_accuracy(puzzles):
     # With accuracy p per sample, Mean@k -> p and Pass@k -> 1 - (1 - p)^k.
     p, n = 0.3, 400
-    results = results_from_scores(KK, puzzles, scored_samples(puzzles, {s: p for s in range(2, 9)}, n, seed=1), n=n,
-                                  ks=[1, 4])
+    results = results_from_scores(
+        KK, puzzles, scored_samples(puzzles, {s: p for s in range(2, 9)}, n, seed=1), n=n, ks=[1, 4]
+    )
     assert results["overall"]["mean@1"] == pytest.approx(p, abs=0.03)
     assert results["overall"]["pass@4"] == pytest.approx(1 - (1 - p) ** 4, abs=0.04)
 
@@ -109,8 +128,9 @@ def test_results_reject_bad_input(puzzles):
 
 
 def test_table_and_json(puzzles, tmp_path):
-    results = results_from_scores(KK, puzzles, scored_samples(puzzles, {s: 1.0 if s == 2 else 0.0
-                                                                        for s in range(2, 9)}, 2), n=2, ks=[1, 2])
+    results = results_from_scores(
+        KK, puzzles, scored_samples(puzzles, {s: 1.0 if s == 2 else 0.0 for s in range(2, 9)}, 2), n=2, ks=[1, 2]
+    )
     markdown = format_table(results)
     lines = markdown.splitlines()
     assert lines[0] == "| subset | problems | Mean@1 | Mean@2 | Pass@1 | Pass@2 |"

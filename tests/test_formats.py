@@ -54,41 +54,82 @@ def load(task_name, path, **options):
     return task, load_examples(task, path, check=_RUNNERS[key].check_records, **options)
 
 
-GSM8K = {"question": "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
-         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"}
-MATH = {"problem": "What is $1 - \\frac12$?", "level": "Level 2", "type": "Algebra",
-        "solution": "We get $\\boxed{\\frac{1}{2}}$."}
-MATH_500 = {"problem": "Convert $(0,3)$ to polar coordinates.", "solution": "We have $r = 3$ ...",
-            "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
-            "unique_id": "test/precalculus/807.json"}
-AIME_CAPITALISED = {"ID": "2024-II-4", "Problem": "Let $x,y$ and $z$ be positive reals ...", "Solution": "...",
-                    "Answer": 33}
-AIME_PADDED = {"id": 60, "problem": "Every morning Aya goes for a walk ...", "solution": "...", "answer": "033",
-               "url": "https://artofproblemsolving.com/...", "year": "2024"}
-NUMINA_COT = {"source": "synthetic_math", "problem": "Solve for $y$: $2y = 13/3$.",
-              "solution": "Dividing, $y = \\boxed{\\frac{13}{6}}$.",
-              "messages": [{"content": "Solve for $y$ ...", "role": "user"}, {"content": "...", "role": "assistant"}]}
-NUMINA_15 = {"problem": "Find all primes $p$ ...", "solution": "...", "answer": "proof",
-             "problem_type": "Number Theory", "question_type": "math-word-problem", "problem_is_valid": "Yes", "solution_is_valid": "Yes",
-             "source": "olympiads", "synthetic": False}
-DEEPSCALER = {"problem": "Determine $[(1 \\otimes 2) \\otimes 3] - [1 \\otimes (2 \\otimes 3)]$.",
-              "answer": "-\\frac{2}{3}", "solution": "..."}
-VERL_GSM8K = {"data_source": "openai/gsm8k", "ability": "math",
-              "prompt": [{"role": "user", "content": "Natalia sold clips ... Let's think step by step."}],
-              "reward_model": {"style": "rule", "ground_truth": "72"},
-              "extra_info": {"split": "train", "index": 0}}
+GSM8K = {
+    "question": "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
+    "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",
+}
+MATH = {
+    "problem": "What is $1 - \\frac12$?",
+    "level": "Level 2",
+    "type": "Algebra",
+    "solution": "We get $\\boxed{\\frac{1}{2}}$.",
+}
+MATH_500 = {
+    "problem": "Convert $(0,3)$ to polar coordinates.",
+    "solution": "We have $r = 3$ ...",
+    "answer": "\\left( 3, \\frac{\\pi}{2} \\right)",
+    "subject": "Precalculus",
+    "level": 2,
+    "unique_id": "test/precalculus/807.json",
+}
+AIME_CAPITALISED = {
+    "ID": "2024-II-4",
+    "Problem": "Let $x,y$ and $z$ be positive reals ...",
+    "Solution": "...",
+    "Answer": 33,
+}
+AIME_PADDED = {
+    "id": 60,
+    "problem": "Every morning Aya goes for a walk ...",
+    "solution": "...",
+    "answer": "033",
+    "url": "https://artofproblemsolving.com/...",
+    "year": "2024",
+}
+NUMINA_COT = {
+    "source": "synthetic_math",
+    "problem": "Solve for $y$: $2y = 13/3$.",
+    "solution": "Dividing, $y = \\boxed{\\frac{13}{6}}$.",
+    "messages": [{"content": "Solve for $y$ ...", "role": "user"}, {"content": "...", "role": "assistant"}],
+}
+NUMINA_15 = {
+    "problem": "Find all primes $p$ ...",
+    "solution": "...",
+    "answer": "proof",
+    "problem_type": "Number Theory",
+    "question_type": "math-word-problem",
+    "problem_is_valid": "Yes",
+    "solution_is_valid": "Yes",
+    "source": "olympiads",
+    "synthetic": False,
+}
+DEEPSCALER = {
+    "problem": "Determine $[(1 \\otimes 2) \\otimes 3] - [1 \\otimes (2 \\otimes 3)]$.",
+    "answer": "-\\frac{2}{3}",
+    "solution": "...",
+}
+VERL_GSM8K = {
+    "data_source": "openai/gsm8k",
+    "ability": "math",
+    "prompt": [{"role": "user", "content": "Natalia sold clips ... Let's think step by step."}],
+    "reward_model": {"style": "rule", "ground_truth": "72"},
+    "extra_info": {"split": "train", "index": 0},
+}
 
 
-@pytest.mark.parametrize("name, rows, suffix, right, wrong", [
-    ("gsm8k", [GSM8K], ".jsonl", "\\boxed{72}", "\\boxed{71}"),
-    ("math", [MATH], ".jsonl", "\\boxed{0.5}", "\\boxed{2}"),
-    ("math500", [MATH_500], ".jsonl", "\\boxed{(3, \\frac{\\pi}{2})}", "\\boxed{(3, \\pi)}"),
-    ("aime_capitalised", [AIME_CAPITALISED], ".parquet", "\\boxed{33}", "\\boxed{34}"),
-    ("aime_padded", [AIME_PADDED], ".jsonl", "\\boxed{33}", "\\boxed{34}"),
-    ("numina_cot", [NUMINA_COT], ".jsonl", "\\boxed{\\dfrac{13}{6}}", "\\boxed{13/5}"),
-    ("deepscaler", [DEEPSCALER], ".json", "\\boxed{-2/3}", "\\boxed{2/3}"),
-    ("verl_gsm8k", [VERL_GSM8K], ".parquet", "so \\boxed{72}", "\\boxed{27}"),
-])
+@pytest.mark.parametrize(
+    "name, rows, suffix, right, wrong",
+    [
+        ("gsm8k", [GSM8K], ".jsonl", "\\boxed{72}", "\\boxed{71}"),
+        ("math", [MATH], ".jsonl", "\\boxed{0.5}", "\\boxed{2}"),
+        ("math500", [MATH_500], ".jsonl", "\\boxed{(3, \\frac{\\pi}{2})}", "\\boxed{(3, \\pi)}"),
+        ("aime_capitalised", [AIME_CAPITALISED], ".parquet", "\\boxed{33}", "\\boxed{34}"),
+        ("aime_padded", [AIME_PADDED], ".jsonl", "\\boxed{33}", "\\boxed{34}"),
+        ("numina_cot", [NUMINA_COT], ".jsonl", "\\boxed{\\dfrac{13}{6}}", "\\boxed{13/5}"),
+        ("deepscaler", [DEEPSCALER], ".json", "\\boxed{-2/3}", "\\boxed{2/3}"),
+        ("verl_gsm8k", [VERL_GSM8K], ".parquet", "so \\boxed{72}", "\\boxed{27}"),
+    ],
+)
 def test_math_formats_load_without_columns(tmp_path, name, rows, suffix, right, wrong):
     task, examples = load("math", write(tmp_path / f"{name}{suffix}", rows))
     record = examples[0].record
@@ -103,8 +144,10 @@ def test_math_subsets_and_capitalised_problem(tmp_path):
 
 
 def test_numina_rows_without_a_checkable_answer_are_skipped_and_named(tmp_path):
-    path = write(tmp_path / "numina15.jsonl", [NUMINA_15, {**NUMINA_15, "answer": "12"},
-                                               {**NUMINA_15, "answer": "12", "question_type": "proof"}])
+    path = write(
+        tmp_path / "numina15.jsonl",
+        [NUMINA_15, {**NUMINA_15, "answer": "12"}, {**NUMINA_15, "answer": "12", "question_type": "proof"}],
+    )
     _, examples = load("math", path, skip_bad_rows=True)
     assert len(examples) == 1 and examples.skipped == 2
     assert "numina15.jsonl:1: the gold answer is 'proof'" in examples.messages[0]
@@ -112,8 +155,10 @@ def test_numina_rows_without_a_checkable_answer_are_skipped_and_named(tmp_path):
 
 
 def test_a_gold_the_verifier_cannot_read_is_caught_at_load_time(tmp_path):
-    path = write(tmp_path / "golds.jsonl", [{**DEEPSCALER, "answer": "}{"}, DEEPSCALER,
-                                            {**MATH, "solution": "So she pays \\boxed{\\$18.90}."}])
+    path = write(
+        tmp_path / "golds.jsonl",
+        [{**DEEPSCALER, "answer": "}{"}, DEEPSCALER, {**MATH, "solution": "So she pays \\boxed{\\$18.90}."}],
+    )
     with pytest.raises(ConfigError, match=r"golds\.jsonl:1: its gold answer does not verify against itself"):
         load("math", path)
     _, examples = load("math", path, skip_bad_rows=True)
@@ -131,33 +176,69 @@ def test_a_verifier_that_hangs_or_raises_on_validation_is_stopped_by_the_timeout
     assert "rows.jsonl:3:" in joined and "outside [0, 1]" in joined
 
 
-KK_PUBLISHED = {"quiz": "A very special island is inhabited only by knights and knaves. ... You meet 2 inhabitants: "
-                        "Zoey, and Oliver. Zoey said that Oliver is a knight. Oliver told you that Zoey is a knave.",
-                "names": ["Zoey", "Oliver"],
-                "knight_knave": {"Knave": "Knave", "Knight": "Knight", "a_knave": "a knave", "a_knight": "a knight",
-                                 "knave": "knave", "knight": "knight"},
-                "solution": [False, True], "solution_text": "Zoey is a knave, and Oliver is a knight.",
-                "solution_text_format": "(1) Zoey is a knave\n(2) Oliver is a knight",
-                "cot_head": "Let's think step by step.", "cot_repeat_steps": ["Assume Zoey is a knight. ..."],
-                "cot_foot": "This leads to a feasible solution.",
-                "statements": "(('telling-truth', 1), ('lying', 0))", "index": 100}
-LOGIC_RL = {**KK_PUBLISHED, "data_source": "kk_logic", "ability": "logic",
-            "prompt": [{"content": "<|im_start|>system\nYou are a helpful assistant. ...<|im_end|>\n<|im_start|>user\n"
-                                   "A very special island ...<|im_end|>\n<|im_start|>assistant\n<think>",
-                        "role": "user"}],
-            "reward_model": {"ground_truth": {"solution_text_format": KK_PUBLISHED["solution_text_format"],
-                                              "statements": KK_PUBLISHED["statements"]}, "style": "rule"},
-            "extra_info": {"index": 0, "split": "train"}}
-RG_KK = {"question": "A very special island is inhabited only by sages and fools. Sages always tell the truth, and "
-                     "fools always lie. You meet 2 inhabitants: Zoey, and Riley. ... (Format your answer like: "
-                     "\"Zoey is a sage/fool, and Riley is a sage/fool\")",
-         "answer": "Zoey is a fool, and Riley is a sage.",
-         "metadata": {"source_dataset": "knights_knaves", "source_index": 0,
-                      "statements": [["lying", 1], ["or", ["telling-truth", 0], ["telling-truth", 1]]],
-                      "solution": [False, True], "names": ["Zoey", "Riley"],
-                      "knight_knave_terms": {"knight": "sage", "knave": "fool", "a_knight": "a sage",
-                                             "a_knave": "a fool", "Knight": "Sage", "Knave": "Fool"},
-                      "difficulty": {"n_people": 2, "depth_constraint": 2, "width_constraint": 2}}}
+KK_PUBLISHED = {
+    "quiz": "A very special island is inhabited only by knights and knaves. ... You meet 2 inhabitants: "
+    "Zoey, and Oliver. Zoey said that Oliver is a knight. Oliver told you that Zoey is a knave.",
+    "names": ["Zoey", "Oliver"],
+    "knight_knave": {
+        "Knave": "Knave",
+        "Knight": "Knight",
+        "a_knave": "a knave",
+        "a_knight": "a knight",
+        "knave": "knave",
+        "knight": "knight",
+    },
+    "solution": [False, True],
+    "solution_text": "Zoey is a knave, and Oliver is a knight.",
+    "solution_text_format": "(1) Zoey is a knave\n(2) Oliver is a knight",
+    "cot_head": "Let's think step by step.",
+    "cot_repeat_steps": ["Assume Zoey is a knight. ..."],
+    "cot_foot": "This leads to a feasible solution.",
+    "statements": "(('telling-truth', 1), ('lying', 0))",
+    "index": 100,
+}
+LOGIC_RL = {
+    **KK_PUBLISHED,
+    "data_source": "kk_logic",
+    "ability": "logic",
+    "prompt": [
+        {
+            "content": "<|im_start|>system\nYou are a helpful assistant. ...<|im_end|>\n<|im_start|>user\n"
+            "A very special island ...<|im_end|>\n<|im_start|>assistant\n<think>",
+            "role": "user",
+        }
+    ],
+    "reward_model": {
+        "ground_truth": {
+            "solution_text_format": KK_PUBLISHED["solution_text_format"],
+            "statements": KK_PUBLISHED["statements"],
+        },
+        "style": "rule",
+    },
+    "extra_info": {"index": 0, "split": "train"},
+}
+RG_KK = {
+    "question": "A very special island is inhabited only by sages and fools. Sages always tell the truth, and "
+    "fools always lie. You meet 2 inhabitants: Zoey, and Riley. ... (Format your answer like: "
+    '"Zoey is a sage/fool, and Riley is a sage/fool")',
+    "answer": "Zoey is a fool, and Riley is a sage.",
+    "metadata": {
+        "source_dataset": "knights_knaves",
+        "source_index": 0,
+        "statements": [["lying", 1], ["or", ["telling-truth", 0], ["telling-truth", 1]]],
+        "solution": [False, True],
+        "names": ["Zoey", "Riley"],
+        "knight_knave_terms": {
+            "knight": "sage",
+            "knave": "fool",
+            "a_knight": "a sage",
+            "a_knave": "a fool",
+            "Knight": "Sage",
+            "Knave": "Fool",
+        },
+        "difficulty": {"n_people": 2, "depth_constraint": 2, "width_constraint": 2},
+    },
+}
 
 
 @pytest.mark.parametrize("rows, suffix", [([KK_PUBLISHED], ".jsonl"), ([LOGIC_RL], ".parquet")])

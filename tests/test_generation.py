@@ -31,8 +31,9 @@ class EchoRollout(RolloutEngine):
         last = request.prompt_ids[:, -1:].repeat_interleave(n, 0)
         eos = torch.full_like(last, self.tokenizer.eos_token_id)
         output = torch.cat([request.prompt_ids.repeat_interleave(n, 0), last, eos], dim=1)
-        return finish_rollout(request.prompt_attention_mask, output, n, self.tokenizer.eos_token_id,
-                              self.tokenizer.pad_token_id)
+        return finish_rollout(
+            request.prompt_attention_mask, output, n, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        )
 
     def sync_weights(self, step):
         pass
@@ -41,8 +42,15 @@ class EchoRollout(RolloutEngine):
 def test_generate_batches_pads_each_batch_alone_and_seeds_per_batch(tiny_tokenizer):
     rollout = EchoRollout(tiny_tokenizer)
     prompts = ["ab", "cdef", "g", "hij", "k"]
-    out = generate(rollout, tiny_tokenizer, prompts, SamplingConfig(max_new_tokens=4, n_samples_per_prompt=2), "cpu",
-                   batch_size=2, seeds=[10, 11, 12, 13, 14])
+    out = generate(
+        rollout,
+        tiny_tokenizer,
+        prompts,
+        SamplingConfig(max_new_tokens=4, n_samples_per_prompt=2),
+        "cpu",
+        batch_size=2,
+        seeds=[10, 11, 12, 13, 14],
+    )
     assert rollout.sessions == 1  # one session (one gather) for all the calls
     assert [ids.shape for ids, _ in rollout.calls] == [(2, 4), (2, 3), (1, 1)]  # padded to its own longest
     assert [seed for _, seed in rollout.calls] == [10, 12, 14]  # the seed of each call's first prompt
@@ -60,13 +68,15 @@ def test_evaluate_examples_scores_through_the_reward_runner(tiny_tokenizer):
     """The echo engine answers K&K prompts with one character: every completion is wrong, and the results
     have one row per subset with the problems in order; the training RNG is left as it was."""
     kk = get_task("kk")
-    cfg = config_from_layers({"eval": {"eval_samples": 3, "eval_k": [1, 3], "eval_temperature": 0.7},
-                              "rollout": {"rollout_batch_size": 2}})
+    cfg = config_from_layers(
+        {"eval": {"eval_samples": 3, "eval_k": [1, 3], "eval_temperature": 0.7}, "rollout": {"rollout_batch_size": 2}}
+    )
     records = [{**r, "prompt_text": kk.prompt(r)} for r in kk.generate("test", 5, seed=1)]
     state = torch.get_rng_state()
     with RewardRunner("kk", workers=1) as rewards:
-        results = evaluate_examples(EchoRollout(tiny_tokenizer), tiny_tokenizer, kk, records, cfg, rewards, "cpu",
-                                    keep_completions=True)
+        results = evaluate_examples(
+            EchoRollout(tiny_tokenizer), tiny_tokenizer, kk, records, cfg, rewards, "cpu", keep_completions=True
+        )
     assert torch.equal(state, torch.get_rng_state())
     assert results["n"] == 3 and results["ks"] == [1, 3] and results["overall"]["problems"] == 5
     assert results["overall"]["mean@1"] == 0.0 and results["generated_tokens"] == 5 * 3 * 2

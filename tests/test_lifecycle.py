@@ -16,9 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import ROOT, free_port
 from test_reliability import _script_env, base_args, expect_one_line
+
 from rlad_ds import hygiene, signals
 from rlad_ds import trainer as trainer_module
 from rlad_ds.checkpoint.manifest import MARKER
@@ -64,8 +64,16 @@ def test_a_signal_with_time_is_recorded_and_a_later_second_one_forces_the_exit(s
 def _fake_trainer(tmp_path, *flags):
     cfg, _ = parse_config(["--output_dir", str(tmp_path), "--max_steps", "50", *flags])
     models = SimpleNamespace(device="cpu", student=None)
-    return Trainer(cfg, get_method("rlad"), models=models, tokenizer=None, task=None, rewards=None,
-                   train_examples=[], eval_examples=[])
+    return Trainer(
+        cfg,
+        get_method("rlad"),
+        models=models,
+        tokenizer=None,
+        task=None,
+        rewards=None,
+        train_examples=[],
+        eval_examples=[],
+    )
 
 
 def _step_metrics(failed_frac=0.0):
@@ -154,9 +162,15 @@ def test_stale_shm_buffers_are_removed_and_live_ones_kept(monkeypatch):
     prefix = f"{hygiene._shm_prefix()}127.0.0.1_"
     port = free_port()
     monkeypatch.setenv("MASTER_PORT", str(port))
-    paths = {name: hygiene.SHM_DIR / f"{prefix}{tag}_0" for name, tag in
-             [("stale", f"t{os.getpid()}a"), ("young", f"t{os.getpid()}b"), ("mapped", f"t{os.getpid()}c"),
-              ("this_job", port)]}
+    paths = {
+        name: hygiene.SHM_DIR / f"{prefix}{tag}_0"
+        for name, tag in [
+            ("stale", f"t{os.getpid()}a"),
+            ("young", f"t{os.getpid()}b"),
+            ("mapped", f"t{os.getpid()}c"),
+            ("this_job", port),
+        ]
+    }
     old = time.time() - 600
     for name, path in paths.items():
         path.write_bytes(b"\0" * 4096)
@@ -174,9 +188,18 @@ def test_stale_shm_buffers_are_removed_and_live_ones_kept(monkeypatch):
 
 def test_reward_workers_ignore_the_jobs_signals_and_die_with_their_owner(tmp_path):
     """A worker outlives a SIGTERM (the launcher sends it to every process) and dies with its owner's kill -9."""
-    owner = subprocess.Popen([sys.executable, "-c", "import time; from rlad_ds.isolation import IsolatedWorker; "
-                              "w = IsolatedWorker('os:getpid'); w.start(); print(w.process.pid, flush=True); "
-                              "time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from rlad_ds.isolation import IsolatedWorker; "
+            "w = IsolatedWorker('os:getpid'); w.start(); print(w.process.pid, flush=True); "
+            "time.sleep(120)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     worker = int(owner.stdout.readline())
     try:
         os.kill(worker, signal.SIGTERM)
@@ -186,8 +209,11 @@ def test_reward_workers_ignore_the_jobs_signals_and_die_with_their_owner(tmp_pat
         owner.kill()
         owner.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and Path(f"/proc/{worker}").exists() and \
-            Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z":
+    while (
+        time.time() < deadline
+        and Path(f"/proc/{worker}").exists()
+        and Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z"
+    ):
         time.sleep(0.1)
     assert not Path(f"/proc/{worker}").exists() or Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
 
@@ -202,11 +228,27 @@ def _job(models, tmp_path, name, nprocs, *extra):
     args = ["launchers/train.py", *base_args(models, out, "--eval_size", "0", *extra)]
     if nprocs:
         (tmp_path / f"{name}.hosts").write_text(f"localhost slots={nprocs}\n")
-        args = ["-m", "deepspeed.launcher.runner", "--hostfile", str(tmp_path / f"{name}.hosts"), "--no_ssh_check",
-                "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+        args = [
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(tmp_path / f"{name}.hosts"),
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            *args,
+        ]
     env = {**_script_env(), "MASTER_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return SimpleNamespace(proc=proc, out=out, log=log, port=port)
 
 
@@ -246,22 +288,40 @@ def test_launcher_sigterm_launch_kill_9_and_failing_rewards_end_cleanly(tiny_mod
     after a complete checkpoint of the step in progress; none leaves a process or a /dev/shm buffer."""
     data = tmp_path / "all_fail.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"digits {4 * i}:"}) + "\n" for i in range(4)))
-    jobs = {"runner": _job(tiny_models, tmp_path, "runner", 2, "--max_steps", "500", "--save_steps", "0"),
-            "launch": _job(tiny_models, tmp_path, "launch", 2, "--max_steps", "500", "--save_steps", "0"),
-            "rewards": _job(tiny_models, tmp_path, "rewards", 0, "--task", "flaky_task:task", "--dataset", data,
-                            "--max_steps", "50", "--save_steps", "-1")}
+    jobs = {
+        "runner": _job(tiny_models, tmp_path, "runner", 2, "--max_steps", "500", "--save_steps", "0"),
+        "launch": _job(tiny_models, tmp_path, "launch", 2, "--max_steps", "500", "--save_steps", "0"),
+        "rewards": _job(
+            tiny_models,
+            tmp_path,
+            "rewards",
+            0,
+            "--task",
+            "flaky_task:task",
+            "--dataset",
+            data,
+            "--max_steps",
+            "50",
+            "--save_steps",
+            "-1",
+        ),
+    }
     both = [jobs["runner"], jobs["launch"]]
     _wait_until(lambda: all(_steps_done(j) >= 2 for j in both), 240, "2 steps in both 2-rank jobs", both)
     start = time.time()
     jobs["runner"].proc.send_signal(signal.SIGTERM)  # the `deepspeed` process only
     import psutil
 
-    launch_proc = next(c for c in psutil.Process(jobs["launch"].proc.pid).children()
-                       if "deepspeed.launcher.launch" in " ".join(c.cmdline()))
+    launch_proc = next(
+        c
+        for c in psutil.Process(jobs["launch"].proc.pid).children()
+        if "deepspeed.launcher.launch" in " ".join(c.cmdline())
+    )
     launch_proc.kill()
     sids = {name: job.proc.pid for name, job in jobs.items()}  # each job is its own session
-    _wait_until(lambda: not any(_session_processes(sid) for sid in sids.values()), 60, "every process gone",
-                list(jobs.values()))
+    _wait_until(
+        lambda: not any(_session_processes(sid) for sid in sids.values()), 60, "every process gone", list(jobs.values())
+    )
     assert time.time() - start < 60
     for name in ("runner", "launch"):
         job, text = jobs[name], jobs[name].log.read_text()
@@ -275,6 +335,9 @@ def test_launcher_sigterm_launch_kill_9_and_failing_rewards_end_cleanly(tiny_mod
     text = rewards.log.read_text()
     assert "rlad_ds: error: every reward call failed in 3 consecutive steps" in text and "verifier bug" in text
     assert "Traceback" not in text and _steps_done(rewards) == 3
-    leftovers = [p.name for p in hygiene.SHM_DIR.glob(f"{hygiene._shm_prefix()}*")
-                 if any(f"_{job.port}_" in p.name for job in jobs.values())]
+    leftovers = [
+        p.name
+        for p in hygiene.SHM_DIR.glob(f"{hygiene._shm_prefix()}*")
+        if any(f"_{job.port}_" in p.name for job in jobs.values())
+    ]
     assert not leftovers

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from rlad_ds.logprobs import (chunked_token_logprobs, pack_rows, synced_microbatch_count, token_budget_microbatches,
-                              token_logprobs, unpack_logprobs)
+from rlad_ds.logprobs import (
+    chunked_token_logprobs,
+    pack_rows,
+    synced_microbatch_count,
+    token_budget_microbatches,
+    token_logprobs,
+    unpack_logprobs,
+)
 
 
 def naive(hidden, weight, targets, temperature=1.0):
@@ -23,12 +29,12 @@ def test_chunked_matches_naive_value_and_gradient(chunk_size, temperature):
     targets = torch.randint(0, 50, (3, 7))
     coef_logp, coef_entropy = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
 
-    logp, entropy = chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk_size, temperature=temperature,
-                                           with_entropy=True)
+    logp, entropy = chunked_token_logprobs(
+        hidden, weight, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=True
+    )
     grads = torch.autograd.grad((logp * coef_logp).sum() + (entropy * coef_entropy).sum(), [hidden, weight])
     ref_logp, ref_entropy = naive(hidden, weight, targets, temperature)
-    ref_grads = torch.autograd.grad((ref_logp * coef_logp).sum() + (ref_entropy * coef_entropy).sum(),
-                                    [hidden, weight])
+    ref_grads = torch.autograd.grad((ref_logp * coef_logp).sum() + (ref_entropy * coef_entropy).sum(), [hidden, weight])
 
     # Forward returns fp32 (the log-sum-exp is fp32); gradients are in the inputs' dtype.
     torch.testing.assert_close(logp, ref_logp.float(), atol=1e-5, rtol=1e-5)
@@ -78,8 +84,12 @@ def test_model_logprobs_match_full_logits(tied_and_untied, tie):
     model.zero_grad()
     from rlad_ds.logprobs import positions_from_mask
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask)).logits[:, :-1].float() / 0.9
+    logits = (
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask))
+        .logits[:, :-1]
+        .float()
+        / 0.9
+    )
     log_probs = logits.log_softmax(-1)
     ref_logp = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     ref_entropy = -(log_probs.exp() * log_probs).sum(-1)

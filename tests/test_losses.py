@@ -34,6 +34,7 @@ def random_batch(B=4, T=7, seed=0, dtype=torch.float64, spread=0.1):
 
 # ---- aggregation -------------------------------------------------------------------------------------------
 
+
 def test_aggregations_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
@@ -50,8 +51,10 @@ def test_micro_batches_add_up_with_loss_norm(agg):
     logp, old, teacher, adv, mask = random_batch(B=6, T=5, seed=3, spread=0.5)
     full, _ = trrd_loss(logp, old, teacher, adv, mask, loss_agg=agg, max_len=5)
     norm = mask.sum().item() if agg == "token-mean" else 6
-    parts = [trrd_loss(logp[s], old[s], teacher[s], adv[s], mask[s], loss_agg=agg, max_len=5, loss_norm=norm)[0]
-             for s in (slice(0, 2), slice(2, 3), slice(3, 6))]
+    parts = [
+        trrd_loss(logp[s], old[s], teacher[s], adv[s], mask[s], loss_agg=agg, max_len=5, loss_norm=norm)[0]
+        for s in (slice(0, 2), slice(2, 3), slice(3, 6))
+    ]
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-12)
 
 
@@ -70,12 +73,14 @@ def test_masked_mean_and_kl_estimators():
 
 # ---- TRRD by hand ------------------------------------------------------------------------------------------
 
+
 def test_trrd_hand_case_inside_trust_region():
     # log r = 0.5*log(0.5/0.4) + 0.5*log(0.5/0.8) -> r = sqrt(1.25 * 0.625) = 0.88388, inside [0.8, 1.28].
     r = math.sqrt(1.25 * 0.625)
     for a in (1.0, -1.0):
-        loss, grad, m = grad_of(trrd_loss, lp(0.5), lp(0.4), lp(0.8), torch.tensor([a], dtype=torch.float64),
-                                torch.ones(1, 1))
+        loss, grad, m = grad_of(
+            trrd_loss, lp(0.5), lp(0.4), lp(0.8), torch.tensor([a], dtype=torch.float64), torch.ones(1, 1)
+        )
         assert loss.item() == pytest.approx(-a * r)
         assert grad.item() == pytest.approx(-a * r)  # d(-A r)/dlogp = -A r (alpha + 1 - alpha)
         assert m["ratio_mean"] == pytest.approx(r)
@@ -96,8 +101,15 @@ def test_trrd_hand_case_with_teacher_clamp_and_clip():
     assert grad.item() == pytest.approx(0.5 * r)  # only the alpha share flows through a clamped teacher term
     # Without the clamp the full teacher log-ratio enters and the whole ratio gradient flows.
     r_free = math.exp(0.5 * math.log(1.25) + 0.5 * math.log(5))
-    loss, grad, m = grad_of(trrd_loss, lp(0.5), lp(0.4), lp(0.1), torch.tensor([-1.0], dtype=torch.float64), mask,
-                            teacher_log_ratio_clip=None)
+    loss, grad, m = grad_of(
+        trrd_loss,
+        lp(0.5),
+        lp(0.4),
+        lp(0.1),
+        torch.tensor([-1.0], dtype=torch.float64),
+        mask,
+        teacher_log_ratio_clip=None,
+    )
     assert loss.item() == pytest.approx(r_free) and grad.item() == pytest.approx(r_free)
     assert m["teacher_clamp_frac"] == 0.0
 
@@ -124,6 +136,7 @@ def test_first_epoch_ratio_is_the_teacher_view():
 
 # ---- GRPO equivalence, zero advantage, clipping, padding -----------------------------------------------------
 
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_alpha_one_is_exactly_grpo(agg):
     logp, old, teacher, adv, mask = random_batch(spread=0.4)
@@ -149,10 +162,25 @@ def test_clip_bounds_through_gradients(fn):
     def g(ratio, adv):
         logp, old = torch.tensor([[math.log(0.3 * ratio)]], dtype=torch.float64), lp(0.3)
         if fn == "trrd":
-            return grad_of(trrd_loss, logp, old, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1),
-                           clip_low=0.2, clip_high=0.28)[1].item()
-        return grad_of(grpo_loss, logp, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1),
-                       clip_low=0.2, clip_high=0.28)[1].item()
+            return grad_of(
+                trrd_loss,
+                logp,
+                old,
+                old,
+                torch.tensor([adv], dtype=torch.float64),
+                torch.ones(1, 1),
+                clip_low=0.2,
+                clip_high=0.28,
+            )[1].item()
+        return grad_of(
+            grpo_loss,
+            logp,
+            old,
+            torch.tensor([adv], dtype=torch.float64),
+            torch.ones(1, 1),
+            clip_low=0.2,
+            clip_high=0.28,
+        )[1].item()
 
     assert g(1.27, 1.0) == pytest.approx(-1.27) and g(1.29, 1.0) == 0.0  # positive A clips at 1 + clip_high
     assert g(0.81, -1.0) == pytest.approx(0.81) and g(0.79, -1.0) == 0.0  # negative A clips at 1 - clip_low
@@ -209,11 +237,13 @@ def test_gradcheck_float64():
     ref = old - 0.2
     for agg in AGGS:
         assert torch.autograd.gradcheck(
-            lambda x: trrd_loss(x, old, teacher, adv, mask, loss_agg=agg, ref_logp=ref, beta_ref=0.1)[0],
-            (logp.clone().requires_grad_(True),))
+            lambda x, agg=agg: trrd_loss(x, old, teacher, adv, mask, loss_agg=agg, ref_logp=ref, beta_ref=0.1)[0],
+            (logp.clone().requires_grad_(True),),
+        )
         assert torch.autograd.gradcheck(
-            lambda x: kdrl_loss(x, old, teacher, adv, mask, beta_kd=0.3, kl_estimator="k3", loss_agg=agg)[0],
-            (logp.clone().requires_grad_(True),))
+            lambda x, agg=agg: kdrl_loss(x, old, teacher, adv, mask, beta_kd=0.3, kl_estimator="k3", loss_agg=agg)[0],
+            (logp.clone().requires_grad_(True),),
+        )
 
 
 def test_reference_kl_term_and_kdrl_value():

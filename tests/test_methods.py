@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from rlad_ds.batch import Batch
 from rlad_ds.config.parsing import config_from_layers
 from rlad_ds.errors import ConfigError
 from rlad_ds.losses import kd_loss, kdrl_loss
-from rlad_ds.batch import Batch
 from rlad_ds.methods import METHODS, adapt_alpha, get_method
 
 MODELS = {"model": {"student": "s", "teacher": "t"}}
@@ -20,29 +20,41 @@ def config(method, **sections):
 
 
 def test_what_each_method_declares():
-    table = {name: (m.teacher_scores, m.teacher_generates, m.uses_advantages, m.uses_ratio)
-             for name, m in METHODS.items()}
-    assert table == {"rlad": (True, False, True, True), "grpo": (False, False, True, True),
-                     "kdrl": (True, False, True, True), "kd": (True, False, False, False),
-                     "sft": (False, True, False, False)}
+    table = {
+        name: (m.teacher_scores, m.teacher_generates, m.uses_advantages, m.uses_ratio) for name, m in METHODS.items()
+    }
+    assert table == {
+        "rlad": (True, False, True, True),
+        "grpo": (False, False, True, True),
+        "kdrl": (True, False, True, True),
+        "kd": (True, False, False, False),
+        "sft": (False, True, False, False),
+    }
     assert [name for name, m in METHODS.items() if m.needs_teacher] == ["rlad", "kdrl", "kd", "sft"]
     with pytest.raises(ConfigError, match="--method 'ppo' is unknown; use one of rlad, grpo, kdrl, kd, sft"):
         get_method("ppo")
 
 
-@pytest.mark.parametrize("method, layers, message", [
-    ("grpo", {"loss": {"alpha": 0.3}}, "--alpha does nothing with --method grpo; it is read by --method rlad"),
-    ("kdrl", {"loss": {"adaptive_alpha": True}}, "--adaptive_alpha does nothing with --method kdrl"),
-    ("grpo", {"loss": {"beta_kd": 1.0}}, "--beta_kd does nothing with --method grpo; it is read by --method kdrl, kd"),
-    ("rlad", {"loss": {"kl_estimator": "k3"}}, "--kl_estimator does nothing with --method rlad"),
-    ("sft", {"loss": {"clip_high": 0.3}}, "--clip_high does nothing with --method sft"),
-    ("kd", {"loss": {"teacher_log_ratio_clip": None}}, "--teacher_log_ratio_clip does nothing with --method kd"),
-    ("rlad", {"loss": {"alpha_max": 0.8}}, "--alpha_min / --alpha_max bound the adaptive alpha only"),
-    ("grpo", {"model": {"teacher": "t"}}, "--method grpo uses no teacher: drop --teacher"),
-    ("grpo", {"model": {"teacher_offload": "on"}}, "--method grpo uses no teacher: drop --teacher_offload"),
-    ("rlad", {"model": {"reference_offload": True}}, "--reference_offload places the reference model"),
-    ("rlad", {"rollout": {"group_size": 1}}, "--group_size must be >= 2 for --method rlad"),
-])
+@pytest.mark.parametrize(
+    "method, layers, message",
+    [
+        ("grpo", {"loss": {"alpha": 0.3}}, "--alpha does nothing with --method grpo; it is read by --method rlad"),
+        ("kdrl", {"loss": {"adaptive_alpha": True}}, "--adaptive_alpha does nothing with --method kdrl"),
+        (
+            "grpo",
+            {"loss": {"beta_kd": 1.0}},
+            "--beta_kd does nothing with --method grpo; it is read by --method kdrl, kd",
+        ),
+        ("rlad", {"loss": {"kl_estimator": "k3"}}, "--kl_estimator does nothing with --method rlad"),
+        ("sft", {"loss": {"clip_high": 0.3}}, "--clip_high does nothing with --method sft"),
+        ("kd", {"loss": {"teacher_log_ratio_clip": None}}, "--teacher_log_ratio_clip does nothing with --method kd"),
+        ("rlad", {"loss": {"alpha_max": 0.8}}, "--alpha_min / --alpha_max bound the adaptive alpha only"),
+        ("grpo", {"model": {"teacher": "t"}}, "--method grpo uses no teacher: drop --teacher"),
+        ("grpo", {"model": {"teacher_offload": "on"}}, "--method grpo uses no teacher: drop --teacher_offload"),
+        ("rlad", {"model": {"reference_offload": True}}, "--reference_offload places the reference model"),
+        ("rlad", {"rollout": {"group_size": 1}}, "--group_size must be >= 2 for --method rlad"),
+    ],
+)
 def test_options_a_method_would_ignore_are_refused(method, layers, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config(method, **layers)
@@ -65,18 +77,38 @@ def batch(seed=0, rows=3, cols=5):
     logp = (-torch.rand(rows, cols, generator=g) * 3).requires_grad_()
     mask = torch.rand(rows, cols, generator=g) > 0.2
     teacher = -torch.rand(rows, cols, generator=g) * 3
-    return logp, Batch(loss_mask=mask, advantages=torch.randn(rows, generator=g), teacher_logp=teacher,
-                       ref_logp=-torch.rand(rows, cols, generator=g) * 3)
+    return logp, Batch(
+        loss_mask=mask,
+        advantages=torch.randn(rows, generator=g),
+        teacher_logp=teacher,
+        ref_logp=-torch.rand(rows, cols, generator=g) * 3,
+    )
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kd_is_kdrl_with_no_reward_in_value_and_gradient(estimator):
     logp, micro = batch()
-    kd, _ = kd_loss(logp, micro.teacher_logp, micro.loss_mask, beta_kd=0.3, kl_estimator=estimator,
-                    ref_logp=micro.ref_logp, beta_ref=0.05)
+    kd, _ = kd_loss(
+        logp,
+        micro.teacher_logp,
+        micro.loss_mask,
+        beta_kd=0.3,
+        kl_estimator=estimator,
+        ref_logp=micro.ref_logp,
+        beta_ref=0.05,
+    )
     (grad_kd,) = torch.autograd.grad(kd, logp)
-    kdrl, _ = kdrl_loss(logp, logp.detach(), micro.teacher_logp, torch.zeros(3), micro.loss_mask, beta_kd=0.3,
-                        kl_estimator=estimator, ref_logp=micro.ref_logp, beta_ref=0.05)
+    kdrl, _ = kdrl_loss(
+        logp,
+        logp.detach(),
+        micro.teacher_logp,
+        torch.zeros(3),
+        micro.loss_mask,
+        beta_kd=0.3,
+        kl_estimator=estimator,
+        ref_logp=micro.ref_logp,
+        beta_ref=0.05,
+    )
     (grad_kdrl,) = torch.autograd.grad(kdrl, logp)
     assert kd.item() == kdrl.item() and torch.equal(grad_kd, grad_kdrl)
 
@@ -97,8 +129,9 @@ def test_each_method_loss_runs_and_sft_learns_only_accepted_traces():
         cfg = config(name).loss
         loss, metrics = method.loss(logp, micro, cfg, method.initial_controls(cfg), {"loss_agg": cfg.loss_agg})
         assert math.isfinite(loss.item()), name
-        assert ("kd_loss" in metrics) == (name in ("kdrl", "kd")) and ("kl_teacher" in metrics) == (name != "grpo"
-                                                                                                      and name != "sft")
+        assert ("kd_loss" in metrics) == (name in ("kdrl", "kd")) and ("kl_teacher" in metrics) == (
+            name != "grpo" and name != "sft"
+        )
     response = torch.ones(2, 4, dtype=torch.bool)
     assert get_method("sft").loss_mask(response, torch.tensor([1.0, 0.5])).tolist() == [[True] * 4, [False] * 4]
     assert torch.equal(get_method("grpo").loss_mask(response, torch.tensor([1.0, 0.0])), response)

@@ -4,8 +4,15 @@ import pytest
 
 from rlad_ds.config.parsing import config_from_layers
 from rlad_ds.errors import ConfigError
-from rlad_ds.models import (TokenizerMismatchError, check_model_dir, check_tokenizers_match, choose_attention,
-                            flash_attention_available, load_tokenizer, param_bytes)
+from rlad_ds.models import (
+    TokenizerMismatchError,
+    check_model_dir,
+    check_tokenizers_match,
+    choose_attention,
+    flash_attention_available,
+    load_tokenizer,
+    param_bytes,
+)
 from rlad_ds.tiny import char_tokenizer
 
 
@@ -28,10 +35,15 @@ def test_load_tokenizer_and_match(tiny_models):
     check_tokenizers_match(student, teacher)
 
 
-@pytest.mark.parametrize("other", [
-    char_tokenizer("abc"),  # different size
-    char_tokenizer("".join(reversed(char_tokenizer().convert_ids_to_tokens(list(range(3, 98)))))),  # same size, ids moved
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        char_tokenizer("abc"),  # different size
+        char_tokenizer(
+            "".join(reversed(char_tokenizer().convert_ids_to_tokens(list(range(3, 98)))))
+        ),  # same size, ids moved
+    ],
+)
 def test_tokenizer_mismatch_refused(tiny_tokenizer, other):
     with pytest.raises(TokenizerMismatchError, match="use a teacher that shares the student's tokenizer") as error:
         check_tokenizers_match(tiny_tokenizer, other)
@@ -47,16 +59,17 @@ def test_special_token_mismatch_refused(tiny_tokenizer):
 
 def test_building_the_models_refuses_a_teacher_with_another_tokenizer_first(tmp_path, monkeypatch):
     import deepspeed
+    from tiny_models import save_tiny_model
 
     from rlad_ds.methods import get_method
     from rlad_ds.run_models import build_run_models
-    from tiny_models import save_tiny_model
 
     teacher_dir = save_tiny_model(tmp_path / "teacher", "qwen3", char_tokenizer("xyz"), hidden=16, layers=1)
     monkeypatch.setattr(deepspeed, "initialize", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(TokenizerMismatchError):  # refused before any model is loaded
-        build_run_models(config_from_layers({}), get_method("rlad"), tmp_path / "no-student", teacher_dir,
-                         char_tokenizer())
+        build_run_models(
+            config_from_layers({}), get_method("rlad"), tmp_path / "no-student", teacher_dir, char_tokenizer()
+        )
 
 
 def test_attention_choice():
@@ -75,6 +88,7 @@ def test_param_bytes_counts_tied_weights_once(tiny_tokenizer):
 
     from rlad_ds.tiny import tiny_config
 
-    tied = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tiny_tokenizer), hidden=16, layers=1,
-                                                        tie_embeddings=True))
+    tied = AutoModelForCausalLM.from_config(
+        tiny_config("qwen3", len(tiny_tokenizer), hidden=16, layers=1, tie_embeddings=True)
+    )
     assert param_bytes(tied) == 4 * sum(p.numel() for p in tied.parameters())

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 from test_train import check_method_metrics, read_metrics, train_args
 
@@ -27,8 +26,14 @@ def run_all(commands: dict, env: dict | None = None, parallel: int = 2, timeout:
     while pending or running:
         while pending and len(running) < parallel:
             name, argv = pending.pop(0)
-            running[name] = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            running[name] = subprocess.Popen(
+                [sys.executable, *map(str, argv)],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, proc.communicate()[0], "")
@@ -48,10 +53,22 @@ def test_every_method_one_rank_and_the_same_accuracy_in_training_and_eval(tiny_m
     commands = {m: train_args(tiny_models, tmp_path / m, "--max_steps", "2", method=m) for m in METHODS if m != "rlad"}
     # rlad with the student as its own teacher at temperature 0.7: every log-prob is tempered alike, so before the
     # first update the teacher's log-ratio is 0 (an untempered teacher would give the tempered student another).
-    commands["rlad"] = train_args(tiny_models, tmp_path / "rlad", "--max_steps", "2", "--temperature", "0.7",
-                                  teacher=tiny_models["student"])
-    commands["eval"] = ["launchers/eval.py", "--model", tiny_models["student"], "--task", "toy_task:task",
-                        "--eval_size", "4", "--max_new_tokens", "12", "--output", tmp_path / "eval.json"]
+    commands["rlad"] = train_args(
+        tiny_models, tmp_path / "rlad", "--max_steps", "2", "--temperature", "0.7", teacher=tiny_models["student"]
+    )
+    commands["eval"] = [
+        "launchers/eval.py",
+        "--model",
+        tiny_models["student"],
+        "--task",
+        "toy_task:task",
+        "--eval_size",
+        "4",
+        "--max_new_tokens",
+        "12",
+        "--output",
+        tmp_path / "eval.json",
+    ]
     run_all(commands)
     for method in METHODS:
         records = read_metrics(tmp_path / method)
@@ -75,11 +92,13 @@ def check_plain_transformers_export(export, initial):
     holds the trained weights, not the initial student's."""
     from safetensors.torch import load_file
 
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
-            "ids = t('12+34=', return_tensors='pt').input_ids; "
-            "out = m.generate(ids, max_new_tokens=5, do_sample=False); assert out.shape[1] == ids.shape[1] + 5 or "
-            "out[0, -1] == t.eos_token_id; print('rlad_ds' in sys.modules)")
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+        "ids = t('12+34=', return_tensors='pt').input_ids; "
+        "out = m.generate(ids, max_new_tokens=5, do_sample=False); assert out.shape[1] == ids.shape[1] + 5 or "
+        "out[0, -1] == t.eos_token_id; print('rlad_ds' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(export)], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-3000:]
     trained, initial = load_file(export / "model.safetensors"), load_file(Path(initial) / "model.safetensors")
@@ -91,8 +110,9 @@ def check_plain_transformers_export(export, initial):
 def mini_demo_cache(tmp_path_factory):
     """The demo's cache with a second-long recipe stored under the real recipe's key, so that the demo command
     (no model arguments) runs its whole path in seconds."""
-    from rlad_ds.demo import cache, recipe
     from test_demo import MINI
+
+    from rlad_ds.demo import cache, recipe
 
     root = tmp_path_factory.mktemp("rlad_cache")
     built = cache.prepare_demo(root / "build", seed=0, progress=False, recipe=MINI)["student"].parent
@@ -102,8 +122,24 @@ def mini_demo_cache(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_demo_of_every_method_runs_to_its_summary(mini_demo_cache, tmp_path):
-    commands = {m: ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--method", m, "--max_steps", "2",
-                    "--eval_size", "8", "--output_dir", tmp_path / m, "--cache_dir", mini_demo_cache] for m in METHODS}
+    commands = {
+        m: [
+            "launchers/train.py",
+            "--deepspeed",
+            "ds_configs/zero3.json",
+            "--method",
+            m,
+            "--max_steps",
+            "2",
+            "--eval_size",
+            "8",
+            "--output_dir",
+            tmp_path / m,
+            "--cache_dir",
+            mini_demo_cache,
+        ]
+        for m in METHODS
+    }
     done = run_all(commands)
     for method, proc in done.items():
         summary = json.loads((tmp_path / method / "summary.json").read_text())

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT, ReachedInit, free_port, run_deepspeed
+
 from rlad_ds import trainer as trainer_module
 from rlad_ds.callbacks import Callback
 from rlad_ds.checkpoint import manifest, protocol, run_dir
@@ -36,10 +36,31 @@ DS_CONFIG = str(ROOT / "ds_configs" / "zero3.json")
 
 
 def base_args(models, out, *extra):
-    return ["--student", str(models["student"]), "--teacher", str(models["teacher"]), "--deepspeed", DS_CONFIG,
-            "--task", "toy_task:task", "--output_dir", str(out), "--report_to", "none", "--max_new_tokens", "12",
-            "--group_size", "4", "--prompts_per_step", "4", "--eval_size", "4", "--param_persistence_threshold", "0",
-            *map(str, extra)]
+    return [
+        "--student",
+        str(models["student"]),
+        "--teacher",
+        str(models["teacher"]),
+        "--deepspeed",
+        DS_CONFIG,
+        "--task",
+        "toy_task:task",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_new_tokens",
+        "12",
+        "--group_size",
+        "4",
+        "--prompts_per_step",
+        "4",
+        "--eval_size",
+        "4",
+        "--param_persistence_threshold",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def write_jsonl(path, rows):
@@ -81,8 +102,10 @@ BAD_INPUTS = {
     "group_size_1": (["--group_size", "1"], "--group_size must be >= 2"),
     "max_new_tokens_0": (["--max_new_tokens", "0"], "--max_new_tokens must be > 0"),
     "unknown_method": (["--method", "ppo"], "--method 'ppo' is unknown"),
-    "adaptive_alpha_with_grpo": (["--method", "grpo", "--adaptive_alpha"],
-                                 "--adaptive_alpha does nothing with --method grpo; it is read by --method rlad"),
+    "adaptive_alpha_with_grpo": (
+        ["--method", "grpo", "--adaptive_alpha"],
+        "--adaptive_alpha does nothing with --method grpo; it is read by --method rlad",
+    ),
     "beta_kd_with_rlad": (["--beta_kd", "0.5"], "--beta_kd does nothing with --method rlad"),
     "teacher_with_grpo": (["--method", "grpo"], "--method grpo uses no teacher: drop --teacher"),
     "yaml_type": (["--max_steps", "1.5"], "--max_steps must be int, got '1.5'"),
@@ -91,8 +114,10 @@ BAD_INPUTS = {
     "reward_timeout_0": (["--reward_timeout_s", "0"], "--reward_timeout_s must be > 0"),
     "missing_student": (["--student", "{bad}/nowhere"], "student dir {bad}/nowhere does not exist"),
     "student_without_weights": (["--student", "{bad}/no_weights"], "has no weights"),
-    "student_without_tokenizer": (["--student", "{bad}/no_tokenizer"], "student dir {bad}/no_tokenizer has no "
-                                                                        "tokenizer files"),
+    "student_without_tokenizer": (
+        ["--student", "{bad}/no_tokenizer"],
+        "student dir {bad}/no_tokenizer has no tokenizer files",
+    ),
     "tokenizers_differ": (["--teacher", "{bad}/other_tokenizer"], "teacher tokenizer has"),
     "ds_config_missing": (["--deepspeed", "{bad}/nowhere.json"], "DeepSpeed config {bad}/nowhere.json does not exist"),
     "ds_config_not_json": (["--deepspeed", "{bad}/not_json.json"], "is not valid JSON"),
@@ -116,8 +141,11 @@ def expect_one_line(rc, captured, piece):
 def test_bad_input_is_one_line_before_any_model(case, tiny_models, bad_inputs, tmp_path, no_init, capsys):
     flags, piece = BAD_INPUTS[case]
     flags = [f.replace("{bad}", str(bad_inputs)) for f in flags]
-    expect_one_line(train_main(base_args(tiny_models, tmp_path / "out", *flags)), capsys.readouterr(),
-                    piece.replace("{bad}", str(bad_inputs)))
+    expect_one_line(
+        train_main(base_args(tiny_models, tmp_path / "out", *flags)),
+        capsys.readouterr(),
+        piece.replace("{bad}", str(bad_inputs)),
+    )
 
 
 def test_batch_that_does_not_divide_by_world_size(tiny_models, tmp_path, no_init, monkeypatch, capsys):
@@ -131,8 +159,9 @@ def test_good_input_reaches_init_and_skipped_rows_are_counted(tiny_models, bad_i
     with pytest.raises(ReachedInit):
         train_main(base_args(tiny_models, tmp_path / "out"))
     with caplog.at_level(logging.INFO, logger="rlad_ds"), pytest.raises(ReachedInit):
-        train_main(base_args(tiny_models, tmp_path / "out", "--dataset", bad_inputs / "malformed.jsonl",
-                             "--skip_bad_rows"))
+        train_main(
+            base_args(tiny_models, tmp_path / "out", "--dataset", bad_inputs / "malformed.jsonl", "--skip_bad_rows")
+        )
     assert "skipped 1 bad dataset rows" in caplog.text and "malformed.jsonl:2" in caplog.text
 
 
@@ -162,23 +191,33 @@ def test_debug_shows_the_traceback(tiny_models, tmp_path, no_init):
 
 
 def _script_env():
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+    }
 
 
 @pytest.mark.slow
 def test_launcher_script_prints_one_line_and_no_traceback(tiny_models, bad_inputs, tmp_path):
     """`python launchers/train.py` as a user runs it: nothing but the line reaches the terminal, in seconds."""
-    cases = {name: BAD_INPUTS[name] for name in ("alpha_above_1", "ds_config_not_json", "dataset_malformed_row",
-                                                 "tokenizers_differ")}
+    cases = {
+        name: BAD_INPUTS[name]
+        for name in ("alpha_above_1", "ds_config_not_json", "dataset_malformed_row", "tokenizers_differ")
+    }
     cases["debug"] = (["--alpha", "2", "--debug"], "--alpha must be in")
     procs, start = {}, time.perf_counter()
     for name, (flags, _) in cases.items():  # concurrently: each pays the torch import
         flags = [f.replace("{bad}", str(bad_inputs)) for f in flags]
-        procs[name] = subprocess.Popen([sys.executable, "launchers/train.py",
-                                        *base_args(tiny_models, tmp_path / name, *flags)],
-                                       cwd=ROOT, env=_script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "launchers/train.py", *base_args(tiny_models, tmp_path / name, *flags)],
+            cwd=ROOT,
+            env=_script_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     results = {name: proc.communicate(timeout=120) for name, proc in procs.items()}
     assert time.perf_counter() - start < 60
     for name, (out, err) in results.items():
@@ -195,8 +234,11 @@ def test_launcher_script_prints_one_line_and_no_traceback(tiny_models, bad_input
 def test_two_ranks_report_bad_input_once(tiny_models, bad_inputs, tmp_path):
     # A dataset error (checked after the tokenizers, before distributed init) under the real launcher.
     start = time.perf_counter()
-    proc = run_deepspeed(["launchers/train.py", *base_args(tiny_models, tmp_path / "out", "--dataset",
-                                                           bad_inputs / "malformed.jsonl")], nprocs=2, timeout=120)
+    proc = run_deepspeed(
+        ["launchers/train.py", *base_args(tiny_models, tmp_path / "out", "--dataset", bad_inputs / "malformed.jsonl")],
+        nprocs=2,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert proc.stdout.count("malformed.jsonl:2: invalid JSON") == 1, proc.stdout[-4000:]
     assert proc.stdout.count("rlad_ds: error:") == 1 and "Traceback" not in proc.stdout
@@ -209,10 +251,22 @@ def test_two_ranks_report_bad_input_once(tiny_models, bad_inputs, tmp_path):
 def _launch(args, log, nprocs=2):
     hostfile = log.with_suffix(".hosts")
     hostfile.write_text(f"localhost slots={nprocs}\n")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_script_env(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *map(str, args),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_script_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _wait_for_steps(proc, out, log, steps, timeout=240):
@@ -260,9 +314,29 @@ def test_faulty_rewards_score_zero_then_kill_9_of_one_rank_ends_the_job(tiny_mod
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"digits {i}:"} for i in range(4)] + ['["bad"]'])
     out = tmp_path / "out"
     log = tmp_path / "run.log"
-    proc = _launch(["launchers/train.py", *base_args(tiny_models, out, "--task", "flaky_task:task", "--dataset", data,
-                                                     "--skip_bad_rows", "--reward_timeout_s", "0.5", "--eval_size", "0",
-                                                     "--max_steps", "500", "--save_steps", "0")], log)
+    proc = _launch(
+        [
+            "launchers/train.py",
+            *base_args(
+                tiny_models,
+                out,
+                "--task",
+                "flaky_task:task",
+                "--dataset",
+                data,
+                "--skip_bad_rows",
+                "--reward_timeout_s",
+                "0.5",
+                "--eval_size",
+                "0",
+                "--max_steps",
+                "500",
+                "--save_steps",
+                "0",
+            ),
+        ],
+        log,
+    )
     records = _wait_for_steps(proc, out, log, 2)
     victim = _rank_process(proc.pid, 1)
     victim.kill()
@@ -287,8 +361,24 @@ def test_stalled_rank_ends_the_job_after_the_collective_timeout(tiny_models, tmp
     out = tmp_path / "out"
     log = tmp_path / "run.log"
     timeout_s = 10  # well above any honest wait between collectives of this tiny run
-    proc = _launch(["launchers/train.py", *base_args(tiny_models, out, "--eval_size", "0", "--max_steps", "500",
-                                                     "--save_steps", "0", "--collective_timeout_s", timeout_s)], log)
+    proc = _launch(
+        [
+            "launchers/train.py",
+            *base_args(
+                tiny_models,
+                out,
+                "--eval_size",
+                "0",
+                "--max_steps",
+                "500",
+                "--save_steps",
+                "0",
+                "--collective_timeout_s",
+                timeout_s,
+            ),
+        ],
+        log,
+    )
     _wait_for_steps(proc, out, log, 1)
     healthy, stalled = _rank_process(proc.pid, 0), _rank_process(proc.pid, 1)
     stalled.suspend()
@@ -355,29 +445,56 @@ class ListLogger(Callback):
 
 
 def test_fit_skips_non_finite_steps_and_stops_after_max_bad_steps(tmp_path, monkeypatch, caplog):
-    cfg, _ = parse_config(["--output_dir", str(tmp_path), "--max_steps", "50", "--save_steps", "0",
-                           "--max_bad_steps", "3"])
-    trainer = Trainer(cfg, get_method("rlad"), models=SimpleNamespace(device="cpu"), tokenizer=None, task=None,
-                      rewards=None, train_examples=[], eval_examples=[])
+    cfg, _ = parse_config(
+        ["--output_dir", str(tmp_path), "--max_steps", "50", "--save_steps", "0", "--max_bad_steps", "3"]
+    )
+    trainer = Trainer(
+        cfg,
+        get_method("rlad"),
+        models=SimpleNamespace(device="cpu"),
+        tokenizer=None,
+        task=None,
+        rewards=None,
+        train_examples=[],
+        eval_examples=[],
+    )
     pattern = iter([False, True, False, False, True, False, False, False, True])
-    trainer.train_step = lambda step: {"loss": float("nan"), "finite": next(pattern), "reward_failed_frac": 0.0,
-                                       "time/step": 0.1}
+    trainer.train_step = lambda step: {
+        "loss": float("nan"),
+        "finite": next(pattern),
+        "reward_failed_frac": 0.0,
+        "time/step": 0.1,
+    }
     monkeypatch.setattr(trainer_module, "save_checkpoint", lambda *a, **k: pytest.fail("no checkpoint expected"))
     metrics = ListLogger()
     with caplog.at_level(logging.WARNING, logger="rlad_ds"), pytest.raises(TrainingError) as error:
         trainer.fit([metrics])
     assert "3 consecutive non-finite steps" in str(error.value) and "--lr" in str(error.value)
     # The failing step is logged too: its numbers are what the user debugs from.
-    assert [(step, m["skipped_steps"]) for step, m in metrics.records] == \
-        [(1, 1), (2, 0), (3, 1), (4, 2), (5, 0), (6, 1), (7, 2), (8, 3)]
+    assert [(step, m["skipped_steps"]) for step, m in metrics.records] == [
+        (1, 1),
+        (2, 0),
+        (3, 1),
+        (4, 2),
+        (5, 0),
+        (6, 1),
+        (7, 2),
+        (8, 3),
+    ]
     assert trainer.step == 8
     skipped = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(skipped) == 6 and skipped[0].startswith("step 1: non-finite") and "skipped" in skipped[0]
 
 
-@pytest.mark.parametrize("method,where", [(m, w) for m in ("rlad", "kdrl", "grpo")
-                                          for w in ("teacher_logp", "old_logp", "ref_logp")
-                                          if not (m == "grpo" and w == "teacher_logp")])  # GRPO reads no teacher
+@pytest.mark.parametrize(
+    "method,where",
+    [
+        (m, w)
+        for m in ("rlad", "kdrl", "grpo")
+        for w in ("teacher_logp", "old_logp", "ref_logp")
+        if not (m == "grpo" and w == "teacher_logp")
+    ],
+)  # GRPO reads no teacher
 def test_non_finite_inputs_reach_the_loss_and_the_gradient(method, where):
     """A NaN in a response token's teacher / old / reference log-prob makes the loss and its gradient non-finite,
     so train_on reports the step as not finite and ZeRO-3 discards its update (see the next test)."""
@@ -403,10 +520,22 @@ def test_non_finite_inputs_reach_the_loss_and_the_gradient(method, where):
 
 @pytest.mark.slow
 def test_zero3_discards_a_step_with_non_finite_gradients(tmp_path):
-    env = {**_script_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "tests/dist/nan_step_check.py", str(tmp_path / "out.json")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=180)
+    env = {
+        **_script_env(),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, "tests/dist/nan_step_check.py", str(tmp_path / "out.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "out.json").read_text())
     assert not result["nan_step"]["loss_finite"]
@@ -428,7 +557,7 @@ def test_no_unsafe_loading_in_the_package():
     for path in _package_sources():
         text = path.read_text()
         for match in re.finditer(r"torch\.load\(", text):
-            call = text[match.start():text.find(")", match.start()) + 1]
+            call = text[match.start() : text.find(")", match.start()) + 1]
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
         assert not re.search(r"\bpickle\.loads?\(|\bimport dill\b", text), path

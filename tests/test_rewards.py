@@ -9,7 +9,7 @@ from rlad_ds import isolation, rewards, tasks
 from rlad_ds.errors import ConfigError
 from rlad_ds.tasks.base import Task
 
-USER_TASKS = textwrap.dedent('''
+USER_TASKS = textwrap.dedent("""
     import os
     import time
 
@@ -37,7 +37,7 @@ USER_TASKS = textwrap.dedent('''
 
 
     VALUE = 3
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def user_module(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- registry
+
 
 def test_builtin_tasks():
     assert tasks.known_tasks() == ["arith", "kk", "math"]
@@ -78,15 +79,18 @@ def test_user_task_from_module_function(user_module):
     assert rewards.score(f"{user_module}:make", "y", {"answer": "x"}) == 0.0
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("rlad_user_tasks:not_a_task", "returned int, not a rlad_ds.tasks.base.Task"),
-    ("rlad_user_tasks:missing", "has no function 'missing'"),
-    ("rlad_user_tasks:VALUE", "has no function 'VALUE'"),
-    ("rlad_no_such_module:make", "cannot import module 'rlad_no_such_module'"),
-    (":make", "write module:function"),
-    ("rlad_user_tasks:", "write module:function"),
-    ("a:b:c", "write module:function"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("rlad_user_tasks:not_a_task", "returned int, not a rlad_ds.tasks.base.Task"),
+        ("rlad_user_tasks:missing", "has no function 'missing'"),
+        ("rlad_user_tasks:VALUE", "has no function 'VALUE'"),
+        ("rlad_no_such_module:make", "cannot import module 'rlad_no_such_module'"),
+        (":make", "write module:function"),
+        ("rlad_user_tasks:", "write module:function"),
+        ("a:b:c", "write module:function"),
+    ],
+)
 def test_user_task_errors_are_one_line(user_module, spec, message):
     with pytest.raises(ConfigError, match=message) as error:
         tasks.get_task(spec)
@@ -111,6 +115,7 @@ def test_score_each_builtin_task():
 
 
 # ---------------------------------------------------------------- RewardRunner
+
 
 def test_runner_counts_timeouts_errors_and_crashes_and_keeps_going(user_module):
     completions = ["a", "hang", "boom", "die", "big", "b", "a"]

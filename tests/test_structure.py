@@ -1,13 +1,15 @@
 """The code's shape, checked: small modules and functions, imports that only go down, no method string branches."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(ROOT / "rlad_ds").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
-                  *(ROOT / "launchers").glob("*.py")])
+SOURCES = sorted(
+    [*(ROOT / "rlad_ds").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "launchers").glob("*.py")]
+)
 
 
 def module_name(path: Path) -> str:
@@ -77,3 +79,31 @@ def test_only_the_methods_module_asks_which_method_runs():
                 named = any(isinstance(s, ast.Attribute) and s.attr == "method" for s in sides)
                 literal = any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides)
                 assert not (named and literal), f"{path.name}:{node.lineno} branches on the method name"
+
+
+def test_at_most_three_package_modules_over_330_lines():
+    long = sorted(p.name for p in (ROOT / "rlad_ds").rglob("*.py") if p.read_text().count("\n") > 330)
+    assert len(long) <= 3, long
+
+
+DOCUMENTS = [
+    ROOT / "README.md",
+    *(ROOT / "docs").glob("*.md"),
+    *(ROOT / "rlad_ds").rglob("*.py"),
+    *(ROOT / "benchmarks").glob("*.py"),
+]
+# What the project's documents may not cite: files outside the repository, the issue tracker, the project's history
+# (that is CHANGELOG.md's).
+NOT_CITED = re.compile(r"\.\./shared|\bMETHOD\.md|CPU-NOTES|DESIGN\.md|\b[Ii]ssue \d+|previous version|earlier session")
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documents_cite_only_the_repository_and_tell_no_history(path):
+    text = path.read_text()
+    assert not NOT_CITED.search(text), NOT_CITED.search(text).group(0)
+    # Every docs/ file and every relative markdown link they name exists.
+    named = re.findall(r"\bdocs/[\w./-]+\.(?:md|png|json)", text)
+    if path.suffix == ".md":
+        named += [str((path.parent / link).relative_to(ROOT)) for link in re.findall(r"\]\(([^)#:]+)\)", text)]
+    missing = [name for name in named if not (ROOT / name).exists()]
+    assert not missing, missing

@@ -5,24 +5,25 @@ import math
 import pytest
 
 from benchmarks import study, study_report
+from benchmarks.misaligned_teacher import misaligned_solution
 from rlad_ds.tasks import arith
 
 
 def test_misaligned_solution_counts_the_units_carry_twice_in_the_tens_column():
     carry = arith.make_example(347, 285)  # 632: the units column carries
-    assert study.misaligned_solution(carry) == "7+5+0=12|4+8+1=14|3+2+1=06|>0642"
+    assert misaligned_solution(carry) == "7+5+0=12|4+8+1=14|3+2+1=06|>0642"
     assert arith.solution(carry) == "7+5+0=12|4+8+1=13|3+2+1=06|>0632"
-    assert arith.score(study.misaligned_solution(carry), carry) == 0.0
+    assert arith.score(misaligned_solution(carry), carry) == 0.0
     no_carry = arith.make_example(341, 285)  # 626: no units carry, even though the tens column carries
-    assert study.misaligned_solution(no_carry) == arith.solution(no_carry)
-    assert arith.score(study.misaligned_solution(no_carry), no_carry) == 1.0
+    assert misaligned_solution(no_carry) == arith.solution(no_carry)
+    assert arith.score(misaligned_solution(no_carry), no_carry) == 1.0
     ripple = arith.make_example(895, 105)  # 1000: the extra carry ripples into the hundreds column
-    assert study.misaligned_solution(ripple) == "5+5+0=10|9+0+1=11|8+1+1=10|>1010"
+    assert misaligned_solution(ripple) == "5+5+0=10|9+0+1=11|8+1+1=10|>1010"
 
 
 def test_misaligned_solution_is_wrong_exactly_on_the_carry_subset():
     for example in arith.generate("train", 300, seed=3):
-        mine, true = study.misaligned_solution(example), arith.solution(example)
+        mine, true = misaligned_solution(example), arith.solution(example)
         wrong = arith.score(mine, example) == 0.0
         assert wrong == (study_report.carry_subset(example) == "carry")
         # the units column is always right; only the tens column's sum is where the bug starts
@@ -35,9 +36,9 @@ def test_sft_targets_are_the_given_solution(monkeypatch):
 
     tokenizer = recipe.demo_tokenizer()
     carry = arith.make_example(347, 285)
-    _, _, labels = sft.sft_batch(tokenizer, [carry], study.misaligned_solution)
+    _, _, labels = sft.sft_batch(tokenizer, [carry], misaligned_solution)
     target = tokenizer.decode([t for t in labels[0].tolist() if t != -100][:-1])  # without EOS
-    assert target == study.misaligned_solution(carry) != arith.solution(carry)
+    assert target == misaligned_solution(carry) != arith.solution(carry)
     # train_sft hands its `solution` to every batch (the misaligned teacher is trained this way)
     seen, real = [], sft.sft_batch
 
@@ -47,9 +48,10 @@ def test_sft_targets_are_the_given_solution(monkeypatch):
 
     monkeypatch.setattr(sft, "sft_batch", recording_sft_batch)
     model = recipe.build_model(recipe.DEFAULT_RECIPE.student, tokenizer, seed=0)
-    sft.train_sft(model, tokenizer, recipe.SFTSpec(steps=2, batch_size=2), seed=0, progress=False,
-                   solution=study.misaligned_solution)
-    assert seen == [study.misaligned_solution] * 2
+    sft.train_sft(
+        model, tokenizer, recipe.SFTSpec(steps=2, batch_size=2), seed=0, progress=False, solution=misaligned_solution
+    )
+    assert seen == [misaligned_solution] * 2
 
 
 def test_aggregate_mean_and_spread():
@@ -77,8 +79,12 @@ def test_render_table():
 
 
 def test_subset_accuracy():
-    examples = [arith.make_example(847, 285), arith.make_example(341, 285), arith.make_example(999, 999),
-                arith.make_example(100, 100)]
+    examples = [
+        arith.make_example(847, 285),
+        arith.make_example(341, 285),
+        arith.make_example(999, 999),
+        arith.make_example(100, 100),
+    ]
     out = study_report.subset_accuracy([1.0, 0.0, 0.0, 1.0], examples)
     assert out == {"carry": 0.5, "no_carry": 0.5, "all": 0.5}
     assert study_report.subset_accuracy([1.0, 1.0, 0.0, 1.0], examples)["no_carry"] == 1.0
@@ -102,20 +108,30 @@ def test_grid_has_every_method_and_control():
 def test_summary_and_tables_render_from_fake_results():
     mode = dict(study.MODES["quick"])
     examples = [{"a": 847, "b": 285}, {"a": 341, "b": 285}]
-    refs = {"examples": examples, "scores": {"student_before": [0.0, 1.0], "teacher_aligned": [1.0, 1.0],
-                                             "teacher_misaligned": [0.0, 1.0]}}
+    refs = {
+        "examples": examples,
+        "scores": {"student_before": [0.0, 1.0], "teacher_aligned": [1.0, 1.0], "teacher_misaligned": [0.0, 1.0]},
+    }
     results = []
     for job in study.build_jobs(seeds=2, sweep_seeds=1):
-        results.append({"job": study.dataclasses.asdict(job), "final": 0.5,
-                        "subsets": {"all": 0.5, "carry": 0.0, "no_carry": 1.0},
-                        "curve": [[3, {"all": 0.4, "carry": 0.2}], [6, {"all": 0.5, "carry": 0.3}]],
-                        "train_accuracy": [0.3] * 6, "alpha_trace": [0.5] * 6,
-                        "seconds": 1.0})
+        results.append(
+            {
+                "job": study.dataclasses.asdict(job),
+                "final": 0.5,
+                "subsets": {"all": 0.5, "carry": 0.0, "no_carry": 1.0},
+                "curve": [[3, {"all": 0.4, "carry": 0.2}], [6, {"all": 0.5, "carry": 0.3}]],
+                "train_accuracy": [0.3] * 6,
+                "alpha_trace": [0.5] * 6,
+                "seconds": 1.0,
+            }
+        )
     summary = study_report.summarise(results, refs, mode)
     summary["examples"] = examples
     assert summary["rows"]["main/kdrl"]["final"]["n"] == 2
-    assert summary["rows"]["main/kdrl"]["curve_mean"] == [[3, {"all": 0.4, "carry": 0.2}],
-                                                         [6, {"all": 0.5, "carry": 0.3}]]
+    assert summary["rows"]["main/kdrl"]["curve_mean"] == [
+        [3, {"all": 0.4, "carry": 0.2}],
+        [6, {"all": 0.5, "carry": 0.3}],
+    ]
     text = study_report.tables(summary, mode, eval_size=2)
     assert "| kdrl | 2 | 0.500 ± 0.000 (0.500-0.500) |" in text
     assert "| teacher (misaligned, reference) | - | 0.500 | 0.000 | 1.000 |" in text

@@ -8,9 +8,9 @@ from rlad_ds.tasks import kk
 
 PUBLISHED = {  # a row in the published K&K JSONL format
     "quiz": "A very special island is inhabited only by knights and knaves. Knights always tell the truth, and "
-            "knaves always lie. You meet 2 inhabitants: Zoey, and Oliver. Zoey remarked, \"Oliver is not a "
-            "knight\". Oliver stated, \"Oliver is a knight if and only if Zoey is a knave\". So who is a knight "
-            "and who is a knave?",
+    'knaves always lie. You meet 2 inhabitants: Zoey, and Oliver. Zoey remarked, "Oliver is not a '
+    'knight". Oliver stated, "Oliver is a knight if and only if Zoey is a knave". So who is a knight '
+    "and who is a knave?",
     "names": ["Zoey", "Oliver"],
     "solution": [False, True],
     "solution_text": "Zoey is a knave, and Oliver is a knight.",
@@ -33,8 +33,11 @@ def truth(statement, assignment):
 
 
 def brute_force(statements):
-    return [a for a in itertools.product([True, False], repeat=len(statements))
-            if all(truth(s, a) == a[i] for i, s in enumerate(statements))]
+    return [
+        a
+        for a in itertools.product([True, False], repeat=len(statements))
+        if all(truth(s, a) == a[i] for i, s in enumerate(statements))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +82,18 @@ def test_generate_rejects_unknown_split():
 def test_statement_text():
     names = ["Ann", "Bob", "Cy"]
     assert kk.describe(("not", ("telling-truth", 1)), names) == "Bob is a knave"
-    assert kk.describe(("not", ("and", ("lying", 0), ("telling-truth", 2))), names) == \
-        "it is not the case that (Ann is a knave and Cy is a knight)"
-    assert kk.describe(("->", ("telling-truth", 0), ("or", ("lying", 1), ("lying", 2))), names) == \
-        "if Ann is a knight then (Bob is a knave or Cy is a knave)"
-    assert kk.describe(("<=>", ("lying", 0), ("telling-truth", 1)), names) == \
-        "Ann is a knave if and only if Bob is a knight"
+    assert (
+        kk.describe(("not", ("and", ("lying", 0), ("telling-truth", 2))), names)
+        == "it is not the case that (Ann is a knave and Cy is a knight)"
+    )
+    assert (
+        kk.describe(("->", ("telling-truth", 0), ("or", ("lying", 1), ("lying", 2))), names)
+        == "if Ann is a knight then (Bob is a knave or Cy is a knave)"
+    )
+    assert (
+        kk.describe(("<=>", ("lying", 0), ("telling-truth", 1)), names)
+        == "Ann is a knave if and only if Bob is a knight"
+    )
     quiz = kk.quiz_text([("lying", 1), ("telling-truth", 0)], names[:2])
     assert 'You meet 2 inhabitants: Ann, and Bob. Ann says, "Bob is a knave." Bob says, "Ann is a knight."' in quiz
 
@@ -99,22 +108,28 @@ def answer(*lines):
     return "Let me think.\n<answer>\n" + "\n".join(lines) + "\n</answer>"
 
 
-@pytest.mark.parametrize("completion, expected, fraction", [
-    (answer("(1) Zoey is a knave", "(2) Oliver is a knight"), 1.0, 1.0),
-    ("<answer>Zoey is a knave, and oliver is A KNIGHT.</answer>", 1.0, 1.0),  # one line, any case
-    (answer("(1) Zoey is a knight", "(2) Oliver is a knight"), 0.0, 0.5),  # one wrong
-    (answer("(1) Zoey is a knight", "(2) Oliver is a knave"), 0.0, 0.0),  # both wrong
-    (answer("(1) Zoey is a knave"), 0.0, 0.5),  # partial: Oliver missing
-    (answer("(1) Zoey is a knave", "(2) Oliver is a knight", "(3) Zoey is a knight"), 0.0, 0.5),  # contradiction
-    (answer("(1) Zoey is a knight/knave", "(2) Oliver is a knight/knave"), 0.0, 0.0),  # template copied
-    (answer("(1) Zoey is a knave or a knight", "(2) Oliver is a knight"), 0.0, 0.5),  # hedge
-    (answer("(1) Zoey is not a knight", "(2) Oliver is a knight"), 0.0, 0.5),  # not our format
-    ("Zoey is a knave and Oliver is a knight.", 0.0, 0.0),  # no answer block
-    ("<answer>(1) Zoey is a knave (2) Oliver is a knight", 0.0, 0.0),  # unclosed block
-    ("<answer>Zoey is a knight</answer> on second thought <answer>Zoey is a knave\nOliver is a knight</answer>",
-     1.0, 1.0),  # the last block counts
-    ("", 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected, fraction",
+    [
+        (answer("(1) Zoey is a knave", "(2) Oliver is a knight"), 1.0, 1.0),
+        ("<answer>Zoey is a knave, and oliver is A KNIGHT.</answer>", 1.0, 1.0),  # one line, any case
+        (answer("(1) Zoey is a knight", "(2) Oliver is a knight"), 0.0, 0.5),  # one wrong
+        (answer("(1) Zoey is a knight", "(2) Oliver is a knave"), 0.0, 0.0),  # both wrong
+        (answer("(1) Zoey is a knave"), 0.0, 0.5),  # partial: Oliver missing
+        (answer("(1) Zoey is a knave", "(2) Oliver is a knight", "(3) Zoey is a knight"), 0.0, 0.5),  # contradiction
+        (answer("(1) Zoey is a knight/knave", "(2) Oliver is a knight/knave"), 0.0, 0.0),  # template copied
+        (answer("(1) Zoey is a knave or a knight", "(2) Oliver is a knight"), 0.0, 0.5),  # hedge
+        (answer("(1) Zoey is not a knight", "(2) Oliver is a knight"), 0.0, 0.5),  # not our format
+        ("Zoey is a knave and Oliver is a knight.", 0.0, 0.0),  # no answer block
+        ("<answer>(1) Zoey is a knave (2) Oliver is a knight", 0.0, 0.0),  # unclosed block
+        (
+            "<answer>Zoey is a knight</answer> on second thought <answer>Zoey is a knave\nOliver is a knight</answer>",
+            1.0,
+            1.0,
+        ),  # the last block counts
+        ("", 0.0, 0.0),
+    ],
+)
 def test_verifier(completion, expected, fraction):
     assert kk.score(completion, PUBLISHED) == expected
     assert kk.person_accuracy(completion, PUBLISHED) == fraction
@@ -132,12 +147,15 @@ def test_gold_from_solution_text_when_solution_is_absent():
     assert kk.score(answer("Zoey is a knave", "Oliver is a knight"), record) == 1.0
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"quiz": "q", "solution": [True]}, "names"),
-    ({"quiz": "q", "names": ["A", "B"], "solution": [True]}, "1 solution entries for 2 names"),
-    ({"quiz": "q", "names": ["A"], "solution": ["yes"]}, "list of booleans"),
-    ({"quiz": "q", "names": ["A", "B"], "solution_text": "A is a knight."}, "solution_text"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"quiz": "q", "solution": [True]}, "names"),
+        ({"quiz": "q", "names": ["A", "B"], "solution": [True]}, "1 solution entries for 2 names"),
+        ({"quiz": "q", "names": ["A"], "solution": ["yes"]}, "list of booleans"),
+        ({"quiz": "q", "names": ["A", "B"], "solution_text": "A is a knight."}, "solution_text"),
+    ],
+)
 def test_malformed_records_raise(record, message):
     with pytest.raises(ValueError, match=message):
         kk.score("<answer>A is a knight</answer>", record)

@@ -8,29 +8,37 @@ import pytest
 from rlad_ds.tasks import math as m
 
 GSM8K = {"question": "Tom has 600 apples and buys 400 more. How many?", "answer": "600 + 400 = 1,000\n#### 1,000"}
-MATH = {"problem": "What is $1 - \\frac{1}{2}$?",
-        "solution": "We get $\\boxed{\\frac{1}{2}}$ since $1-\\frac12=\\frac12$."}
+MATH = {
+    "problem": "What is $1 - \\frac{1}{2}$?",
+    "solution": "We get $\\boxed{\\frac{1}{2}}$ since $1-\\frac12=\\frac12$.",
+}
 GENERIC = {"prompt": "Half of one?", "answer": "\\frac{1}{2}"}
 
 
-@pytest.mark.parametrize("record, gold", [
-    (GSM8K, "1000"),
-    (MATH, "\\boxed{\\frac{1}{2}}"),
-    ({**MATH, "answer": "1/2"}, "1/2"),  # MATH500 rows carry both; the short answer wins
-    (GENERIC, "\\frac{1}{2}"),
-    ({"prompt": "p", "answer": 42}, "42"),
-    ({"prompt": "p", "solution": "nested \\boxed{\\frac{a}{\\sqrt{b}}} end"}, "\\boxed{\\frac{a}{\\sqrt{b}}}"),
-    ({"prompt": "p", "solution": "\\boxed{1} or \\boxed{2}"}, "\\boxed{1}, \\boxed{2}"),
-])
+@pytest.mark.parametrize(
+    "record, gold",
+    [
+        (GSM8K, "1000"),
+        (MATH, "\\boxed{\\frac{1}{2}}"),
+        ({**MATH, "answer": "1/2"}, "1/2"),  # MATH500 rows carry both; the short answer wins
+        (GENERIC, "\\frac{1}{2}"),
+        ({"prompt": "p", "answer": 42}, "42"),
+        ({"prompt": "p", "solution": "nested \\boxed{\\frac{a}{\\sqrt{b}}} end"}, "\\boxed{\\frac{a}{\\sqrt{b}}}"),
+        ({"prompt": "p", "solution": "\\boxed{1} or \\boxed{2}"}, "\\boxed{1}, \\boxed{2}"),
+    ],
+)
 def test_gold_answer(record, gold):
     assert m.gold_answer(record) == gold
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "p"}, "needs 'answer'"),
-    ({"prompt": "p", "solution": "no box here"}, "no \\\\boxed"),
-    ({"prompt": "p", "answer": "   "}, "needs 'answer'"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "p"}, "needs 'answer'"),
+        ({"prompt": "p", "solution": "no box here"}, "no \\\\boxed"),
+        ({"prompt": "p", "answer": "   "}, "needs 'answer'"),
+    ],
+)
 def test_malformed_gold_raises_even_for_empty_completion(record, message):
     with pytest.raises(ValueError, match=message):
         m.score("", record)
@@ -53,56 +61,77 @@ def test_boxed_contents_and_answer_region():
     assert m.answer_region("no block") == "no block"
 
 
-@pytest.mark.parametrize("gold_record, completion, expected", [
-    # The escaped dollar: in a completion, in an `answer` gold and in a MATH solution's box.
-    ({"answer": "\\$18.90"}, "She pays \\boxed{\\$18.90}.", 1.0),
-    ({"solution": "So she pays \\boxed{\\$18.90}."}, "\\boxed{18.9}", 1.0),
-    ({"solution": "So she pays \\boxed{\\$18.90}."}, "\\boxed{\\$17}", 0.0),
-    ({"solution": "Total: \\boxed{\\$16,\\!386.20}"}, "The answer is \\boxed{16386.20}", 1.0),
-    # Several boxes are one set answer, on either side.
-    ({"answer": "(2,2),(6,2)"}, "\\boxed{(2,2)}, \\boxed{(6,2)}", 1.0),
-    ({"answer": "(2,2),(6,2)"}, "\\boxed{(6,2)}", 0.0),
-    ({"solution": "pairs \\boxed{(2,2)} and \\boxed{(6,2)}"}, "\\boxed{(6,2), (2,2)}", 1.0),
-    # Percent, units and thousands separators.
-    ({"answer": "50\\%"}, "\\boxed{50}", 1.0),
-    ({"answer": "10 \\text{ cm}"}, "\\boxed{10}", 1.0),
-    ({"answer": "7425000"}, "\\boxed{7,425,000}", 1.0),
-    # No box: the <answer> block, else LaTeX / expressions near a "final answer" anchor.
-    ({"answer": "72"}, "I think <answer>72</answer>", 1.0),
-    ({"answer": "72"}, "48 + 24, so the final answer is $72$.", 1.0),
-    ({"answer": "\\frac{\\sqrt{3}}{2}"}, "\\boxed{\\frac{\\sqrt3}{2}}", 1.0),
-    ({"answer": "x^2+1"}, "\\boxed{1+x^2}", 1.0),
-    ({"answer": 33}, "\\boxed{033}", 1.0),
-])
+@pytest.mark.parametrize(
+    "gold_record, completion, expected",
+    [
+        # The escaped dollar: in a completion, in an `answer` gold and in a MATH solution's box.
+        ({"answer": "\\$18.90"}, "She pays \\boxed{\\$18.90}.", 1.0),
+        ({"solution": "So she pays \\boxed{\\$18.90}."}, "\\boxed{18.9}", 1.0),
+        ({"solution": "So she pays \\boxed{\\$18.90}."}, "\\boxed{\\$17}", 0.0),
+        ({"solution": "Total: \\boxed{\\$16,\\!386.20}"}, "The answer is \\boxed{16386.20}", 1.0),
+        # Several boxes are one set answer, on either side.
+        ({"answer": "(2,2),(6,2)"}, "\\boxed{(2,2)}, \\boxed{(6,2)}", 1.0),
+        ({"answer": "(2,2),(6,2)"}, "\\boxed{(6,2)}", 0.0),
+        ({"solution": "pairs \\boxed{(2,2)} and \\boxed{(6,2)}"}, "\\boxed{(6,2), (2,2)}", 1.0),
+        # Percent, units and thousands separators.
+        ({"answer": "50\\%"}, "\\boxed{50}", 1.0),
+        ({"answer": "10 \\text{ cm}"}, "\\boxed{10}", 1.0),
+        ({"answer": "7425000"}, "\\boxed{7,425,000}", 1.0),
+        # No box: the <answer> block, else LaTeX / expressions near a "final answer" anchor.
+        ({"answer": "72"}, "I think <answer>72</answer>", 1.0),
+        ({"answer": "72"}, "48 + 24, so the final answer is $72$.", 1.0),
+        ({"answer": "\\frac{\\sqrt{3}}{2}"}, "\\boxed{\\frac{\\sqrt3}{2}}", 1.0),
+        ({"answer": "x^2+1"}, "\\boxed{1+x^2}", 1.0),
+        ({"answer": 33}, "\\boxed{033}", 1.0),
+    ],
+)
 def test_math_verify_conventions(gold_record, completion, expected):
     assert m.score(completion, {"problem": "p", **gold_record}) == expected
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"problem": "p", "answer": "proof"}, "no checkable answer"),
-    ({"problem": "p", "answer": "notfound"}, "no checkable answer"),
-    ({"problem": "p", "answer": "12", "question_type": "proof"}, "is a proof"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"problem": "p", "answer": "proof"}, "no checkable answer"),
+        ({"problem": "p", "answer": "notfound"}, "no checkable answer"),
+        ({"problem": "p", "answer": "12", "question_type": "proof"}, "is a proof"),
+    ],
+)
 def test_numina_markers_are_refused(record, message):
     with pytest.raises(ValueError, match=message):
         m.prompt(record)
 
 
 def test_reference_completions_score_one():
-    for record in (GSM8K, MATH, GENERIC, {"problem": "p", "solution": "\\boxed{1} and \\boxed{2}"},
-                   {"problem": "p", "answer": "\\$18.90"}):
+    for record in (
+        GSM8K,
+        MATH,
+        GENERIC,
+        {"problem": "p", "solution": "\\boxed{1} and \\boxed{2}"},
+        {"problem": "p", "answer": "\\$18.90"},
+    ):
         assert m.score(m.reference(record), record) == 1.0, record
 
 
-@pytest.mark.parametrize("completion", ["\\boxed{\\frac{1}{2}}", "\\boxed{\\dfrac{1}{2}}", "\\boxed{0.5}",
-                                        "\\boxed{1/2}", "<answer>$\\frac12$</answer>", "so it is 0.5"])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{\\frac{1}{2}}",
+        "\\boxed{\\dfrac{1}{2}}",
+        "\\boxed{0.5}",
+        "\\boxed{1/2}",
+        "<answer>$\\frac12$</answer>",
+        "so it is 0.5",
+    ],
+)
 def test_equivalent_forms_of_one_half_are_correct(completion):
     for record in (MATH, GENERIC):
         assert m.score(completion, record) == 1.0
 
 
-@pytest.mark.parametrize("completion", ["\\boxed{\\frac{1}{3}}", "\\boxed{0.6}", "nothing", "", "\\boxed{}",
-                                        "<answer>half</answer>"])
+@pytest.mark.parametrize(
+    "completion", ["\\boxed{\\frac{1}{3}}", "\\boxed{0.6}", "nothing", "", "\\boxed{}", "<answer>half</answer>"]
+)
 def test_wrong_missing_and_unparsable_answers_score_zero(completion):
     assert m.score(completion, GENERIC) == 0.0
 

@@ -29,26 +29,34 @@ def test_task_args_configure_the_dataset_and_name_the_subsets():
     assert all(len(r["metadata"]["names"]) == 3 for r in records)
     assert {task.subset(r) for r in records} == {"n_people=3,depth_constraint=2,width_constraint=2"}
     arithmetic = get_task("rg:basic_arithmetic", '{"min_terms": 2, "max_terms": 3}')
-    assert {arithmetic.subset(r).split(",")[0] for r in arithmetic.generate("train", 30, 0)} == \
-        {"num_terms=2", "num_terms=3"}  # per-problem values, not the configured ranges
+    assert {arithmetic.subset(r).split(",")[0] for r in arithmetic.generate("train", 30, 0)} == {
+        "num_terms=2",
+        "num_terms=3",
+    }  # per-problem values, not the configured ranges
     # reasoning-gym's K&K gives partial credit: 0.3 + 0.7 x the share of people right.
     record = records[0]
     names, solution = record["metadata"]["names"], record["metadata"]["solution"]
     terms = record["metadata"]["knight_knave_terms"]
-    flipped = ", ".join(f"{n} is {terms['a_knight'] if not s else terms['a_knave']}" if i == 0 else
-                        f"{n} is {terms['a_knight'] if s else terms['a_knave']}"
-                        for i, (n, s) in enumerate(zip(names, solution)))
+    flipped = ", ".join(
+        f"{n} is {terms['a_knight'] if not s else terms['a_knave']}"
+        if i == 0
+        else f"{n} is {terms['a_knight'] if s else terms['a_knave']}"
+        for i, (n, s) in enumerate(zip(names, solution))
+    )
     assert task.score(f"<answer>{flipped}</answer>", record) == pytest.approx(0.3 + 0.7 * 2 / 3)
 
 
-@pytest.mark.parametrize("name, args, message", [
-    ("rg:knights_knave", None, "no dataset 'knights_knave'; did you mean knights_knaves"),
-    ("rg:knights_knaves", "n_peple=3", "its config fields are: n_people, depth_constraint, width_constraint"),
-    ("rg:knights_knaves", "seed=3", "seed and size are set by --seed"),
-    ("rg:knights_knaves", "{bad", "not valid JSON"),
-    ("rg:knights_knaves", "n_people", "write key=value"),
-    ("kk", "n_people=3", "task 'kk' takes no --task_args"),
-])
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("rg:knights_knave", None, "no dataset 'knights_knave'; did you mean knights_knaves"),
+        ("rg:knights_knaves", "n_peple=3", "its config fields are: n_people, depth_constraint, width_constraint"),
+        ("rg:knights_knaves", "seed=3", "seed and size are set by --seed"),
+        ("rg:knights_knaves", "{bad", "not valid JSON"),
+        ("rg:knights_knaves", "n_people", "write key=value"),
+        ("kk", "n_people=3", "task 'kk' takes no --task_args"),
+    ],
+)
 def test_bad_task_names_and_args_are_one_line_errors(name, args, message):
     with pytest.raises(ConfigError, match=message) as error:
         get_task(name, args)
@@ -67,8 +75,13 @@ def test_config_loads_reasoning_gym_prompts_for_training_and_eval(tiny_tokenizer
     from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_eval_examples, load_train_examples
 
-    cfg = config_from_layers({"data": {"task": "rg:basic_arithmetic", "task_args": "max_terms=3", "train_size": 8},
-                              "eval": {"eval_size": 4}, "train": {"seed": 1}})
+    cfg = config_from_layers(
+        {
+            "data": {"task": "rg:basic_arithmetic", "task_args": "max_terms=3", "train_size": 8},
+            "eval": {"eval_size": 4},
+            "train": {"seed": 1},
+        }
+    )
     train, held_out = load_train_examples(cfg.data, tiny_tokenizer, seed=1), load_eval_examples(cfg, tiny_tokenizer)
     assert len(train) == 8 and len(held_out) == 4
     assert train[0]["prompt_text"].startswith("<|im_start|>user\nCalculate")

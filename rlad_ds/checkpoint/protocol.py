@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rlad_ds.checkpoint.manifest import (CHECKSUM, MARKER, STEP_DIR, checkpoint_root, complete_checkpoints, hash_own,
-                                         write_json_atomic)
+from rlad_ds.checkpoint.manifest import (
+    CHECKSUM,
+    MARKER,
+    STEP_DIR,
+    checkpoint_root,
+    complete_checkpoints,
+    hash_own,
+    write_json_atomic,
+)
 from rlad_ds.distributed import world
 from rlad_ds.errors import ConfigError, TrainingError, reason_line
 from rlad_ds.rng import load_rng_state, save_rng_state, seed_rng
@@ -100,9 +107,11 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     directory = root / f"step_{step:08d}"
 
     def failure(error: BaseException) -> str:
-        return (f"cannot write checkpoint {directory} on rank {rank} ({reason_line(error)}; {_free_gib(root):.1f} "
-                f"GiB free on that filesystem): nothing of it is kept, the last complete one is "
-                f"{_last_good(output_dir)}; free space or fix permissions, then run the same command to resume")
+        return (
+            f"cannot write checkpoint {directory} on rank {rank} ({reason_line(error)}; {_free_gib(root):.1f} "
+            f"GiB free on that filesystem): nothing of it is kept, the last complete one is "
+            f"{_last_good(output_dir)}; free space or fix permissions, then run the same command to resume"
+        )
 
     error = None
     if rank == 0:
@@ -113,9 +122,11 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
             error = failure(e)
     agreed = _gather((_params_finite(engine), error))
     if not all(finite for finite, _ in agreed):
-        raise TrainingError(f"parameters are not finite after step {step}: checkpoint not written, the last good "
-                            f"one is {_last_good(output_dir)}; lower --lr (or check the data and rewards) and resume "
-                            f"from it")
+        raise TrainingError(
+            f"parameters are not finite after step {step}: checkpoint not written, the last good "
+            f"one is {_last_good(output_dir)}; lower --lr (or check the data and rewards) and resume "
+            f"from it"
+        )
     _raise_first(e for _, e in agreed)
     files, error = {}, None
     try:
@@ -124,24 +135,33 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
         error = failure(e)
     shares = _gather((error, files))
     if rank == 0:
-        error = next((e for e, _ in shares if e), None)
-        try:
-            if error is None:
-                write_json_atomic(directory / MARKER, {
-                    "step": step, "world_size": world()[1], "identity": trainer_state.get("identity"),
-                    "checksum": CHECKSUM, "files": {k: v for _, part in shares for k, v in part.items()}})
-        except OSError as e:
-            error = failure(e)
-        if error:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:  # only now, with the new one complete, are old checkpoints and leftovers removed
-            for old in complete_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            for partial in root.iterdir():  # leftovers of crashed saves, never resumable
-                if STEP_DIR.match(partial.name) and not (partial / MARKER).exists():
-                    shutil.rmtree(partial, ignore_errors=True)
+        error = _finish(directory, output_dir, step, trainer_state.get("identity"), shares, keep_last, failure)
     _raise_first([e for e, _ in shares] + _gather(error))
     return directory
+
+
+def _finish(directory: Path, output_dir, step: int, identity, shares: list, keep_last: int, failure) -> str | None:
+    """Rank 0, after every rank wrote its files: the manifest, written last, then old checkpoints and leftovers of
+    crashed saves pruned; or, if any rank failed, the partial dir removed. Returns the error, or None."""
+    error = next((e for e, _ in shares if e), None)
+    try:
+        if error is None:
+            files = {name: entry for _, part in shares for name, entry in part.items()}
+            write_json_atomic(
+                directory / MARKER,
+                {"step": step, "world_size": world()[1], "identity": identity, "checksum": CHECKSUM, "files": files},
+            )
+    except OSError as e:
+        error = failure(e)
+    if error:
+        shutil.rmtree(directory, ignore_errors=True)
+        return error
+    for old in complete_checkpoints(output_dir)[:-keep_last]:  # only now, with the new one complete
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in checkpoint_root(output_dir).iterdir():  # leftovers of crashed saves, never resumable
+        if STEP_DIR.match(partial.name) and not (partial / MARKER).exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return None
 
 
 def _convert_universal(directory: Path, ranks: int) -> Path:
@@ -157,8 +177,15 @@ def _convert_universal(directory: Path, ranks: int) -> Path:
         tmp = directory / f"{UNIVERSAL}.tmp"  # renamed when done: a crash mid-conversion is redone, never used
         shutil.rmtree(tmp, ignore_errors=True)
         # One worker: no process pool forked from a process inside a process group.
-        args = argparse.Namespace(input_folder=str(directory), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        args = argparse.Namespace(
+            input_folder=str(directory),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -166,9 +193,11 @@ def _convert_universal(directory: Path, ranks: int) -> Path:
             os.replace(tmp, target)
             (directory / "latest_universal").unlink(missing_ok=True)  # names the tmp dir; tags are explicit here
         except Exception as e:
-            error = (f"cannot convert checkpoint {directory} to DeepSpeed's universal format for another number of "
-                     f"ranks ({reason_line(e)}); resume with the {ranks} ranks that wrote "
-                     f"it")
+            error = (
+                f"cannot convert checkpoint {directory} to DeepSpeed's universal format for another number of "
+                f"ranks ({reason_line(e)}); resume with the {ranks} ranks that wrote "
+                f"it"
+            )
     _raise_first(_gather(error), ConfigError)
     return target
 
@@ -187,8 +216,9 @@ def load_checkpoint(engine, directory: Path, seed: int = 0) -> dict:
     previous = engine._config.load_universal_checkpoint
     engine._config.load_universal_checkpoint = universal
     try:
-        load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         error = None if load_path is not None else "DeepSpeed found no model states"
     except Exception as e:  # e.g. PytorchStreamReader errors, a bare AssertionError
         if _distributed() and engine._optimizer_has_ckpt_event_epilogue():
@@ -196,14 +226,25 @@ def load_checkpoint(engine, directory: Path, seed: int = 0) -> dict:
         error = reason_line(e)
     finally:
         engine._config.load_universal_checkpoint = previous
-    _raise_first([e and f"cannot load checkpoint {directory} on rank {r} ({e}); --resume an older checkpoints/step_N "
-                  f"dir, or start again with --overwrite_output_dir" for r, e in enumerate(_gather(error))],
-                 ConfigError)
+    _raise_first(
+        [
+            e
+            and f"cannot load checkpoint {directory} on rank {r} ({e}); --resume an older checkpoints/step_N "
+            f"dir, or start again with --overwrite_output_dir"
+            for r, e in enumerate(_gather(error))
+        ],
+        ConfigError,
+    )
     if universal:
         seed_rng(seed, state["step"], rank)
         if rank == 0:
-            logger.info("checkpoint %s was written by %d ranks, this run has %d: loaded through DeepSpeed's universal "
-                        "checkpoint, RNG seeded from (seed, step, rank)", directory, state["world_size"], world_size)
+            logger.info(
+                "checkpoint %s was written by %d ranks, this run has %d: loaded through DeepSpeed's universal "
+                "checkpoint, RNG seeded from (seed, step, rank)",
+                directory,
+                state["world_size"],
+                world_size,
+            )
     else:
         load_rng_state(directory, rank)
     return state

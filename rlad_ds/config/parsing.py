@@ -26,8 +26,10 @@ RENAMED = {"rollout": {"engine": "rollout"}}
 
 
 def _renamed(old: str, section: str) -> ConfigError:
-    return ConfigError(f"--{old} was renamed --{RENAMED[section][old]} (in a --config file: {section}: "
-                       f"{RENAMED[section][old]}: ...); use the new name")
+    return ConfigError(
+        f"--{old} was renamed --{RENAMED[section][old]} (in a --config file: {section}: "
+        f"{RENAMED[section][old]}: ...); use the new name"
+    )
 
 
 def _base_type(kind):
@@ -53,8 +55,10 @@ def _convert(kind, value, where: str):
         if base is Switch and word in ("auto", "on", "off"):
             return word
         if word not in BOOL_WORDS:
-            raise ConfigError(f"{where} must be {'true or false' if base is bool else 'auto, on or off'}, got "
-                              f"{value!r} (true/false, yes/no, on/off and 1/0 are read alike)")
+            raise ConfigError(
+                f"{where} must be {'true or false' if base is bool else 'auto, on or off'}, got "
+                f"{value!r} (true/false, yes/no, on/off and 1/0 are read alike)"
+            )
         return BOOL_WORDS[word] if base is bool else "on" if BOOL_WORDS[word] else "off"
     if base in (int, float) and not isinstance(value, bool):
         try:
@@ -80,11 +84,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(scope: str = "train", description: str | None = None) -> argparse.ArgumentParser:
     """The flags of every field in `scope` ("train": all; "eval": those launchers/eval.py reads)."""
-    parser = _Parser(description=description or "RLAD: distil a teacher into a student during GRPO with the "
-                     "TRRD objective, on DeepSpeed.")
+    parser = _Parser(
+        description=description
+        or "RLAD: distil a teacher into a student during GRPO with the TRRD objective, on DeepSpeed."
+    )
     if scope == "train":
-        parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default=None,
-                            help="DeepSpeed JSON for the student (ZeRO-3); default ds_configs/zero3.json")
+        parser.add_argument(
+            "--deepspeed",
+            "--deepspeed_config",
+            dest="deepspeed",
+            default=None,
+            help="DeepSpeed JSON for the student (ZeRO-3); default ds_configs/zero3.json",
+        )
     parser.add_argument("--config", default=None, help="YAML or JSON file with sections: " + ", ".join(SECTIONS))
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
@@ -94,17 +105,25 @@ def build_parser(scope: str = "train", description: str | None = None) -> argpar
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
-        for f in (f for f in dataclasses.fields(cls)  # "train" reads all but eval.py's own, "eval" its scope
-                  if scope == "train" and f.metadata["scope"] != "eval" or f.metadata["scope"] in (scope, "both")):
+        for f in (
+            f
+            for f in dataclasses.fields(cls)  # "train" reads all but eval.py's own, "eval" its scope
+            if scope == "train" and f.metadata["scope"] != "eval" or f.metadata["scope"] in (scope, "both")
+        ):
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             text = f"{f.metadata['help']} (default: {shown})"
             if hints[f.name] is bool:  # --flag, --flag WORD (read by _convert), --no-flag
                 group.add_argument(f"--{f.name}", nargs="?", const=True, default=None, metavar="BOOL", help=text)
                 group.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
             else:
-                group.add_argument(f"--{f.name}", default=None, metavar=_base_type(hints[f.name]).__name__.upper()
-                                   if typing.get_origin(_base_type(hints[f.name])) is not tuple else "LIST",
-                                   help=text)
+                group.add_argument(
+                    f"--{f.name}",
+                    default=None,
+                    metavar=_base_type(hints[f.name]).__name__.upper()
+                    if typing.get_origin(_base_type(hints[f.name])) is not tuple
+                    else "LIST",
+                    help=text,
+                )
     return parser
 
 
@@ -120,8 +139,9 @@ def _read_file(path: str) -> dict:
         else:
             data = json.loads(p.read_text())
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
-        raise ConfigError(f"config file {path} is not valid {p.suffix.lstrip('.') or 'JSON'}: "
-                          f"{str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {path} is not valid {p.suffix.lstrip('.') or 'JSON'}: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
     unknown = set(data) - set(SECTIONS) - {"deepspeed"}
@@ -146,8 +166,9 @@ def read_layers(args: argparse.Namespace) -> dict:
                 raise _renamed(old, section)
     layers = _read_file(args.config) if args.config else {}
     for section, cls in SECTIONS.items():
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                 if getattr(args, f.name, None) is not None}
+        given = {
+            f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None
+        }
         if given:
             layers[section] = {**(layers.get(section) or {}), **given}
     if getattr(args, "deepspeed", None):

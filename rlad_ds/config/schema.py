@@ -39,62 +39,103 @@ def _check(ok: bool, message: str):
 @dataclass
 class ModelConfig:
     student: str | None = _help("student HF model dir; none = the built-in demo", default=None)
-    teacher: str | None = _help("teacher HF model dir (same tokenizer as the student), for methods with a teacher",
-                                default=None)
-    precision: str = _help("auto (bf16 on GPUs, fp32 on CPU), bf16 or fp32: weights and forward passes of every "
-                           "model; log-probs and losses are fp32 always", scope="both", default="auto")
-    attn_implementation: str = _help("auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager, "
-                                     "flash_attention_2, flex_attention", scope="both", default="auto")
+    teacher: str | None = _help(
+        "teacher HF model dir (same tokenizer as the student), for methods with a teacher", default=None
+    )
+    precision: str = _help(
+        "auto (bf16 on GPUs, fp32 on CPU), bf16 or fp32: weights and forward passes of every "
+        "model; log-probs and losses are fp32 always",
+        scope="both",
+        default="auto",
+    )
+    attn_implementation: str = _help(
+        "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2, flex_attention",
+        scope="both",
+        default="auto",
+    )
     gradient_checkpointing: bool = _help("recompute activations in backward (long responses)", default=False)
-    pack_sequences: Switch = _help("auto (on with flash_attention_2), on, off (true / false read as on / off): run "
-                                   "micro-batches padding-free, sequences packed into one row", default="auto")
-    teacher_offload: Switch = _help("auto (on with accelerators, off on CPU, where parameters are in host memory "
-                                    "already), on, off (true / false read as on / off): teacher parameters on CPU "
-                                    "(ZeRO-3 offload_param), gathered per layer", default="auto")
+    pack_sequences: Switch = _help(
+        "auto (on with flash_attention_2), on, off (true / false read as on / off): run "
+        "micro-batches padding-free, sequences packed into one row",
+        default="auto",
+    )
+    teacher_offload: Switch = _help(
+        "auto (on with accelerators, off on CPU, where parameters are in host memory "
+        "already), on, off (true / false read as on / off): teacher parameters on CPU "
+        "(ZeRO-3 offload_param), gathered per layer",
+        default="auto",
+    )
     reference_offload: bool = _help("reference model (--beta_ref > 0) parameters on CPU", default=False)
     param_persistence_threshold: int | None = _help(
         "ZeRO-3: parameters with fewer elements stay whole on every rank (every model); none = the DeepSpeed "
-        "JSON's stage3_param_persistence_threshold", scope="both", default=None)
-    trust_remote_code: bool = _help("allow model code from the model dir (off: only transformers' own code)",
-                                    scope="both", default=False)
+        "JSON's stage3_param_persistence_threshold",
+        scope="both",
+        default=None,
+    )
+    trust_remote_code: bool = _help(
+        "allow model code from the model dir (off: only transformers' own code)", scope="both", default=False
+    )
     cache_dir: str = _help("where the built-in demo's SFT models are built once and reused", default="~/.cache/rlad_ds")
-    logprob_chunk_size: int = _help("tokens per lm-head chunk when computing log-probs (bounds logits memory); "
-                                    "0 = about 2^26 logits per chunk", default=0)
+    logprob_chunk_size: int = _help(
+        "tokens per lm-head chunk when computing log-probs (bounds logits memory); 0 = about 2^26 logits per chunk",
+        default=0,
+    )
 
     def __post_init__(self):
         _check(self.precision in PRECISIONS, f"--precision {self.precision!r} is unknown; use auto, bf16 or fp32")
-        _check(self.attn_implementation in ATTENTION_CHOICES, f"--attn_implementation {self.attn_implementation!r} "
-               f"is unknown; use {', '.join(ATTENTION_CHOICES)}")
+        _check(
+            self.attn_implementation in ATTENTION_CHOICES,
+            f"--attn_implementation {self.attn_implementation!r} is unknown; use {', '.join(ATTENTION_CHOICES)}",
+        )
         _check(self.pack_sequences in ("auto", "on", "off"), "--pack_sequences must be auto, on or off")
         _check(self.teacher_offload in ("auto", "on", "off"), "--teacher_offload must be auto, on or off")
         _check(self.logprob_chunk_size >= 0, "--logprob_chunk_size must be >= 0 (0 = automatic)")
-        _check(self.param_persistence_threshold is None or self.param_persistence_threshold >= 0,
-               "--param_persistence_threshold must be >= 0, or none")
+        _check(
+            self.param_persistence_threshold is None or self.param_persistence_threshold >= 0,
+            "--param_persistence_threshold must be >= 0, or none",
+        )
 
 
 @dataclass
 class RolloutConfig:
-    rollout: str = _help("how the student samples: auto (the first that can serve the model, in this order: "
-                         + "; ".join(f"{k.name}: {k.help}" for k in KINDS.values()) + ")", scope="both",
-                         default="auto")
-    vllm_gpu_memory_utilization: float = _help("vllm on GPUs: fraction of device memory vLLM may take while it "
-                                               "samples (it sleeps while the student trains)", default=0.3)
+    rollout: str = _help(
+        "how the student samples: auto (the first that can serve the model, in this order: "
+        + "; ".join(f"{k.name}: {k.help}" for k in KINDS.values())
+        + ")",
+        scope="both",
+        default="auto",
+    )
+    vllm_gpu_memory_utilization: float = _help(
+        "vllm on GPUs: fraction of device memory vLLM may take while it samples (it sleeps while the student trains)",
+        default=0.3,
+    )
     vllm_kv_cache_gb: float = _help("vllm on CPU: GiB of KV cache per rank", default=1.0)
-    gather_budget_gb: float = _help("largest model (GiB of parameters) a gathered rollout may materialise; above "
-                                    "it --rollout auto takes the per-layer path", scope="both", default=32.0)
+    gather_budget_gb: float = _help(
+        "largest model (GiB of parameters) a gathered rollout may materialise; above "
+        "it --rollout auto takes the per-layer path",
+        scope="both",
+        default=32.0,
+    )
     group_size: int = _help("G: responses sampled per prompt", default=8)
-    max_new_tokens: int = _help("response budget in tokens (training rollouts and evaluation)", scope="both",
-                                default=2048)
-    temperature: float = _help("sampling temperature of training rollouts; every log-prob in the loss is taken "
-                               "at it too (docs/method.md#temperature)", default=1.0)
+    max_new_tokens: int = _help(
+        "response budget in tokens (training rollouts and evaluation)", scope="both", default=2048
+    )
+    temperature: float = _help(
+        "sampling temperature of training rollouts; every log-prob in the loss is taken "
+        "at it too (docs/method.md#temperature)",
+        default=1.0,
+    )
     top_p: float = _help("nucleus sampling of training rollouts", default=1.0)
     top_k: int = _help("top-k sampling of training rollouts (<= 0: off)", default=0)
-    rollout_batch_size: int = _help("prompts per generate call on each rank, in training and evaluation "
-                                    "(0: all at once)", scope="both", default=0)
+    rollout_batch_size: int = _help(
+        "prompts per generate call on each rank, in training and evaluation (0: all at once)", scope="both", default=0
+    )
 
     def __post_init__(self):
-        _check(self.rollout in ROLLOUT_CHOICES, f"--rollout {self.rollout!r} is unknown; use one of "
-               f"{', '.join(ROLLOUT_CHOICES)}")
+        _check(
+            self.rollout in ROLLOUT_CHOICES,
+            f"--rollout {self.rollout!r} is unknown; use one of {', '.join(ROLLOUT_CHOICES)}",
+        )
         for name in ("group_size", "max_new_tokens", "gather_budget_gb", "vllm_kv_cache_gb"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.temperature > 0, f"--temperature must be > 0 for sampled rollouts, got {self.temperature}")
@@ -106,32 +147,41 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     method: str = _help(" | ".join(f"{m.name}: {m.help}" for m in METHODS.values()), default="rlad")
-    alpha: float = _help("TRRD mixing: log r = alpha*(logp-old) + (1-alpha)*clamp(logp-teacher); alpha=1 is GRPO",
-                         default=0.5)
+    alpha: float = _help(
+        "TRRD mixing: log r = alpha*(logp-old) + (1-alpha)*clamp(logp-teacher); alpha=1 is GRPO", default=0.5
+    )
     adaptive_alpha: bool = _help("adapt alpha each step from teacher-student agreement (rlad)", default=False)
     alpha_min: float = _help("lower bound of the adaptive alpha", default=0.1)
     alpha_max: float = _help("upper bound of the adaptive alpha", default=0.9)
     clip_low: float = _help("PPO clip below 1 (ratio >= 1 - clip_low)", default=0.2)
     clip_high: float = _help("PPO clip above 1 (ratio <= 1 + clip_high; clip-higher)", default=0.28)
-    teacher_log_ratio_clip: float | None = _help("clamp of logp - teacher_logp to [-c, c] (rlad); none = off",
-                                                 default=1.0)
+    teacher_log_ratio_clip: float | None = _help(
+        "clamp of logp - teacher_logp to [-c, c] (rlad); none = off", default=1.0
+    )
     dual_clip: float | None = _help("dual-clip bound for negative advantages (> 1); none = off", default=None)
     beta_kd: float = _help("weight of KL(student || teacher) (kdrl, kd)", default=0.1)
-    kl_estimator: str = _help("estimator of KL(student || teacher) on sampled tokens: k1, k2, k3 (kdrl, kd)",
-                              default="k2")
+    kl_estimator: str = _help(
+        "estimator of KL(student || teacher) on sampled tokens: k1, k2, k3 (kdrl, kd)", default="k2"
+    )
     beta_ref: float = _help("weight of the k3 KL to a frozen copy of the initial student (> 0 loads it)", default=0.0)
-    loss_agg: str = _help("seq-mean-token-mean (paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr.GRPO)",
-                          default="seq-mean-token-mean")
+    loss_agg: str = _help(
+        "seq-mean-token-mean (paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr.GRPO)",
+        default="seq-mean-token-mean",
+    )
     scale_adv_by_std: bool = _help("divide group-centred rewards by the group std", default=True)
 
     def __post_init__(self):
         get_method(self.method)
         _check(0 <= self.alpha <= 1, f"--alpha must be in [0, 1] (1 = GRPO), got {self.alpha}")
         _check(0 <= self.alpha_min <= self.alpha_max <= 1, "--alpha_min <= --alpha_max must lie in [0, 1]")
-        _check(self.clip_low > 0 and self.clip_high > 0,
-               f"--clip_low and --clip_high must be > 0, got {self.clip_low} and {self.clip_high}")
-        _check(self.teacher_log_ratio_clip is None or self.teacher_log_ratio_clip > 0,
-               "--teacher_log_ratio_clip must be > 0, or none to turn the clamp off")
+        _check(
+            self.clip_low > 0 and self.clip_high > 0,
+            f"--clip_low and --clip_high must be > 0, got {self.clip_low} and {self.clip_high}",
+        )
+        _check(
+            self.teacher_log_ratio_clip is None or self.teacher_log_ratio_clip > 0,
+            "--teacher_log_ratio_clip must be > 0, or none to turn the clamp off",
+        )
         _check(self.dual_clip is None or self.dual_clip > 1, "--dual_clip must be > 1, or none")
         _check(self.beta_kd >= 0 and self.beta_ref >= 0, "--beta_kd and --beta_ref must be >= 0")
         _check(self.kl_estimator in KL_ESTIMATORS, f"--kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
@@ -143,56 +193,88 @@ class TrainConfig:
     prompts_per_step: int = _help("prompts per optimizer step, all ranks together", default=32)
     ppo_epochs: int = _help("passes over each batch of rollouts", default=1)
     micro_batch_tokens: int = _help("token budget of one forward/backward micro-batch per rank", default=16384)
-    lr: float = _help("learning rate (fills the DeepSpeed config's \"auto\")", default=1e-6)
-    weight_decay: float = _help("AdamW weight decay (fills the DeepSpeed config's \"auto\")", default=0.0)
-    grad_clip: float = _help("gradient norm clipping (fills \"auto\")", default=1.0)
+    lr: float = _help('learning rate (fills the DeepSpeed config\'s "auto")', default=1e-6)
+    weight_decay: float = _help('AdamW weight decay (fills the DeepSpeed config\'s "auto")', default=0.0)
+    grad_clip: float = _help('gradient norm clipping (fills "auto")', default=1.0)
     max_steps: int = _help("optimizer steps", default=100)
     seed: int = _help("seed of data order, sampling, init and generated problems", scope="both", default=0)
     output_dir: str = _help("metrics, checkpoints and the exported student", default="outputs/rlad")
-    overwrite_output_dir: bool = _help("start at step 0 in an output dir that holds a run (moved aside to "
-                                       "OUTPUT_DIR.old-<time>, never deleted)", default=False)
+    overwrite_output_dir: bool = _help(
+        "start at step 0 in an output dir that holds a run (moved aside to OUTPUT_DIR.old-<time>, never deleted)",
+        default=False,
+    )
     save_steps: int = _help("checkpoint every N steps and at the end (0: only at the end, -1: never)", default=50)
     keep_last: int = _help("checkpoints kept", default=2)
     resume: str = _help("auto (newest complete checkpoint in output_dir), none, or a checkpoint path", default="auto")
     max_bad_steps: int = _help("consecutive non-finite steps tolerated before stopping", default=3)
     max_failed_reward_steps: int = _help("steps in a row with every reward call failed: stop (0: never)", default=3)
-    save_on_signal: bool = _help("on SIGTERM / SIGINT (or the launcher's death) finish the step and save a "
-                                 "checkpoint when that fits in --signal_grace_s; off: exit at once", default=True)
-    signal_grace_s: float = _help("seconds a launcher waits after SIGTERM before SIGKILL (DeepSpeed's, SLURM's "
-                                  "and Kubernetes' default: 30)", default=30.0)
+    save_on_signal: bool = _help(
+        "on SIGTERM / SIGINT (or the launcher's death) finish the step and save a "
+        "checkpoint when that fits in --signal_grace_s; off: exit at once",
+        default=True,
+    )
+    signal_grace_s: float = _help(
+        "seconds a launcher waits after SIGTERM before SIGKILL (DeepSpeed's, SLURM's and Kubernetes' default: 30)",
+        default=30.0,
+    )
     report_to: str = _help("tensorboard, wandb, or none (metrics.jsonl is always written)", default="tensorboard")
-    collective_timeout_s: int = _help("seconds a collective may wait before the job fails (a dead rank)",
-                                      scope="both", default=1800)
+    collective_timeout_s: int = _help(
+        "seconds a collective may wait before the job fails (a dead rank)", scope="both", default=1800
+    )
 
     def __post_init__(self):
-        for name in ("prompts_per_step", "ppo_epochs", "micro_batch_tokens", "max_steps", "keep_last",
-                     "collective_timeout_s", "lr", "max_bad_steps"):
+        for name in (
+            "prompts_per_step",
+            "ppo_epochs",
+            "micro_batch_tokens",
+            "max_steps",
+            "keep_last",
+            "collective_timeout_s",
+            "lr",
+            "max_bad_steps",
+        ):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.save_steps >= -1, "--save_steps must be >= 0, or -1 for no checkpoints")
-        _check(self.max_failed_reward_steps >= 0 and self.signal_grace_s >= 0,
-               "--max_failed_reward_steps and --signal_grace_s must be >= 0")
+        _check(
+            self.max_failed_reward_steps >= 0 and self.signal_grace_s >= 0,
+            "--max_failed_reward_steps and --signal_grace_s must be >= 0",
+        )
         _check(self.report_to in ("tensorboard", "wandb", "none"), "--report_to must be tensorboard, wandb or none")
 
 
 @dataclass
 class DataConfig:
-    task: str = _help("kk, math, arith, rg:<dataset> (any reasoning-gym dataset), or module:function returning "
-                      "a Task", scope="both", default="kk")
-    task_args: str | None = _help("the task's config: JSON object or key=value,key=value (reasoning-gym dataset "
-                                  "config, e.g. n_people=3; keyword arguments of a module:function task)",
-                                  scope="both", default=None)
-    dataset: str | None = _help("training data: local jsonl/json/parquet/csv file or saved dataset dir (or a hub "
-                                "name when online); none = the task's generated prompts", default=None)
+    task: str = _help(
+        "kk, math, arith, rg:<dataset> (any reasoning-gym dataset), or module:function returning a Task",
+        scope="both",
+        default="kk",
+    )
+    task_args: str | None = _help(
+        "the task's config: JSON object or key=value,key=value (reasoning-gym dataset "
+        "config, e.g. n_people=3; keyword arguments of a module:function task)",
+        scope="both",
+        default=None,
+    )
+    dataset: str | None = _help(
+        "training data: local jsonl/json/parquet/csv file or saved dataset dir (or a hub "
+        "name when online); none = the task's generated prompts",
+        default=None,
+    )
     columns: str | None = _help("column mapping, e.g. prompt=question,answer=answer", scope="both", default=None)
     system_prompt: str | None = _help("system message for the chat template", scope="both", default=None)
-    prompt_template: str | None = _help("raw template with {prompt} instead of the tokenizer's chat template",
-                                        scope="both", default=None)
-    skip_bad_rows: bool = _help("skip malformed dataset rows (counted) instead of stopping", scope="both",
-                                default=False)
+    prompt_template: str | None = _help(
+        "raw template with {prompt} instead of the tokenizer's chat template", scope="both", default=None
+    )
+    skip_bad_rows: bool = _help(
+        "skip malformed dataset rows (counted) instead of stopping", scope="both", default=False
+    )
     train_size: int = _help("generated training prompts when no dataset is given", default=10000)
-    reward_timeout_s: float = _help("seconds one reward call may take; a slower call is stopped, scores 0 and is "
-                                    "counted in reward_errors", scope="both", default=10.0)
+    reward_timeout_s: float = _help(
+        "seconds one reward call may take; a slower call is stopped, scores 0 and is counted in reward_errors",
+        scope="both",
+        default=10.0,
+    )
     reward_workers: int = _help("verifier processes per rank", scope="both", default=2)
 
     def __post_init__(self):
@@ -202,27 +284,39 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    eval_size: int | None = _help("held-out problems: the first N usable rows of the eval data, or N generated; "
-                                  "0 = no evaluation; none = every row", scope="both", default=64)
+    eval_size: int | None = _help(
+        "held-out problems: the first N usable rows of the eval data, or N generated; "
+        "0 = no evaluation; none = every row",
+        scope="both",
+        default=64,
+    )
     eval_steps: int = _help("evaluate every N training steps (0: at the start and the end only)", default=0)
-    eval_dataset: str | None = _help("held-out data file or saved dataset dir; none = the task's generated test "
-                                     "split, or the test split of a saved --dataset", scope="both", default=None)
+    eval_dataset: str | None = _help(
+        "held-out data file or saved dataset dir; none = the task's generated test "
+        "split, or the test split of a saved --dataset",
+        scope="both",
+        default=None,
+    )
     eval_split: str = _help("split of a saved dataset dict (or hub dataset) to evaluate", scope="both", default="test")
     eval_samples: int = _help("samples per problem (n of Mean@k / Pass@k)", scope="both", default=1)
-    eval_k: tuple[int, ...] = _help("comma-separated k of Mean@k / Pass@k (each <= eval_samples)", scope="both",
-                                    default=(1,))
+    eval_k: tuple[int, ...] = _help(
+        "comma-separated k of Mean@k / Pass@k (each <= eval_samples)", scope="both", default=(1,)
+    )
     eval_temperature: float = _help("sampling temperature of evaluation (0: greedy)", scope="both", default=0.0)
     eval_top_p: float = _help("nucleus sampling of evaluation", scope="both", default=1.0)
     eval_top_k: int = _help("top-k sampling of evaluation (<= 0: off)", scope="both", default=0)
-    eval_offload: bool = _help("parameters of the evaluated model on CPU (launchers/eval.py)", scope="eval",
-                               default=False)
+    eval_offload: bool = _help(
+        "parameters of the evaluated model on CPU (launchers/eval.py)", scope="eval", default=False
+    )
 
     def __post_init__(self):
         _check(self.eval_size is None or self.eval_size >= 0, "--eval_size must be >= 0, or none for every row")
         _check(self.eval_steps >= 0, "--eval_steps must be >= 0")
         _check(self.eval_samples >= 1, f"--eval_samples must be >= 1, got {self.eval_samples}")
-        _check(bool(self.eval_k) and min(self.eval_k) >= 1 and max(self.eval_k) <= self.eval_samples,
-               f"every --eval_k must be in 1..eval_samples={self.eval_samples}, got {list(self.eval_k)}")
+        _check(
+            bool(self.eval_k) and min(self.eval_k) >= 1 and max(self.eval_k) <= self.eval_samples,
+            f"every --eval_k must be in 1..eval_samples={self.eval_samples}, got {list(self.eval_k)}",
+        )
         _check(self.eval_temperature >= 0, f"--eval_temperature must be >= 0, got {self.eval_temperature}")
         _check(0 < self.eval_top_p <= 1, f"--eval_top_p must be in (0, 1], got {self.eval_top_p}")
 
@@ -248,5 +342,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "loss": LossConfig, "train": TrainConfig,
-            "data": DataConfig, "eval": EvalConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "rollout": RolloutConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "eval": EvalConfig,
+}

@@ -1,4 +1,5 @@
-"""python -m rlad_ds.demo [CACHE_ROOT] (default: --cache_dir's): build (or reuse) the demo's models and print their demo.json."""
+"""python -m rlad_ds.demo [CACHE_ROOT]: build (or reuse) the demo's models under CACHE_ROOT (default: --cache_dir's)
+and print their demo.json."""
 
 import json
 import sys

@@ -18,8 +18,15 @@ import shutil
 import time
 from pathlib import Path
 
-from rlad_ds.demo.recipe import (DEFAULT_RECIPE, FORMAT_VERSION, DemoRecipe, build_model, count_parameters,
-                                 demo_tokenizer, recipe_key)
+from rlad_ds.demo.recipe import (
+    DEFAULT_RECIPE,
+    FORMAT_VERSION,
+    DemoRecipe,
+    build_model,
+    count_parameters,
+    demo_tokenizer,
+    recipe_key,
+)
 from rlad_ds.demo.sft import accuracy, train_sft
 from rlad_ds.tasks import arith
 
@@ -34,7 +41,7 @@ def cache_dir(root: str | Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None):
+def torch_threads(n: int | None):
     import torch
 
     before = torch.get_num_threads()
@@ -63,8 +70,12 @@ def _complete(root: Path) -> bool:
 def _build(root: Path, recipe: DemoRecipe, seed: int, progress: bool) -> None:
     """Train and save both models plus demo.json into `root` (a fresh temporary dir)."""
     tokenizer = demo_tokenizer()
-    info = {"recipe": dataclasses.asdict(recipe), "seed": seed, "format_version": FORMAT_VERSION,
-            "tokenizer_size": len(tokenizer)}
+    info = {
+        "recipe": dataclasses.asdict(recipe),
+        "seed": seed,
+        "format_version": FORMAT_VERSION,
+        "tokenizer_size": len(tokenizer),
+    }
     test = arith.generate("test", recipe.eval_examples, seed) if recipe.eval_examples else []
     for offset, role in enumerate(("teacher", "student")):
         spec, sft = getattr(recipe, role), getattr(recipe, f"{role}_sft")
@@ -78,11 +89,22 @@ def _build(root: Path, recipe: DemoRecipe, seed: int, progress: bool) -> None:
 
             stop = reached_target
         start = time.perf_counter()
-        losses = train_sft(model, tokenizer, sft, seed * 1000 + offset, progress, desc=f"demo SFT {role}", stop=stop,
-                           check_every=recipe.student_check_every)
-        record = {"parameters": count_parameters(model), "sft_steps": len(losses),
-                  "sft_seconds": round(time.perf_counter() - start, 1),
-                  "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4)}
+        losses = train_sft(
+            model,
+            tokenizer,
+            sft,
+            seed * 1000 + offset,
+            progress,
+            desc=f"demo SFT {role}",
+            stop=stop,
+            check_every=recipe.student_check_every,
+        )
+        record = {
+            "parameters": count_parameters(model),
+            "sft_steps": len(losses),
+            "sft_seconds": round(time.perf_counter() - start, 1),
+            "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
+        }
         if test:
             start = time.perf_counter()
             record["heldout_greedy"] = accuracy(model, tokenizer, test, greedy=True, seed=seed)
@@ -121,8 +143,13 @@ def build_cached(cache_dir: Path, name: str, complete, build) -> Path:
     return root
 
 
-def prepare_demo(cache_dir: str | Path, seed: int = 0, progress: bool = True,
-                 recipe: DemoRecipe = DEFAULT_RECIPE, num_threads: int | None = None) -> dict[str, Path]:
+def prepare_demo(
+    cache_dir: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+    recipe: DemoRecipe = DEFAULT_RECIPE,
+    num_threads: int | None = None,
+) -> dict[str, Path]:
     """HF dirs of the demo's SFT student and teacher, trained on the first call and cached after.
 
     `num_threads` (default: every CPU) applies only while training. ``demo.json`` beside the returned dirs
@@ -135,9 +162,11 @@ def prepare_demo(cache_dir: str | Path, seed: int = 0, progress: bool = True,
         if progress:
             from tqdm.auto import tqdm
 
-            tqdm.write(f"rlad_ds demo: training the SFT teacher and student once (about 2-3 min on 2 CPU cores), "
-                       f"cached in {cache_dir / name}")
-        with _threads(num_threads or os.cpu_count()):
+            tqdm.write(
+                f"rlad_ds demo: training the SFT teacher and student once (about 2-3 min on 2 CPU cores), "
+                f"cached in {cache_dir / name}"
+            )
+        with torch_threads(num_threads or os.cpu_count()):
             _build(tmp, recipe, seed, progress)
 
     root = build_cached(cache_dir, name, _complete, build)

@@ -14,15 +14,19 @@ from rlad_ds.tiny import char_tokenizer, tiny_config
 
 FORMAT_VERSION = 1  # bump when the files written or the training code change meaning
 # Raw template: user content only; assistant content (for completeness) followed by EOS; no generation prompt.
-DEMO_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<|im_end|>"
-                      "{% elif m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}")
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<|im_end|>"
+    "{% elif m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
 MAX_NEW_TOKENS = 48  # the worked solution is 32 characters + EOS
 # The demo's recipe, a profile of the config tree (`rlad_ds.config`): `launchers/train.py` with no --student
 # starts from these values, under the user's --config file and flags, which still override any of them.
-PROFILE = {"data": {"task": "arith"}, "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
-           "train": {"prompts_per_step": 16, "lr": 1e-5, "max_steps": 60, "save_steps": 0,
-                     "output_dir": "outputs/demo"},
-           "eval": {"eval_size": 200, "eval_steps": 20}}
+PROFILE = {
+    "data": {"task": "arith"},
+    "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
+    "train": {"prompts_per_step": 16, "lr": 1e-5, "max_steps": 60, "save_steps": 0, "output_dir": "outputs/demo"},
+    "eval": {"eval_size": 200, "eval_steps": 20},
+}
 
 
 @dataclass(frozen=True)
@@ -80,13 +84,22 @@ def render_prompt(tokenizer, text: str) -> str:
     """The model input for a user text, through the tokenizer's chat template (for the demo: `text` itself)."""
     if tokenizer.chat_template is None:
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def recipe_key(recipe: DemoRecipe, seed: int) -> str:
-    blob = json.dumps({"recipe": dataclasses.asdict(recipe), "seed": seed, "version": FORMAT_VERSION,
-                       "alphabet": arith.ALPHABET, "template": DEMO_CHAT_TEMPLATE}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "recipe": dataclasses.asdict(recipe),
+            "seed": seed,
+            "version": FORMAT_VERSION,
+            "alphabet": arith.ALPHABET,
+            "template": DEMO_CHAT_TEMPLATE,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -99,10 +112,18 @@ def build_model(spec: ModelSpec, tokenizer, seed: int):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    config = tiny_config("qwen3", len(tokenizer), hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
-                         kv_heads=spec.kv_heads, intermediate=spec.intermediate, max_positions=128)
+    config = tiny_config(
+        "qwen3",
+        len(tokenizer),
+        hidden=spec.hidden,
+        layers=spec.layers,
+        heads=spec.heads,
+        kv_heads=spec.kv_heads,
+        intermediate=spec.intermediate,
+        max_positions=128,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               max_new_tokens=MAX_NEW_TOKENS)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=MAX_NEW_TOKENS
+    )
     return model

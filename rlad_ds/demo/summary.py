@@ -21,26 +21,45 @@ class DemoSummary(Callback):
         teacher = None
         if trainer.models.teacher_rollout is not None and trainer.eval_examples:
             # The same held-out prompts and evaluation path, through the teacher (collective: every rank).
-            results = evaluate_examples(trainer.models.teacher_rollout, trainer.tokenizer, trainer.task,
-                                        trainer.eval_examples, trainer.cfg, trainer.rewards, trainer.models.device)
+            results = evaluate_examples(
+                trainer.models.teacher_rollout,
+                trainer.tokenizer,
+                trainer.task,
+                trainer.eval_examples,
+                trainer.cfg,
+                trainer.rewards,
+                trainer.models.device,
+            )
             teacher = results["overall"][f"mean@{results['ks'][0]}"]
         if trainer.rank != 0:
             return
-        summary = {"student_before": history["eval_before"], "student_after": history["eval_after"],
-                   "teacher": teacher, "method": trainer.method.name, "steps": trainer.step,
-                   "train_seconds": round(seconds, 1),
-                   "eval_prompts": len(trainer.eval_examples)}
+        summary = {
+            "student_before": history["eval_before"],
+            "student_after": history["eval_after"],
+            "teacher": teacher,
+            "method": trainer.method.name,
+            "steps": trainer.step,
+            "train_seconds": round(seconds, 1),
+            "eval_prompts": len(trainer.eval_examples),
+        }
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
         print(f"\nheld-out accuracy (greedy, {summary['eval_prompts']} prompts), --method {trainer.method.name}")
         print("| model | accuracy |\n|---|---|")
         for key in ("student_before", "student_after", "teacher"):
             value = summary[key]
-            shown = f"{value:.3f}" if value is not None else f"not loaded (--method {trainer.method.name} uses none)" \
-                if key == "teacher" else "n/a"
+            shown = (
+                f"{value:.3f}"
+                if value is not None
+                else f"not loaded (--method {trainer.method.name} uses none)"
+                if key == "teacher"
+                else "n/a"
+            )
             print(f"| {key.replace('_', ' ')} | {shown} |")
-        print(f"\nwrote {self.output_dir / 'summary.json'}, {self.output_dir / 'curves.png'}, "
-              f"{self.output_dir / 'student_hf'}")
+        print(
+            f"\nwrote {self.output_dir / 'summary.json'}, {self.output_dir / 'curves.png'}, "
+            f"{self.output_dir / 'student_hf'}"
+        )
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:

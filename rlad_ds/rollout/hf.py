@@ -37,12 +37,17 @@ def generation_config(sampling: SamplingConfig, tokenizer):
     from transformers import GenerationConfig
 
     do_sample = sampling.temperature > 0.0
-    return GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=do_sample,
-                            temperature=sampling.temperature if do_sample else None,
-                            top_p=sampling.top_p if do_sample else None,
-                            top_k=max(sampling.top_k, 0) if do_sample else None, repetition_penalty=1.0,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            use_cache=True)
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=do_sample,
+        temperature=sampling.temperature if do_sample else None,
+        top_p=sampling.top_p if do_sample else None,
+        top_k=max(sampling.top_k, 0) if do_sample else None,
+        repetition_penalty=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
 
 
 @contextmanager
@@ -146,10 +151,12 @@ class _HFGenerateRollout(RolloutEngine):
         prompt_mask = request.prompt_attention_mask.repeat_interleave(n, dim=0)
         config = generation_config(sampling, self.tokenizer)
         with self.session():
-            output_ids = self._module.generate(prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                               synced_gpus=self.collective_calls)
-        return finish_rollout(request.prompt_attention_mask, output_ids, n, self.tokenizer.eos_token_id,
-                              self.tokenizer.pad_token_id)
+            output_ids = self._module.generate(
+                prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=self.collective_calls
+            )
+        return finish_rollout(
+            request.prompt_attention_mask, output_ids, n, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        )
 
     def sync_weights(self, step: int) -> None:
         """No-op: the rollout reads the training engine's own (partitioned) weights."""
@@ -165,8 +172,10 @@ class GatheredRollout(_HFGenerateRollout):
     def unavailable_reason(model, device: str, rollout_cfg) -> str | None:
         needed, budget = param_bytes(model), rollout_cfg.gather_budget_gb * 2**30
         if needed > budget:
-            return f"gathering the whole model needs {needed / 2**30:.2f} GiB, over --gather_budget_gb " \
-                   f"{rollout_cfg.gather_budget_gb:g}"
+            return (
+                f"gathering the whole model needs {needed / 2**30:.2f} GiB, over --gather_budget_gb "
+                f"{rollout_cfg.gather_budget_gb:g}"
+            )
         return None
 
     @contextmanager
@@ -198,5 +207,3 @@ class ModuleRollout(_HFGenerateRollout):
     @contextmanager
     def _generating_model(self):
         yield self.module
-
-

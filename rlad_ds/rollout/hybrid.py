@@ -35,13 +35,14 @@ class HybridRollout(RolloutEngine):
             return f"DeepSpeed has no hybrid-engine inference kernels for the {device} device"
         policy_classes = inference_policy_layer_classes()
         if not any(type(module) in policy_classes for module in model.modules()):
-            return (f"DeepSpeed {__import__('deepspeed').__version__} has no inference policy for "
-                    f"{type(model).__name__}")
+            return f"DeepSpeed {__import__('deepspeed').__version__} has no inference policy for {type(model).__name__}"
         config = model.config
         heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
         if kv_heads not in (None, heads):
-            return (f"DeepSpeed's inference container has no grouped-query attention ({heads} query heads, "
-                    f"{kv_heads} key/value heads)")
+            return (
+                f"DeepSpeed's inference container has no grouped-query attention ({heads} query heads, "
+                f"{kv_heads} key/value heads)"
+            )
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
         if rope_type not in (None, "default"):
@@ -66,8 +67,13 @@ class HybridRollout(RolloutEngine):
 
     def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutOutput:
         batch = self.inner.generate(request, sampling)
-        return finish_rollout(request.prompt_attention_mask, batch.input_ids, sampling.n_samples_per_prompt,
-                              self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        return finish_rollout(
+            request.prompt_attention_mask,
+            batch.input_ids,
+            sampling.n_samples_per_prompt,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+        )
 
     def sync_weights(self, step: int) -> None:
         self.inner.sync_weights(step)

@@ -24,8 +24,9 @@ class RolloutOutput(RolloutBatch):
         return self.response_mask.sum(-1)
 
 
-def finish_rollout(prompt_mask: torch.Tensor, output_ids: torch.Tensor, n_samples: int, eos_token_ids,
-                   pad_token_id: int) -> RolloutOutput:
+def finish_rollout(
+    prompt_mask: torch.Tensor, output_ids: torch.Tensor, n_samples: int, eos_token_ids, pad_token_id: int
+) -> RolloutOutput:
     """Turn generate's [B', T_p + T_r] output into a RolloutOutput: keep the first EOS, pad after it."""
     prompt_len = prompt_mask.shape[1]
     response = output_ids[:, prompt_len:]
@@ -42,11 +43,15 @@ def finish_rollout(prompt_mask: torch.Tensor, output_ids: torch.Tensor, n_sample
     response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), kept], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), kept.long()], dim=1)
     rows = output_ids.shape[0]
-    return RolloutOutput(input_ids=output_ids, attention_mask=attention_mask,
-                         response_start_idx=torch.full((rows, ), prompt_len, dtype=torch.long,
-                                                       device=output_ids.device),
-                         response_mask=response_mask, eos=eos, truncated=~eos,
-                         prompt_index=torch.arange(rows, device=output_ids.device) // n_samples)
+    return RolloutOutput(
+        input_ids=output_ids,
+        attention_mask=attention_mask,
+        response_start_idx=torch.full((rows,), prompt_len, dtype=torch.long, device=output_ids.device),
+        response_mask=response_mask,
+        eos=eos,
+        truncated=~eos,
+        prompt_index=torch.arange(rows, device=output_ids.device) // n_samples,
+    )
 
 
 def concat_rollouts(outputs: list[RolloutOutput], pad_token_id: int) -> RolloutOutput:
@@ -70,9 +75,12 @@ def concat_rollouts(outputs: list[RolloutOutput], pad_token_id: int) -> RolloutO
     for o in outputs[:-1]:
         offsets.append(offsets[-1] + int(o.prompt_index.max()) + 1)
     rows = sum(o.input_ids.shape[0] for o in outputs)
-    return RolloutOutput(input_ids=stacked("input_ids", pad_token_id), attention_mask=stacked("attention_mask", 0),
-                         response_start_idx=torch.full((rows, ), prompt_width, dtype=torch.long,
-                                                       device=outputs[0].input_ids.device),
-                         response_mask=stacked("response_mask", False),
-                         eos=torch.cat([o.eos for o in outputs]), truncated=torch.cat([o.truncated for o in outputs]),
-                         prompt_index=torch.cat([o.prompt_index + k for o, k in zip(outputs, offsets)]))
+    return RolloutOutput(
+        input_ids=stacked("input_ids", pad_token_id),
+        attention_mask=stacked("attention_mask", 0),
+        response_start_idx=torch.full((rows,), prompt_width, dtype=torch.long, device=outputs[0].input_ids.device),
+        response_mask=stacked("response_mask", False),
+        eos=torch.cat([o.eos for o in outputs]),
+        truncated=torch.cat([o.truncated for o in outputs]),
+        prompt_index=torch.cat([o.prompt_index + k for o, k in zip(outputs, offsets)]),
+    )

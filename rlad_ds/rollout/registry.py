@@ -33,17 +33,32 @@ class RolloutKind:
         return getattr(importlib.import_module(module), cls)
 
 
-KINDS = {kind.name: kind for kind in (
-    RolloutKind("vllm", "rlad_ds.rollout.vllm:VLLMRollout",
-                "a colocated vLLM per rank, weights streamed from the ZeRO-3 partitions after each optimizer step"),
-    RolloutKind("hybrid_engine", "rlad_ds.rollout.hybrid:HybridRollout",
-                "DeepSpeed's hybrid engine (explicit only: CUDA, DeepSpeed's inference policy, no grouped-query "
-                "attention)", in_auto=False),
-    RolloutKind("gathered", "rlad_ds.rollout.hf:GatheredRollout",
-                "the ZeRO-3 model gathered once per rollout, transformers' generate with no collectives"),
-    RolloutKind("per_layer", "rlad_ds.rollout.hf:PerLayerRollout",
-                "transformers' generate under ZeRO-3's per-layer gathers, ranks in lock-step"),
-)}
+KINDS = {
+    kind.name: kind
+    for kind in (
+        RolloutKind(
+            "vllm",
+            "rlad_ds.rollout.vllm:VLLMRollout",
+            "a colocated vLLM per rank, weights streamed from the ZeRO-3 partitions after each optimizer step",
+        ),
+        RolloutKind(
+            "hybrid_engine",
+            "rlad_ds.rollout.hybrid:HybridRollout",
+            "DeepSpeed's hybrid engine (explicit only: CUDA, DeepSpeed's inference policy, no grouped-query attention)",
+            in_auto=False,
+        ),
+        RolloutKind(
+            "gathered",
+            "rlad_ds.rollout.hf:GatheredRollout",
+            "the ZeRO-3 model gathered once per rollout, transformers' generate with no collectives",
+        ),
+        RolloutKind(
+            "per_layer",
+            "rlad_ds.rollout.hf:PerLayerRollout",
+            "transformers' generate under ZeRO-3's per-layer gathers, ranks in lock-step",
+        ),
+    )
+}
 ROLLOUT_CHOICES = ("auto", *KINDS)
 
 
@@ -53,8 +68,9 @@ def _why_not(cls, model, device: str, rollout_cfg, frozen: bool) -> str | None:
     return cls.unavailable_reason(model, device, rollout_cfg)
 
 
-def choose_rollout(requested: str, model, device: str, rollout_cfg, *, role: str = "student",
-                   frozen: bool = False) -> type:
+def choose_rollout(
+    requested: str, model, device: str, rollout_cfg, *, role: str = "student", frozen: bool = False
+) -> type:
     """The rollout class for `model` (an HF module, partitioned or not) on `device`: `requested`, refused in one
     line if it cannot serve, or with "auto" the first kind of the registry that can."""
     if requested != "auto":

@@ -61,14 +61,17 @@ def vllm_unavailable_reason(model_config, device: str) -> str | None:
     if device not in ("cuda", "cpu"):
         return f"rlad_ds runs vLLM on cuda and cpu only, not on {device}"
     if device == "cpu" and head_dim(model_config) not in CPU_HEAD_SIZES:
-        return (f"vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}; this model's is "
-                f"{head_dim(model_config)}")
+        return (
+            f"vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}; this model's is {head_dim(model_config)}"
+        )
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm.platforms import current_platform
 
     if current_platform.device_type != device:
-        return (f"the installed vLLM is a {current_platform.device_type or 'unknown-device'} build and this run "
-                f"is on {device} ({VLLM_INSTALL})")
+        return (
+            f"the installed vLLM is a {current_platform.device_type or 'unknown-device'} build and this run "
+            f"is on {device} ({VLLM_INSTALL})"
+        )
     from vllm.model_executor.models.registry import ModelRegistry
 
     architectures = list(getattr(model_config, "architectures", None) or [])
@@ -152,24 +155,45 @@ class VLLMRollout(RolloutEngine):
         from vllm import LLM
 
         rank, world_size = world()
-        for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", os.environ.get("LOCAL_RANK", 0))):
+        for name, value in (
+            ("RANK", rank),
+            ("WORLD_SIZE", world_size),
+            ("LOCAL_RANK", os.environ.get("LOCAL_RANK", 0)),
+        ):
             os.environ.setdefault(name, str(value))
         dtype = next(self.engine.module.parameters()).dtype
-        memory = (dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
-                  if self.device == "cuda" else dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2**30)))
+        memory = (
+            dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
+            if self.device == "cuda"
+            else dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2**30))
+        )
         start = time.perf_counter()
         with _kept_process_state():
             # Dummy weights: the student's own arrive by the first sync, also after a resume.
-            llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, load_format="dummy",
-                      seed=seed + rank, distributed_executor_backend="external_launcher" if world_size > 1 else None,
-                      tensor_parallel_size=1, enforce_eager=self.device == "cpu", disable_log_stats=True,
-                      trust_remote_code=False, **memory)
+            llm = LLM(
+                model=str(model_path),
+                tokenizer=str(model_path),
+                dtype=dtype,
+                load_format="dummy",
+                seed=seed + rank,
+                distributed_executor_backend="external_launcher" if world_size > 1 else None,
+                tensor_parallel_size=1,
+                enforce_eager=self.device == "cpu",
+                disable_log_stats=True,
+                trust_remote_code=False,
+                **memory,
+            )
         # The engine's many long-lived objects would be re-scanned by every full garbage collection of the training
         # loop: move them (and everything before) out of the collector's generations.
         gc.collect()
         gc.freeze()
-        logger.info("rollout: vLLM %s engine ready in %.1f s (%s, %s)", __import__("vllm").__version__,
-                    time.perf_counter() - start, self.device, dtype)
+        logger.info(
+            "rollout: vLLM %s engine ready in %.1f s (%s, %s)",
+            __import__("vllm").__version__,
+            time.perf_counter() - start,
+            self.device,
+            dtype,
+        )
         return llm
 
     # ---- memory: awake only inside rollout sessions (CUDA) ----------------------------------------------------
@@ -198,8 +222,10 @@ class VLLMRollout(RolloutEngine):
         start = time.perf_counter()
         self._wake()
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs=dict(
-                weights_iterator=gathered_weights(self.engine.module), is_checkpoint_format=True))
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs=dict(weights_iterator=gathered_weights(self.engine.module), is_checkpoint_format=True),
+            )
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.synced_step = current
         self.sync_seconds = time.perf_counter() - start
@@ -228,12 +254,19 @@ class VLLMRollout(RolloutEngine):
         # ignore_eos: stop at the tokenizer's EOS only (stop_token_ids), as the HF rollouts do, not also at ids
         # the model's generation_config adds.
         # vLLM refuses n > 1 with greedy decoding: one greedy sample per prompt, repeated by `generate`.
-        return SamplingParams(n=1 if greedy else sampling.n_samples_per_prompt, max_tokens=sampling.max_new_tokens,
-                              temperature=0.0 if greedy else sampling.temperature,
-                              top_p=1.0 if greedy else sampling.top_p,
-                              top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k,
-                              seed=int(torch.randint(0, 2**31 - 1, ())), stop_token_ids=self._eos_ids(),
-                              ignore_eos=True, detokenize=False, skip_special_tokens=False, **extra)
+        return SamplingParams(
+            n=1 if greedy else sampling.n_samples_per_prompt,
+            max_tokens=sampling.max_new_tokens,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k,
+            seed=int(torch.randint(0, 2**31 - 1, ())),
+            stop_token_ids=self._eos_ids(),
+            ignore_eos=True,
+            detokenize=False,
+            skip_special_tokens=False,
+            **extra,
+        )
 
     def _eos_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -241,8 +274,10 @@ class VLLMRollout(RolloutEngine):
 
     def generate_raw(self, request: RolloutRequest, params) -> list:
         """vLLM's RequestOutputs for the request's prompts (padding stripped), in order."""
-        prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()}
-                   for ids, mask in zip(request.prompt_ids.cpu(), request.prompt_attention_mask.cpu())]
+        prompts = [
+            {"prompt_token_ids": ids[mask.bool()].tolist()}
+            for ids, mask in zip(request.prompt_ids.cpu(), request.prompt_attention_mask.cpu())
+        ]
         with self.session():
             return self.llm.generate(prompts, params, use_tqdm=False)
 
@@ -251,13 +286,17 @@ class VLLMRollout(RolloutEngine):
         n = sampling.n_samples_per_prompt
         outputs = self.generate_raw(request, self.sampling_params(sampling))
         copies = n if sampling.temperature <= 0.0 else 1
-        responses = [list(sample.token_ids) for out in outputs for sample in sorted(out.outputs, key=lambda s: s.index)
-                     for _ in range(copies)]
+        responses = [
+            list(sample.token_ids)
+            for out in outputs
+            for sample in sorted(out.outputs, key=lambda s: s.index)
+            for _ in range(copies)
+        ]
         width = max(1, max(map(len, responses)))
         pad = self.tokenizer.pad_token_id
         response_ids = torch.full((len(responses), width), pad, dtype=torch.long)
         for row, ids in enumerate(responses):
-            response_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         prompt_ids = request.prompt_ids.repeat_interleave(n, dim=0)
         output_ids = torch.cat([prompt_ids, response_ids.to(prompt_ids.device)], dim=1)
         return finish_rollout(request.prompt_attention_mask, output_ids, n, self._eos_ids(), pad)

@@ -35,8 +35,9 @@ def parse_task_args(args: str | None) -> dict:
         try:
             parsed = json.loads(args)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"--task_args is not valid JSON ({error.msg}); write {{\"key\": value}} "
-                              "or key=value,key=value") from None
+            raise ConfigError(
+                f'--task_args is not valid JSON ({error.msg}); write {{"key": value}} or key=value,key=value'
+            ) from None
         if not isinstance(parsed, dict):
             raise ConfigError("--task_args must be a JSON object or key=value,key=value")
         return parsed
@@ -52,19 +53,21 @@ def parse_task_args(args: str | None) -> dict:
     return parsed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_task(name: str, args: str | None = None) -> Task:
     """The task called `name` configured by `args` (see the module doc); cached per (name, args)."""
     options = parse_task_args(args)
     if name.startswith("rg:"):
         from rlad_ds.tasks.rg import make_task
 
-        return make_task(name[len("rg:"):], options)
+        return make_task(name[len("rg:") :], options)
     if ":" in name:
         return _user_task(name, options)
     if name not in BUILTIN:
-        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(known_tasks())}, rg:<dataset> "
-                          "(reasoning-gym) or give module:function returning a Task")
+        raise ConfigError(
+            f"unknown task {name!r}; choose one of {', '.join(known_tasks())}, rg:<dataset> "
+            "(reasoning-gym) or give module:function returning a Task"
+        )
     if options:
         raise ConfigError(f"task {name!r} takes no --task_args (they configure rg:<dataset> and user tasks)")
     module = _import(BUILTIN[name], f"built-in task {name!r}")
@@ -77,8 +80,9 @@ def _import(module_name: str, what: str):
     except ModuleNotFoundError as error:
         # Only the module itself (or its package) missing is the user's typo; a missing import inside it is not.
         if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):
-            raise ConfigError(f"cannot import module {module_name!r} for {what}; "
-                              "check the spelling and that it is on PYTHONPATH") from None
+            raise ConfigError(
+                f"cannot import module {module_name!r} for {what}; check the spelling and that it is on PYTHONPATH"
+            ) from None
         raise
 
 

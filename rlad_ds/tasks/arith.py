@@ -38,7 +38,7 @@ _ANSWER = re.compile(r"\d{1,4}")
 
 
 def split_of(a: int, b: int) -> str:
-    """"test" or "train" for the pair (a, b); symmetric in a and b."""
+    """ "test" or "train" for the pair (a, b); symmetric in a and b."""
     lo, hi = min(a, b), max(a, b)
     digest = hashlib.sha256(f"arith:{lo}+{hi}".encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT else "train"
@@ -60,7 +60,7 @@ def make_example(a: int, b: int) -> dict:
     return {"a": a, "b": b, "answer": a + b, "carries": carries(a, b)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def split_size(split: str) -> int:
     """How many ordered pairs (a, b) the split holds (train ~90%, test ~10% of 810,000)."""
     return sum(split_of(a, b) == split for a in range(LOW, HIGH + 1) for b in range(LOW, HIGH + 1))

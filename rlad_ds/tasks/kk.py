@@ -29,15 +29,40 @@ import hashlib
 import itertools
 import random
 import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 from rlad_ds.tasks.base import Task
 
 SIZES = tuple(range(2, 9))
-NAMES = ("Alice", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
-         "Maya", "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Victor", "Wendy", "Xavier",
-         "Yara", "Zoe")
+NAMES = (
+    "Alice",
+    "Ben",
+    "Clara",
+    "David",
+    "Elena",
+    "Felix",
+    "Grace",
+    "Henry",
+    "Iris",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Maya",
+    "Noah",
+    "Olivia",
+    "Peter",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Uma",
+    "Victor",
+    "Wendy",
+    "Xavier",
+    "Yara",
+    "Zoe",
+)
 # Small sizes have few distinct puzzles (about 200 per split for 2 people): after this many samples in a row
 # without a new one, the size counts as exhausted and puzzles may repeat (with new names).
 STALL_ATTEMPTS = 20_000
@@ -46,6 +71,7 @@ _PRIMITIVE = ("telling-truth", "lying")
 
 
 # ---------------------------------------------------------------- puzzle logic
+
 
 def holds(statement, assignment) -> bool:
     """Truth of a statement (nested lists/tuples) when person i is a knight iff assignment[i]."""
@@ -69,8 +95,11 @@ def holds(statement, assignment) -> bool:
 
 def solutions(statements) -> list[tuple[bool, ...]]:
     """Every assignment where each knight's statement is true and each knave's is false."""
-    return [assignment for assignment in itertools.product((True, False), repeat=len(statements))
-            if all(holds(s, assignment) == assignment[i] for i, s in enumerate(statements))]
+    return [
+        assignment
+        for assignment in itertools.product((True, False), repeat=len(statements))
+        if all(holds(s, assignment) == assignment[i] for i, s in enumerate(statements))
+    ]
 
 
 def split_of(statements) -> str:
@@ -87,6 +116,7 @@ def _as_lists(statement):
 
 
 # ---------------------------------------------------------------- text
+
 
 def describe(statement, names) -> str:
     """English for a statement, parenthesising compound parts."""
@@ -118,9 +148,11 @@ def _listing(items: list[str]) -> str:
 
 def quiz_text(statements, names) -> str:
     said = " ".join(f'{name} says, "{describe(s, names)}."' for name, s in zip(names, statements))
-    return ("A very special island is inhabited only by knights and knaves. Knights always tell the truth, "
-            f"and knaves always lie. You meet {len(names)} inhabitants: {_listing(list(names))}. {said} "
-            "So who is a knight and who is a knave?")
+    return (
+        "A very special island is inhabited only by knights and knaves. Knights always tell the truth, "
+        f"and knaves always lie. You meet {len(names)} inhabitants: {_listing(list(names))}. {said} "
+        "So who is a knight and who is a knave?"
+    )
 
 
 def solution_text(names, solution) -> str:
@@ -128,6 +160,7 @@ def solution_text(names, solution) -> str:
 
 
 # ---------------------------------------------------------------- generation
+
 
 def _sampler(seed: int, n_people: int):
     import numpy as np
@@ -157,8 +190,13 @@ def puzzles(split: str, n_people: int, seed: int, stall_attempts: int = STALL_AT
         seen.add(statements)
         misses = misses if exhausted else 0
         names = rng.sample(NAMES, n_people)
-        yield {"quiz": quiz_text(statements, names), "names": names, "solution": list(found[0]),
-               "solution_text": solution_text(names, found[0]), "statements": _as_lists(statements)}
+        yield {
+            "quiz": quiz_text(statements, names),
+            "names": names,
+            "solution": list(found[0]),
+            "solution_text": solution_text(names, found[0]),
+            "statements": _as_lists(statements),
+        }
 
 
 def generate(split: str, n: int, seed: int = 0, sizes=SIZES) -> list[dict]:
@@ -170,6 +208,7 @@ def generate(split: str, n: int, seed: int = 0, sizes=SIZES) -> list[dict]:
 
 
 # ---------------------------------------------------------------- grading
+
 
 def _get(example: dict, key: str):
     """A field at the top level, else under `metadata` (reasoning-gym's entries)."""
@@ -183,8 +222,13 @@ def roles(example: dict) -> tuple[str, str]:
     (reasoning-gym), else knight/knave."""
     terms = _get(example, "knight_knave") or _get(example, "knight_knave_terms") or {}
     knight, knave = terms.get("knight", "knight"), terms.get("knave", "knave")
-    if not (isinstance(knight, str) and isinstance(knave, str) and knight.strip() and knave.strip()
-            and knight.lower() != knave.lower()):
+    if not (
+        isinstance(knight, str)
+        and isinstance(knave, str)
+        and knight.strip()
+        and knave.strip()
+        and knight.lower() != knave.lower()
+    ):
         raise ValueError(f"K&K record's role words must be two different words, got {knight!r} / {knave!r}")
     return knight.strip().lower(), knave.strip().lower()
 
@@ -210,8 +254,7 @@ def gold(example: dict) -> tuple[list[str], list[bool]]:
 def _claim_pattern(name: str, knight: str, knave: str) -> re.Pattern:
     # The lookahead rejects hedges: "knight/knave", "a knight or a knave".
     words = f"{re.escape(knight)}|{re.escape(knave)}"
-    return re.compile(rf"(?<!\w){re.escape(name)}\s+is\s+(?:an?\s+)?({words})(?![\w/])(?!\s+or\b)",
-                      re.IGNORECASE)
+    return re.compile(rf"(?<!\w){re.escape(name)}\s+is\s+(?:an?\s+)?({words})(?![\w/])(?!\s+or\b)", re.IGNORECASE)
 
 
 def verdicts(text: str, names, role_words: tuple[str, str] = ("knight", "knave")) -> list[bool | None]:
@@ -250,8 +293,10 @@ def prompt(example: dict) -> str:
     if not isinstance(quiz, str) or not quiz.strip():
         raise ValueError("K&K record needs 'quiz' (or reasoning-gym's 'question'), the puzzle text")
     lines = "\n".join(f"({i}) {name} is {_article(knight)}/{knave}" for i, name in enumerate(names, 1))
-    return (f"{quiz}\n\nThink it through, then give your final answer inside <answer> </answer>, one line per "
-            f"person, each saying either '{_article(knight)}' or '{_article(knave)}':\n<answer>\n{lines}\n</answer>")
+    return (
+        f"{quiz}\n\nThink it through, then give your final answer inside <answer> </answer>, one line per "
+        f"person, each saying either '{_article(knight)}' or '{_article(knave)}':\n<answer>\n{lines}\n</answer>"
+    )
 
 
 def _article(word: str) -> str:
@@ -262,8 +307,10 @@ def reference(example: dict) -> str:
     """The gold answer in the prompted format."""
     names, solution = gold(example)
     knight, knave = roles(example)
-    lines = "\n".join(f"({i}) {name} is {_article(knight if is_knight else knave)}"
-                      for i, (name, is_knight) in enumerate(zip(names, solution), 1))
+    lines = "\n".join(
+        f"({i}) {name} is {_article(knight if is_knight else knave)}"
+        for i, (name, is_knight) in enumerate(zip(names, solution), 1)
+    )
     return f"<answer>\n{lines}\n</answer>"
 
 

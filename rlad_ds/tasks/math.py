@@ -50,7 +50,7 @@ def boxed_contents(text: str) -> list[str]:
         for i in range(match.end(), len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                found.append(text[match.end():i])
+                found.append(text[match.end() : i])
                 break
     return found
 
@@ -161,8 +161,7 @@ def prompt(example: dict) -> str:
 
 
 def subset(example: dict) -> str:
-    return str(next((_field(example, key) for key in ("subset", "level") if _field(example, key) is not None),
-                    "all"))
+    return str(next((_field(example, key) for key in ("subset", "level") if _field(example, key) is not None), "all"))
 
 
 TASK = Task(name="math", prompt=prompt, score=score, generate=None, subset=subset, reference=reference)

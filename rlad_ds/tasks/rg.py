@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache
 
 from rlad_ds.errors import ConfigError
 from rlad_ds.tasks.base import Task
@@ -51,7 +51,7 @@ def _registry() -> dict:
     return DATASETS
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dataset(name: str, args_json: str, seed: int, size: int):
     from reasoning_gym import create_dataset
 
@@ -87,8 +87,10 @@ def make_task(name: str, args: dict) -> Task:
                 if len(chosen) == n:
                     break
         if len(chosen) < n:
-            raise ConfigError(f"rg:{name} gave only {len(chosen)} {split} problems in {scan} draws; "
-                              "ask for fewer or widen its config with --task_args")
+            raise ConfigError(
+                f"rg:{name} gave only {len(chosen)} {split} problems in {scan} draws; "
+                "ask for fewer or widen its config with --task_args"
+            )
         return chosen
 
     def score(completion: str, example: dict) -> float:
@@ -100,8 +102,14 @@ def make_task(name: str, args: dict) -> Task:
 
     # A few datasets (boxnet, rush_hour...) check answers by simulation and record none: no gold to check.
     has_answers = scorer[0].get("answer") is not None
-    return Task(name=f"rg:{name}", prompt=prompt, score=score, generate=generate, subset=subset,
-                reference=reference if has_answers else None)
+    return Task(
+        name=f"rg:{name}",
+        prompt=prompt,
+        score=score,
+        generate=generate,
+        subset=subset,
+        reference=reference if has_answers else None,
+    )
 
 
 def reference(example: dict) -> str:
