@@ -166,10 +166,10 @@ def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, 
     """Training tokens/s and MFU with one attention backend (and, for sdpa, the gathered rollout's tokens/s)."""
     import torch
 
-    from rlad_ds.models import flash_attention_available
+    from rlad_ds.models import flash_attention_unavailable_reason
 
     name = f"train tokens/s, {attn}, {args.seq_len} tokens, bf16 ZeRO-3"
-    if attn == "flash_attention_2" and not flash_attention_available():
+    if attn == "flash_attention_2" and flash_attention_unavailable_reason() is not None:
         return [
             {"name": name, "value": None, "unit": "tok/s", "detail": "flash-attn not installed"},
             {"name": f"MFU, {attn}", "value": None, "unit": "fraction"},

@@ -83,20 +83,27 @@ def _fill_precision(config: dict, precision: str, device: str) -> None:
         )
 
 
-def _cpu_optimizer(config: dict, device: str) -> None:
-    """On CPU, Adam / AdamW run as torch's own (`torch_adam`): DeepSpeed's FusedAdam for the CPU accelerator is
-    JIT-compiled on first use (a minute or more on a small machine), and a run killed mid-build leaves a lock that
-    hangs every later start-up. A config that sets `torch_adam` itself, or offloads the optimizer (DeepSpeed's
-    prebuilt-or-JIT CPUAdam, its choice), is left as it is."""
+def _fp32_grad_accumulation(config: dict) -> None:
+    """bf16 weights: gradients accumulate over a step's micro-batches (dozens, with a token budget and long
+    responses) in fp32, not bf16, whose 8-bit mantissa drops the small ones (OpenRLHF exposes the same knob). A
+    config's own `data_types.grad_accum_dtype` is left as it is."""
+    if config.get("bf16", {}).get("enabled") is True:
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+
+
+def _torch_adamw(config: dict, device: str) -> None:
+    """Adam / AdamW run as torch's own (`torch_adam`; fused kernels on CUDA): DeepSpeed's FusedAdam is JIT-compiled
+    by the first `deepspeed.initialize` on every node (nvcc and ninja on GPUs, a minute or more; it fails on
+    runtime-only images), and a run killed mid-build leaves a lock that hangs every later start-up. A config that
+    sets `torch_adam` itself, or offloads the optimizer (DeepSpeed's prebuilt-or-JIT CPUAdam, far faster than
+    torch's on the CPU), is left as it is."""
     optimizer = config.get("optimizer")
     offloaded = isinstance(config.get("zero_optimization", {}).get("offload_optimizer"), dict)
-    if (
-        device == "cpu"
-        and isinstance(optimizer, dict)
-        and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
-        and not offloaded
-    ):
-        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or offloaded:
+        return
+    params = optimizer.setdefault("params", {})
+    if params.setdefault("torch_adam", True) is True and device == "cuda":
+        params.setdefault("fused", True)  # torch's fused AdamW: one kernel per parameter group
 
 
 def _fill_zero(config: dict, device: str, persistence_threshold: int | None) -> None:
@@ -151,8 +158,9 @@ def fill_train_config(
             if scheduler_params.get(key) == AUTO:
                 scheduler_params[key] = float(lr) if key == "warmup_max_lr" else 0.0
     _fill_precision(config, precision, device)
+    _fp32_grad_accumulation(config)
     _fill_zero(config, device, persistence_threshold)
-    _cpu_optimizer(config, device)
+    _torch_adamw(config, device)
     return config
 
 

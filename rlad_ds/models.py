@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from rlad_ds.errors import ConfigError
+from rlad_ds.errors import ConfigError, error_line
 
 logger = logging.getLogger(__name__)
 
@@ -178,24 +178,41 @@ def prompt_budget(path: str | Path, max_new_tokens: int, role: str = "model") ->
     return context - max_new_tokens
 
 
-def flash_attention_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def flash_attention_unavailable_reason() -> str | None:
+    """Why flash-attn cannot run here, or None. Found by importing it: a wheel built for another torch or CUDA is
+    found by `find_spec` and then fails with undefined symbols, which would surface in `from_pretrained`."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401  the kernel packed sequences use
+    except Exception as error:  # ImportError, OSError (undefined symbol), RuntimeError from its CUDA checks
+        import torch
+
+        return (
+            f"flash-attn is installed but does not import ({error_line(error, 200)}); install a wheel built for "
+            f"torch {torch.__version__}"
+        )
+    return None
 
 
-def choose_attention(device: str, override: str | None = None) -> str:
-    """`override` (one of ATTENTION_BACKENDS) if given, else flash_attention_2 where flash-attn imports on CUDA,
-    else sdpa."""
-    if override is not None:
-        if override == "flash_attention_2" and not (device == "cuda" and flash_attention_available()):
+def choose_attention(device: str, precision: str, override: str | None = None) -> str:
+    """`override` (one of ATTENTION_BACKENDS) if given, else flash_attention_2 where flash-attn imports on CUDA and
+    the weights are bf16 (its kernels have no fp32), else sdpa, with a warning saying why on CUDA."""
+    if override == "flash_attention_2":
+        why = f"it needs CUDA, this run is on {device}" if device != "cuda" else flash_attention_unavailable_reason()
+        if why is not None:
+            raise ConfigError(f"--attn_implementation flash_attention_2: {why}; choose sdpa or fix the install")
+        if precision != "bf16":
             raise ConfigError(
-                "attention backend flash_attention_2 needs CUDA and the flash-attn package; "
-                "install flash-attn or choose sdpa"
+                "--attn_implementation flash_attention_2 has no fp32 kernels; pass --precision bf16 or choose sdpa"
             )
+    if override is not None:
         return override
-    if device == "cuda" and flash_attention_available():
-        return "flash_attention_2"
-    if device == "cuda":
-        logger.info("flash-attn is not installed: using sdpa attention (no padding-free packing)")
+    if device == "cuda" and precision == "bf16":
+        why = flash_attention_unavailable_reason()
+        if why is None:
+            return "flash_attention_2"
+        logger.warning("attention: sdpa, not flash_attention_2 (%s): no padding-free packing", why)
     return "sdpa"
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlad_ds.distributed import world
-from rlad_ds.ds_config import frozen_ds_config, student_ds_config
+from rlad_ds.ds_config import frozen_ds_config, resolve_precision, student_ds_config
 from rlad_ds.logprob_scorer import LogProbScorer
 from rlad_ds.models import check_tokenizers_match, choose_attention, load_causal_lm, load_tokenizer
 from rlad_ds.rollout.registry import choose_rollout
@@ -45,7 +45,9 @@ def _device() -> str:
 
 def _attention(cfg, device: str) -> str:
     override = cfg.model.attn_implementation
-    return choose_attention(device, None if override == "auto" else override)
+    return choose_attention(
+        device, resolve_precision(cfg.model.precision, device), None if override == "auto" else override
+    )
 
 
 def load_frozen(

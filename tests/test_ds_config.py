@@ -122,19 +122,28 @@ def test_a_fixed_weight_decay_that_disagrees_is_refused():
         fill_train_config(config, device="cpu", weight_decay=0.1, **TRAIN)
 
 
-def test_cpu_adam_needs_no_jit_build():
-    """On CPU the shipped config's AdamW runs as torch's (no FusedAdam JIT build, no build lock to leave behind);
-    accelerators keep DeepSpeed's FusedAdam; a config's own choice and an offloaded optimizer are left alone."""
-    cpu = fill_train_config(CONFIG_DIR / "zero3.json", device="cpu", **TRAIN)
-    assert cpu["optimizer"]["params"]["torch_adam"] is True
-    assert (
-        "torch_adam" not in fill_train_config(CONFIG_DIR / "zero3.json", device="cuda", **TRAIN)["optimizer"]["params"]
-    )
+def test_adamw_is_torchs_own_on_every_device_so_nothing_is_compiled():
+    """The shipped config's AdamW runs as torch's (no FusedAdam JIT build, no build lock to leave behind), fused on
+    CUDA; a config's own choice and an offloaded optimizer (DeepSpeed's CPUAdam) are left alone."""
+    cpu = fill_train_config(CONFIG_DIR / "zero3.json", device="cpu", **TRAIN)["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu
+    cuda = fill_train_config(CONFIG_DIR / "zero3.json", device="cuda", **TRAIN)["optimizer"]["params"]
+    assert cuda["torch_adam"] is True and cuda["fused"] is True
     own = load_ds_config(CONFIG_DIR / "zero3.json")
     own["optimizer"]["params"]["torch_adam"] = False
-    assert fill_train_config(own, device="cpu", **TRAIN)["optimizer"]["params"]["torch_adam"] is False
-    offload = fill_train_config(CONFIG_DIR / "zero3_offload.json", device="cpu", **TRAIN)
+    for device in ("cpu", "cuda"):
+        params = fill_train_config(own, device=device, **TRAIN)["optimizer"]["params"]
+        assert params["torch_adam"] is False and "fused" not in params
+    offload = fill_train_config(CONFIG_DIR / "zero3_offload.json", device="cuda", **TRAIN)
     assert "torch_adam" not in offload["optimizer"]["params"]
+
+
+def test_bf16_accumulates_gradients_in_fp32_unless_the_config_says_otherwise():
+    bf16 = fill_train_config(CONFIG_DIR / "zero3.json", device="cuda", **TRAIN)
+    assert bf16["bf16"]["enabled"] is True and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in fill_train_config(CONFIG_DIR / "zero3.json", device="cpu", **TRAIN)  # fp32 already
+    own = {**load_ds_config(CONFIG_DIR / "zero3.json"), "data_types": {"grad_accum_dtype": "bf16"}}
+    assert fill_train_config(own, device="cuda", **TRAIN)["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
 def test_the_cpu_student_engine_uses_torch_adamw(monkeypatch):

@@ -1,5 +1,7 @@
 """Model dirs, tokenizers and their match check, attention backend choice."""
 
+import sys
+
 import pytest
 
 from rlad_ds.config.parsing import config_from_layers
@@ -9,7 +11,7 @@ from rlad_ds.models import (
     check_model_dir,
     check_tokenizers_match,
     choose_attention,
-    flash_attention_available,
+    flash_attention_unavailable_reason,
     load_tokenizer,
     param_bytes,
 )
@@ -73,14 +75,32 @@ def test_building_the_models_refuses_a_teacher_with_another_tokenizer_first(tmp_
 
 
 def test_attention_choice():
-    assert choose_attention("cpu") == "sdpa"
-    assert choose_attention("cuda") == ("flash_attention_2" if flash_attention_available() else "sdpa")
-    assert choose_attention("cpu", "eager") == "eager"
+    assert choose_attention("cpu", "fp32") == "sdpa"
+    expected = "flash_attention_2" if flash_attention_unavailable_reason() is None else "sdpa"
+    assert choose_attention("cuda", "bf16") == expected and choose_attention("cuda", "fp32") == "sdpa"
+    assert choose_attention("cpu", "fp32", "eager") == "eager"
     with pytest.raises(ConfigError, match="--attn_implementation 'xformers' is unknown"):  # validated by the config
         config_from_layers({"model": {"attn_implementation": "xformers"}})
-    if not flash_attention_available():
-        with pytest.raises(ConfigError, match="install flash-attn or choose sdpa"):
-            choose_attention("cuda", "flash_attention_2")
+    with pytest.raises(ConfigError, match="flash_attention_2 has no fp32 kernels; pass --precision bf16 or choose"):
+        config_from_layers({"model": {"attn_implementation": "flash_attention_2", "precision": "fp32"}})
+    with pytest.raises(ConfigError, match="flash_attention_2: it needs CUDA, this run is on cpu; choose sdpa"):
+        choose_attention("cpu", "bf16", "flash_attention_2")
+
+
+def test_a_flash_attn_built_for_another_torch_falls_back_to_sdpa(tmp_path, monkeypatch, caplog):
+    """find_spec finds such a build; only importing it fails (undefined symbols), as from_pretrained would later."""
+    broken = tmp_path / "flash_attn"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    why = flash_attention_unavailable_reason()
+    assert why.startswith("flash-attn is installed but does not import (ImportError: flash_attn_2_cuda.so: undef")
+    with caplog.at_level("WARNING", logger="rlad_ds"):
+        assert choose_attention("cuda", "bf16") == "sdpa"
+    assert "attention: sdpa, not flash_attention_2 (flash-attn is installed but does not import" in caplog.text
+    with pytest.raises(ConfigError, match="does not import .* install a wheel built for torch"):
+        choose_attention("cuda", "bf16", "flash_attention_2")
 
 
 def test_param_bytes_counts_tied_weights_once(tiny_tokenizer):

@@ -87,6 +87,10 @@ class ModelConfig:
             self.attn_implementation in ATTENTION_CHOICES,
             f"--attn_implementation {self.attn_implementation!r} is unknown; use {', '.join(ATTENTION_CHOICES)}",
         )
+        _check(
+            self.precision != "fp32" or self.attn_implementation != "flash_attention_2",
+            "--attn_implementation flash_attention_2 has no fp32 kernels; pass --precision bf16 or choose sdpa",
+        )
         _check(self.pack_sequences in ("auto", "on", "off"), "--pack_sequences must be auto, on or off")
         _check(self.teacher_offload in ("auto", "on", "off"), "--teacher_offload must be auto, on or off")
         _check(self.logprob_chunk_size >= 0, "--logprob_chunk_size must be >= 0 (0 = automatic)")
