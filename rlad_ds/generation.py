@@ -87,10 +87,9 @@ def _left_padded(tokenizer, texts: list[str]):
 
 
 def decode_responses(tokenizer, output: RolloutOutput) -> list[str]:
-    return [
-        tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-        for ids, mask in zip(output.input_ids, output.response_mask)
-    ]
+    """Every row's response text (its tokens up to and including the first EOS), from one copy to the host."""
+    ids, masks = output.input_ids.cpu(), output.response_mask.cpu()
+    return [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(ids, masks)]
 
 
 def evaluate_examples(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from rlad_ds.logprobs import microbatch_logprobs, microbatch_slices, synced_microbatch_count, token_logprobs
+from rlad_ds.logprobs import token_logprobs
+from rlad_ds.microbatches import microbatch_logprobs, microbatch_slices, synced_microbatch_count
 
 
 class LogProbScorer:
@@ -46,13 +47,14 @@ class LogProbScorer:
         micro_batches = microbatch_slices(attention_mask, self.max_tokens_per_microbatch, self.packed)
         # Agreed before the first forward: a count exchanged between forwards would meet another rank's gathers.
         fillers = synced_microbatch_count(len(micro_batches)) - len(micro_batches)
-        for rows, cols in micro_batches:
-            inputs = slice(cols.start, cols.stop + 1)
+        for piece in micro_batches:
+            rows, cols, inputs = piece.rows, piece.cols, slice(piece.cols.start, piece.cols.stop + 1)
             out[rows, cols] = microbatch_logprobs(
                 self.engine,
                 input_ids[rows, inputs],
                 attention_mask[rows, inputs],
                 packed=self.packed,
+                spans=piece.spans,
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
             ).logprobs

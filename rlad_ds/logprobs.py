@@ -1,4 +1,4 @@
-"""Per-token log-probs that never hold [B, T, V] fp32 logits, packing helpers and token-budget micro-batches.
+"""Per-token log-probs that never hold [B, T, V] fp32 logits (micro-batching and packing: `rlad_ds.microbatches`).
 
 `token_logprobs` runs the model as usual but swaps the lm-head's forward for a chunked one: the lm-head
 module is still *called*, so ZeRO-3's module hooks gather its (possibly tied) weight before the chunked
@@ -9,7 +9,6 @@ recomputes each chunk's logits in backward, so memory is bounded by one [chunk, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -188,137 +187,3 @@ def token_logprobs(
     if with_entropy:
         return TokenLogProbs(out.logits[..., 0], out.logits[..., 1])
     return TokenLogProbs(out.logits)
-
-
-@dataclass
-class PackedRows:
-    """Rows of a padded batch packed padding-free into one row; position ids restart at 0 per sequence."""
-
-    input_ids: torch.Tensor  # [1, N]
-    position_ids: torch.Tensor  # [1, N]
-    starts: list[int]  # where each sequence's real tokens begin in its padded row
-    lengths: list[int]  # real tokens per sequence
-    seq_len: int  # T of the padded batch
-
-
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
-    """Pack the real tokens of each row (one contiguous span: left and/or right padding) into one row."""
-    starts, lengths, pieces, positions = [], [], [], []
-    for row, mask in zip(input_ids, attention_mask.bool()):
-        real = mask.nonzero().flatten()
-        length = real.numel()
-        start = int(real[0]) if length else 0
-        if length and int(real[-1]) - start + 1 != length:
-            raise ValueError("pack_rows needs each row's real tokens to be contiguous (padding only at the ends)")
-        starts.append(start)
-        lengths.append(length)
-        pieces.append(row[start : start + length])
-        positions.append(torch.arange(length, device=input_ids.device))
-    return PackedRows(torch.cat(pieces)[None], torch.cat(positions)[None], starts, lengths, input_ids.shape[1])
-
-
-def unpack_logprobs(packed_values: torch.Tensor, packed: PackedRows) -> torch.Tensor:
-    """Spread [1, N-1] per-token values of a packed row back to the padded [B, T-1] layout (zeros elsewhere).
-
-    Values whose target is the first token of the next sequence cross a boundary and are dropped.
-    """
-    values = packed_values.reshape(-1)
-    out = values.new_zeros(len(packed.lengths), packed.seq_len - 1)
-    offset = 0
-    for row, (start, length) in enumerate(zip(packed.starts, packed.lengths)):
-        if length > 1:
-            out[row, start : start + length - 1] = values[offset : offset + length - 1]
-        offset += length
-    return out
-
-
-def token_budget_microbatches(lengths: Sequence[int], max_tokens: int, padded: bool = True) -> list[list[int]]:
-    """Split row indices into micro-batches whose token cost stays within `max_tokens`.
-
-    Rows are taken longest first, so a padded micro-batch costs rows x its first row's length; packed
-    (`padded=False`) costs the sum of lengths. A row longer than the budget gets a micro-batch to itself.
-    """
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
-    batches: list[list[int]] = []
-    cost = 0
-    for index in order:
-        length = int(lengths[index])
-        new_cost = (len(batches[-1]) + 1) * int(lengths[batches[-1][0]]) if padded and batches else cost + length
-        if batches and new_cost <= max_tokens:
-            batches[-1].append(index)
-            cost = new_cost
-        else:
-            batches.append([index])
-            cost = length
-    return batches
-
-
-def microbatch_slices(
-    attention_mask: torch.Tensor, max_tokens: int, packed: bool = False
-) -> list[tuple[torch.Tensor, slice]]:
-    """Token-budget micro-batches of a padded batch as (rows, cols), trimmed of all-padding columns.
-
-    `cols` indexes [B, T-1] next-token-aligned tensors (log-probs, loss masks); the inputs that produce
-    them are columns `cols.start : cols.stop + 1` of the [B, T] batch. Every slice spans at least two input
-    columns, so that a forward always has a target. `packed` budgets real tokens (see `microbatch_logprobs`)
-    instead of padded rectangles.
-    """
-    seq_len = attention_mask.shape[1]
-    slices = []
-    for rows in token_budget_microbatches(attention_mask.sum(-1).tolist(), max_tokens, padded=not packed):
-        rows = torch.tensor(sorted(rows), device=attention_mask.device)
-        real = attention_mask[rows].any(0).nonzero().flatten()
-        first, last = (int(real[0]), int(real[-1]) + 1) if real.numel() else (0, 0)
-        first = min(first, max(seq_len - 2, 0))
-        last = min(max(last, first + 2), seq_len)
-        slices.append((rows, slice(first, last - 1)))
-    return slices
-
-
-def synced_microbatch_count(count: int) -> int:
-    """The largest micro-batch count over all ranks: under ZeRO-3 every rank must run as many forwards.
-
-    Call it before the first forward of the phase: it is a collective itself, and must not meet another
-    rank's parameter gathers.
-    """
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.long, device=get_accelerator().current_device_name())
-    dist.all_reduce(total, op=dist.ReduceOp.MAX)
-    return int(total.item())
-
-
-def microbatch_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    packed: bool = False,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    with_entropy: bool = False,
-) -> TokenLogProbs:
-    """[n, T-1] log-probs of one micro-batch: run as the padded [n, T] block, or `packed` padding-free into
-    one row whose position ids restart per sequence (flash-attention's varlen path, and transformers'
-    packed-sequence masks elsewhere), so long responses of mixed lengths cost only their real tokens."""
-    if not packed:
-        return token_logprobs(
-            model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
-        )
-    rows = pack_rows(input_ids, attention_mask)
-    out = token_logprobs(
-        model,
-        rows.input_ids,
-        position_ids=rows.position_ids,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )
-    return TokenLogProbs(
-        unpack_logprobs(out.logprobs, rows), unpack_logprobs(out.entropy, rows) if with_entropy else None
-    )

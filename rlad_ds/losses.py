@@ -232,7 +232,10 @@ def trrd_loss(
 @torch.no_grad()
 def _teacher_ratio_metrics(teacher_log_ratio, clip, mask) -> dict:
     """The mean of logp - teacher_logp, and the share of tokens whose teacher term the clamp holds constant."""
-    clamped = 0.0 if clip is None else masked_mean((teacher_log_ratio.abs() > clip).to(teacher_log_ratio.dtype), mask)
+    outside = (
+        teacher_log_ratio.abs() > clip if clip is not None else torch.zeros_like(teacher_log_ratio, dtype=torch.bool)
+    )
+    clamped = masked_mean(outside.to(teacher_log_ratio.dtype), mask)
     return {"teacher_log_ratio_mean": masked_mean(teacher_log_ratio, mask), "teacher_clamp_frac": clamped}
 
 

@@ -170,7 +170,7 @@ class Trainer:
 
     def update(self, batch: Batch, timer: Timer, totals: StepMetrics) -> float:
         """ppo_epochs passes of token-budget micro-batches, one optimizer step per pass; the last gradient norm."""
-        from rlad_ds.logprobs import microbatch_slices, synced_microbatch_count
+        from rlad_ds.microbatches import microbatch_slices, synced_microbatch_count
 
         engine, device = self.models.student, self.models.device
         # Global normalisers, divided by the world size because DeepSpeed averages gradients over ranks: the
@@ -183,9 +183,11 @@ class Trainer:
         for _ in range(self.cfg.train.ppo_epochs):
             for i in range(n_micro):
                 # A rank with fewer micro-batches than another repeats its first one with zero weight.
-                rows, cols = slices[min(i, len(slices) - 1)]
+                piece = slices[min(i, len(slices) - 1)]
                 engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-                self.micro_step(batch.micro(rows, cols), loss_norm, i < len(slices), timer, totals)
+                self.micro_step(
+                    batch.micro(piece.rows, piece.cols), piece.spans, loss_norm, i < len(slices), timer, totals
+                )
             with timer("optimizer"):
                 engine.step()
             norm = engine.get_global_grad_norm()
@@ -195,10 +197,13 @@ class Trainer:
             totals.add("non_finite", float(not math.isfinite(grad_norm)), SUM)
         return grad_norm
 
-    def micro_step(self, micro: Batch, loss_norm: float, counts: bool, timer: Timer, totals: StepMetrics) -> None:
-        """Forward, loss and backward of one micro-batch; its metrics into `totals` unless it is a filler (a
-        rank's repeat, with zero weight, to run as many forwards as the other ranks)."""
-        from rlad_ds.logprobs import microbatch_logprobs
+    def micro_step(
+        self, micro: Batch, spans, loss_norm: float, counts: bool, timer: Timer, totals: StepMetrics
+    ) -> None:
+        """Forward, loss and backward of one micro-batch (`spans`: its rows' real tokens, for packing); its metrics
+        into `totals` unless it is a filler (a rank's repeat, with zero weight, to run as many forwards as the other
+        ranks)."""
+        from rlad_ds.microbatches import microbatch_logprobs
 
         cfg = self.cfg
         with timer("train_forward"):
@@ -207,6 +212,7 @@ class Trainer:
                 micro.input_ids,
                 micro.attention_mask,
                 packed=self.models.packed,
+                spans=spans,
                 temperature=cfg.rollout.temperature,
                 chunk_size=cfg.model.logprob_chunk_size or None,
                 with_entropy=True,

@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from rlad_ds.logprobs import (
-    chunked_token_logprobs,
-    pack_rows,
-    synced_microbatch_count,
-    token_budget_microbatches,
-    token_logprobs,
-    unpack_logprobs,
-)
+from rlad_ds.logprobs import chunked_token_logprobs, token_logprobs
+from rlad_ds.microbatches import pack_rows, synced_microbatch_count, token_budget_microbatches, unpack_logprobs
 
 
 def naive(hidden, weight, targets, temperature=1.0):
@@ -112,7 +106,7 @@ def test_packed_rows_equal_padded_logprobs(tied_and_untied):
     attention_mask[2, :2] = 0
     attention_mask[2, 8:] = 0
     packed = pack_rows(input_ids, attention_mask)
-    assert packed.lengths == [7, 7, 6] and packed.starts == [3, 0, 2]
+    assert packed.spans == [(3, 7), (0, 7), (2, 6)]
     assert packed.position_ids.tolist() == [list(range(7)) + list(range(7)) + list(range(6))]
 
     with torch.no_grad():
@@ -149,7 +143,7 @@ def test_synced_count_without_process_group():
 
 
 def test_packed_microbatch_equals_padded_in_value_and_gradient(tied_and_untied):
-    from rlad_ds.logprobs import microbatch_logprobs
+    from rlad_ds.microbatches import microbatch_logprobs
 
     model = tied_and_untied[True]
     torch.manual_seed(4)
