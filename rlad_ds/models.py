@@ -216,6 +216,14 @@ def choose_attention(device: str, precision: str, override: str | None = None) -
     return "sdpa"
 
 
+def kv_cache_bytes_per_token(config, bytes_per_value: int) -> int:
+    """Bytes of KV cache one token takes in a decoder: keys and values of every layer's KV heads."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * bytes_per_value
+
+
 def param_bytes(model) -> int:
     """The full (unpartitioned) size of a model's parameters in bytes, also under ZeRO-3."""
     seen, total = set(), 0

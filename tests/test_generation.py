@@ -89,3 +89,33 @@ def test_generate_with_one_batch_is_one_call(tiny_tokenizer, rows):
     rollout = EchoRollout(tiny_tokenizer)
     generate(rollout, tiny_tokenizer, ["abc"] * rows, SamplingConfig(max_new_tokens=2), "cpu")
     assert len(rollout.calls) == 1
+
+
+def test_hf_rollout_splits_a_batch_whose_kv_cache_would_not_fit_its_budget(tiny_tokenizer):
+    """Rows per generate call come from the KV-cache budget (layers x KV heads x head dim x bytes x tokens), whole
+    prompts per call; the samples are those of one call for everything (greedy)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlad_ds.models import kv_cache_bytes_per_token
+    from rlad_ds.rollout.hf import ModuleRollout
+    from rlad_ds.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tiny_tokenizer), hidden=32, layers=2))
+    prompts, sampling = ["ab", "cdef", "g", "hij", "k"], SamplingConfig(max_new_tokens=6, n_samples_per_prompt=2)
+    row_bytes = kv_cache_bytes_per_token(model.config, 4) * (4 + 6)  # widest prompt + new tokens, fp32
+    assert row_bytes == 2 * 2 * 2 * 8 * 4 * 10  # K and V x 2 layers x 2 KV heads x head_dim 8 x fp32 x 10 tokens
+    calls = []
+    generate_once = model.generate
+    model.generate = lambda ids, **kwargs: calls.append(ids.shape[0]) or generate_once(ids, **kwargs)
+    whole = generate(ModuleRollout(model, tiny_tokenizer), tiny_tokenizer, prompts, sampling, "cpu")
+    assert calls == [10]  # everything fits in the default budget
+    calls.clear()
+    budget = 5 * row_bytes / 2**30  # 5 rows: 2 prompts x 2 samples per call
+    split = generate(ModuleRollout(model, tiny_tokenizer, budget), tiny_tokenizer, prompts, sampling, "cpu")
+    assert calls == [4, 4, 2]
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, n_samples_per_prompt=2)
+    whole = generate(ModuleRollout(model, tiny_tokenizer), tiny_tokenizer, prompts, greedy, "cpu")
+    split = generate(ModuleRollout(model, tiny_tokenizer, budget), tiny_tokenizer, prompts, greedy, "cpu")
+    assert torch.equal(whole.input_ids, split.input_ids) and torch.equal(whole.response_mask, split.response_mask)
+    assert split.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]

@@ -136,7 +136,12 @@ _RESUMABLE = {
         "max_bad_steps",
         "max_failed_reward_steps",
     },
-    "rollout": {"rollout", "vllm_gpu_memory_utilization", "vllm_kv_cache_gb"},  # how samples are made
+    "rollout": {
+        "rollout",
+        "vllm_gpu_memory_utilization",
+        "vllm_kv_cache_gb",
+        "kv_cache_budget_gb",
+    },  # how samples are made
     "model": {"cache_dir"},
     "eval": {
         "eval_size",

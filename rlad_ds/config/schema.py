@@ -114,6 +114,13 @@ class RolloutConfig:
         default=0.3,
     )
     vllm_kv_cache_gb: float = _help("vllm on CPU: GiB of KV cache per rank", default=1.0)
+    kv_cache_budget_gb: float | None = _help(
+        "gathered and per-layer rollouts: GiB of KV cache one generate call may fill; a batch that needs more is "
+        "generated in several calls of whole prompts (none: half the accelerator memory free when generation starts, "
+        "a quarter of free host memory on CPU)",
+        scope="both",
+        default=None,
+    )
     gather_budget_gb: float = _help(
         "largest model (GiB of parameters) a gathered rollout may materialise; above "
         "it --rollout auto takes the per-layer path",
@@ -142,6 +149,10 @@ class RolloutConfig:
         )
         for name in ("group_size", "max_new_tokens", "gather_budget_gb", "vllm_kv_cache_gb"):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
+        _check(
+            self.kv_cache_budget_gb is None or self.kv_cache_budget_gb > 0,
+            f"--kv_cache_budget_gb must be > 0, or none for a share of the free memory, got {self.kv_cache_budget_gb}",
+        )
         _check(self.temperature > 0, f"--temperature must be > 0 for sampled rollouts, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
         _check(0 < self.vllm_gpu_memory_utilization < 1, "--vllm_gpu_memory_utilization must be in (0, 1)")

@@ -23,11 +23,12 @@ from abc import abstractmethod
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 
 from rlad_ds.errors import ConfigError
-from rlad_ds.models import param_bytes
-from rlad_ds.rollout.output import RolloutOutput, finish_rollout
+from rlad_ds.models import kv_cache_bytes_per_token, param_bytes
+from rlad_ds.rollout.output import RolloutOutput, concat_rollouts, finish_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +113,12 @@ class _HFGenerateRollout(RolloutEngine):
     serves_frozen = True
     ds_config: dict = {}
 
-    def __init__(self, engine, tokenizer):
+    def __init__(self, engine, tokenizer, kv_cache_budget_gb: float | None = None):
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token")
         self.engine = engine
         self.tokenizer = tokenizer
+        self.kv_cache_budget_gb = kv_cache_budget_gb  # None: a share of the memory free when generation starts
         self._module = None
 
     @staticmethod
@@ -125,7 +127,7 @@ class _HFGenerateRollout(RolloutEngine):
 
     @classmethod
     def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int):
-        return cls(engine, tokenizer)
+        return cls(engine, tokenizer, rollout_cfg.kv_cache_budget_gb)
 
     @abstractmethod
     def _generating_model(self):
@@ -146,17 +148,44 @@ class _HFGenerateRollout(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutOutput:
-        n = sampling.n_samples_per_prompt
-        prompt_ids = request.prompt_ids.repeat_interleave(n, dim=0)
-        prompt_mask = request.prompt_attention_mask.repeat_interleave(n, dim=0)
-        config = generation_config(sampling, self.tokenizer)
+        """n samples of every prompt, in as many generate calls as the KV-cache budget needs (whole prompts each)."""
+        n, config = sampling.n_samples_per_prompt, generation_config(sampling, self.tokenizer)
         with self.session():
-            output_ids = self._module.generate(
-                prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=self.collective_calls
-            )
-        return finish_rollout(
-            request.prompt_attention_mask, output_ids, n, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        )
+            row_tokens = request.prompt_ids.shape[1] + sampling.max_new_tokens
+            step = max(1, self._rows_per_call(row_tokens) // n)
+            outputs = []
+            for start in range(0, request.prompt_ids.shape[0], step):
+                prompt_mask = request.prompt_attention_mask[start : start + step]
+                output_ids = self._module.generate(
+                    request.prompt_ids[start : start + step].repeat_interleave(n, dim=0),
+                    attention_mask=prompt_mask.repeat_interleave(n, dim=0),
+                    generation_config=config,
+                    synced_gpus=self.collective_calls,
+                )
+                eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+                outputs.append(finish_rollout(prompt_mask, output_ids, n, eos, pad))
+        return concat_rollouts(outputs, self.tokenizer.pad_token_id)
+
+    def _rows_per_call(self, row_tokens: int) -> int:
+        """Rows of `row_tokens` tokens whose KV cache fits the budget in one generate call. Ranks whose calls are
+        collectives agree on the smallest, so that they make as many calls."""
+        from deepspeed.accelerator import get_accelerator
+
+        per_row = kv_cache_bytes_per_token(self._module.config, self._module.dtype.itemsize) * row_tokens
+        if self.kv_cache_budget_gb is not None:
+            budget = self.kv_cache_budget_gb * 2**30
+        else:  # the KV cache and generate's own buffers share what is free beside the (gathered) weights
+            accelerator = get_accelerator()
+            budget = accelerator.available_memory() / 4
+            if accelerator.device_name() != "cpu":
+                cached = accelerator.memory_reserved() - accelerator.memory_allocated()
+                budget = (accelerator.available_memory() + cached) / 2
+        rows = max(1, int(budget // per_row))
+        if self.collective_calls and dist.is_available() and dist.is_initialized():
+            agreed = torch.tensor([rows], device=get_accelerator().current_device_name())
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            rows = int(agreed.item())
+        return rows
 
     def sync_weights(self, step: int) -> None:
         """No-op: the rollout reads the training engine's own (partitioned) weights."""
@@ -200,8 +229,8 @@ class ModuleRollout(_HFGenerateRollout):
 
     name = "module"
 
-    def __init__(self, module, tokenizer):
-        super().__init__(None, tokenizer)
+    def __init__(self, module, tokenizer, kv_cache_budget_gb: float | None = None):
+        super().__init__(None, tokenizer, kv_cache_budget_gb)
         self.module = module
 
     @contextmanager
