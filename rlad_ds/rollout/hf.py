@@ -67,23 +67,38 @@ def _parameter_offload(engine):
     return optimizer.parameter_offload if hasattr(optimizer, "parameter_offload") else optimizer
 
 
+# The parts of ZeRO-3's parameter coordinator that hold its recorded fetch order (DeepSpeed < 0.20).
+_TRACE = (
+    "_PartitionedParameterCoordinator__trace_mode",
+    "_PartitionedParameterCoordinator__submodule_order",
+    "_PartitionedParameterCoordinator__param_order",
+)
+
+
 @contextmanager
 def gathered_for_generation(engine):
-    """DeepSpeed's `unwrap_model_for_generation`, but ZeRO-3's hooks come back on exceptions too.
+    """The whole ZeRO-3 model gathered, its hooks off while it decodes (no collectives: each rank stops at its own
+    EOS), then the hooks back, also when generation raises.
 
-    DeepSpeed re-registers the hooks only after a normal exit; an exception inside would leave the
-    student training with its parameters never gathered again.
+    As DeepSpeed's `unwrap_model_for_generation`, except that the hooks come back under the module ids they had
+    and the coordinator's recorded fetch order is kept. DeepSpeed re-registers them under new ids and so discards
+    the trace: every training pass after a rollout then ran without prefetching while it recorded the trace again.
     """
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     offload = _parameter_offload(engine)
-    try:
-        with unwrap_model_for_generation(engine) as unwrapped:
-            yield unwrapped
-    except BaseException:
-        if not offload.forward_hooks:  # the hooks were taken off and not put back
-            offload._register_deepspeed_module(offload.module)
-        raise
+    coordinator, first_id = offload.get_param_coordinator(), offload.module.ds_id
+    trace = {name: getattr(coordinator, name) for name in _TRACE}
+    with GatheredParameters(list(engine.module.parameters())):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield engine
+        finally:
+            offload._register_deepspeed_module(offload.module, count=[first_id])
+            for name, value in trace.items():
+                setattr(coordinator, name, value)
 
 
 @contextmanager

@@ -24,8 +24,13 @@ from rlad_ds.models import load_causal_lm, load_tokenizer
 from rlad_ds.config.schema import RolloutConfig
 from rlad_ds.errors import ConfigError
 from rlad_ds.logprob_scorer import LogProbScorer
-from rlad_ds.rollout.hf import (GatheredRollout, PerLayerRollout, _parameter_offload, gathered_for_generation,
-                                generation_config)
+from rlad_ds.rollout.hf import (
+    GatheredRollout,
+    PerLayerRollout,
+    _parameter_offload,
+    gathered_for_generation,
+    generation_config,
+)
 from rlad_ds.rollout.hybrid import HybridRollout
 from rlad_ds.rollout.output import finish_rollout
 from rlad_ds.rollout.registry import choose_rollout
@@ -45,13 +50,22 @@ def lap(name):
     global clock
     results[f"seconds_{name}"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
+
+
 logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(name)s: %(message)s")
 
 
 def student_engine(path, gradient_checkpointing=False):
-    config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_batch_size=2,
-                               gradient_accumulation_steps=1, lr=1e-2, gradient_clipping=1.0, device="cpu",
-                               persistence_threshold=0)
+    config = fill_train_config(
+        CONFIG_DIR / "zero3.json",
+        world_size=world,
+        micro_batch_size=2,
+        gradient_accumulation_steps=1,
+        lr=1e-2,
+        gradient_clipping=1.0,
+        device="cpu",
+        persistence_threshold=0,
+    )
     model = load_causal_lm(path, config, gradient_checkpointing=gradient_checkpointing)
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
     return engine
@@ -84,8 +98,9 @@ tokenizer.padding_side = "left"
 prompt = tokenizer(texts, return_tensors="pt", padding=True)
 request = RolloutRequest(prompt.input_ids, prompt.attention_mask)
 # Unequal lengths across ranks: different budgets, and a 6-token vocabulary makes EOS frequent.
-sampling = SamplingConfig(max_new_tokens=3 if rank == 0 else 30, temperature=1.0, top_p=0.95, top_k=0,
-                          n_samples_per_prompt=2)
+sampling = SamplingConfig(
+    max_new_tokens=3 if rank == 0 else 30, temperature=1.0, top_p=0.95, top_k=0, n_samples_per_prompt=2
+)
 
 
 def plain_rollout(seed):
@@ -112,7 +127,7 @@ for kind, rollout in (("gathered", built("auto")), ("per_layer", built("auto", g
     expected = plain_rollout(100 + rank)
     assert torch.equal(batch.input_ids, expected.input_ids), (kind, batch.input_ids, expected.input_ids)
     assert torch.equal(batch.response_mask, expected.response_mask) and torch.equal(batch.eos, expected.eos)
-    assert not batch.response_mask[:, :request.prompt_ids.shape[1]].any()
+    assert not batch.response_mask[:, : request.prompt_ids.shape[1]].any()
     rollouts[kind] = batch
     results[f"{kind}_response_lengths"] = batch.response_lengths.tolist()
     results[f"{kind}_eos"] = batch.eos.tolist()
@@ -132,8 +147,9 @@ for field in ("input_ids", "attention_mask", "response_mask", "eos", "truncated"
 batch = rollouts["gathered"]
 assert torch.equal(batch.truncated, ~batch.eos)
 assert (batch.response_lengths[batch.truncated] == sampling.max_new_tokens).all()
-assert batch.attention_mask[:, :request.prompt_ids.shape[1]].equal(
-    request.prompt_attention_mask.repeat_interleave(2, 0))
+assert batch.attention_mask[:, : request.prompt_ids.shape[1]].equal(
+    request.prompt_attention_mask.repeat_interleave(2, 0)
+)
 
 lap("rollouts")
 # --- an exception inside the gathered section leaves the hooks on and the weights partitioned ----------
@@ -170,6 +186,16 @@ after_with, after_without = full_params(engine), full_params(fresh)
 for name in after_with:
     assert torch.equal(after_with[name], after_without[name]), name
 results["losses"] = losses_with
+# The rollout keeps ZeRO-3's recorded fetch order (and the module ids it is keyed by): training after it prefetches.
+coordinator = _parameter_offload(engine).get_param_coordinator()
+train_step(engine)
+assert coordinator.is_complete_trace(), "two training passes did not complete ZeRO-3's trace"
+module_ids = [m.ds_id for m in engine.module.modules()]
+gathered.generate(request, sampling)
+assert coordinator.is_complete_trace(), "a gathered rollout discarded ZeRO-3's prefetch trace"
+assert [m.ds_id for m in engine.module.modules()] == module_ids
+train_step(engine)
+assert coordinator.is_complete_trace(), "the training pass after a rollout did not follow the kept trace"
 
 lap("train")
 # --- chunked log-probs under ZeRO-3 (tied lm-head with gradient checkpointing, and untied): gradients equal
@@ -193,17 +219,23 @@ for path in (student_dir, tied_dir):
 
 lap("grads")
 # --- teacher: ZeRO-3 inference with CPU param offload, log-probs equal a plain HF forward ---------------
-frozen = load_frozen(teacher_dir, inference_config(offload=True, world_size=world, micro_batch_size=2, device="cpu",
-                                                   persistence_threshold=0))
-teacher = LogProbScorer(frozen, tokenizer, chunk_size=5,
-                        max_tokens_per_microbatch=20 if rank == 0 else 1000)  # unequal micro-batch counts
+frozen = load_frozen(
+    teacher_dir,
+    inference_config(offload=True, world_size=world, micro_batch_size=2, device="cpu", persistence_threshold=0),
+)
+teacher = LogProbScorer(
+    frozen, tokenizer, chunk_size=5, max_tokens_per_microbatch=20 if rank == 0 else 1000
+)  # unequal micro-batch counts
 assert all(not p.requires_grad for p in teacher.engine.module.parameters()) and not teacher.engine.module.training
 assert type(teacher.engine.optimizer).__name__ == "DeepSpeedZeRoOffload"  # hooks only, no optimizer
 rows = batch if rank == 0 else rollouts["per_layer"]
 teacher_plain = plain(teacher_dir)
 with torch.no_grad():
-    logits = teacher_plain(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
-                           position_ids=positions_from_mask(rows.attention_mask)).logits[:, :-1]
+    logits = teacher_plain(
+        input_ids=rows.input_ids,
+        attention_mask=rows.attention_mask,
+        position_ids=positions_from_mask(rows.attention_mask),
+    ).logits[:, :-1]
 valid = (rows.attention_mask[:, :-1] * rows.attention_mask[:, 1:]).bool()
 for temperature in (1.0, 0.7):  # every log-prob in the loss is of softmax(logits / T), the teacher's too
     teacher.temperature = temperature
