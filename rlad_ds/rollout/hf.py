@@ -88,7 +88,9 @@ def gathered_for_generation(engine):
 
     offload = _parameter_offload(engine)
     coordinator, first_id = offload.get_param_coordinator(), offload.module.ds_id
-    trace = {name: getattr(coordinator, name) for name in _TRACE}
+    # Only a complete trace is kept: one still being recorded needs the per-step bookkeeping that the decoding
+    # forwards reset, and is dropped (as DeepSpeed drops every trace) to be recorded again.
+    kept = {name: getattr(coordinator, name) for name in _TRACE} if coordinator.is_complete_trace() else {}
     with GatheredParameters(list(engine.module.parameters())):
         for hook in offload.forward_hooks + offload.backward_hooks:
             hook.remove()
@@ -97,7 +99,7 @@ def gathered_for_generation(engine):
             yield engine
         finally:
             offload._register_deepspeed_module(offload.module, count=[first_id])
-            for name, value in trace.items():
+            for name, value in kept.items():
                 setattr(coordinator, name, value)
 
 
