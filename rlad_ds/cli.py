@@ -57,6 +57,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     return run_main(_eval, argv)
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    return run_main(_export, argv)
+
+
 def _eval_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None = None):
     from rlad_ds.data import load_eval_examples
 
@@ -110,19 +114,35 @@ def _train_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None):
 
 
 def _train(argv: list[str]) -> int:
-    from rlad_ds.checkpoint.run_dir import resume_point
+    from rlad_ds.checkpoint.lock import OutputDirLock
     from rlad_ds.config.parsing import parse_config
     from rlad_ds.demo.recipe import PROFILE
     from rlad_ds.methods import get_method
-    from rlad_ds.models import check_tokenizers_match, prompt_budget
-    from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
     cfg, _ = parse_config(argv, profile=PROFILE)
     method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
     check_train_inputs(cfg)
-    # This run's newest checkpoint that verifies; refused here, before any model: a finished run, another run's
-    # checkpoint, --resume PATH with --overwrite_output_dir.
+    # One run per output dir: rank 0 holds its lock for the life of the run; a second run stops here, in one line.
+    lock = OutputDirLock(cfg.train.output_dir).acquire() if env_rank() == 0 else None
+    try:
+        return _checked_training(cfg, method, task, lock)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()  # a run refused here leaves no output dir behind
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _checked_training(cfg, method, task, lock) -> int:
+    from rlad_ds.checkpoint.run_dir import resume_point
+    from rlad_ds.models import check_tokenizers_match, prompt_budget
+    from rlad_ds.rewards import RewardRunner
+
+    # This run's newest checkpoint whose files have their recorded sizes; refused here, before any model: a finished
+    # run, another run's checkpoint, --resume PATH with --overwrite_output_dir.
     resume_from = resume_point(cfg)
     single_process_env()
     # Tokenizers and prompts need no process group: a tokenizer mismatch or a bad dataset row stops every rank
@@ -136,22 +156,14 @@ def _train(argv: list[str]) -> int:
     with RewardRunner.from_config(cfg.data) as rewards:
         train_examples = _train_examples(cfg, tokenizer, rewards, budget)
         eval_examples = _eval_examples(cfg, tokenizer, rewards, budget)
+        paths = (student_path, teacher_path)
         return _run_training(
-            cfg,
-            method,
-            task,
-            student_path,
-            teacher_path,
-            tokenizer,
-            rewards,
-            train_examples,
-            eval_examples,
-            resume_from,
+            cfg, method, task, paths, tokenizer, rewards, train_examples, eval_examples, resume_from, lock
         )
 
 
 def _run_training(
-    cfg, method, task, student_path, teacher_path, tokenizer, rewards, train_examples, eval_examples, resume_from
+    cfg, method, task, paths, tokenizer, rewards, train_examples, eval_examples, resume_from, lock
 ) -> int:
     # Imported only now, so that bad input is reported without waiting for DeepSpeed's import.
     import random
@@ -160,18 +172,17 @@ def _run_training(
 
     from rlad_ds.checkpoint.export import ExportHF
     from rlad_ds.checkpoint.manifest import write_json_atomic
-    from rlad_ds.checkpoint.run_dir import move_aside, run_identity
+    from rlad_ds.checkpoint.run_dir import run_identity, settle_output_dir
     from rlad_ds.distributed import init_process_group
     from rlad_ds.metrics import MetricsLogger
     from rlad_ds.run_models import build_run_models
     from rlad_ds.trainer import Trainer
 
     init_process_group(cfg.train.collective_timeout_s)
-    if cfg.train.overwrite_output_dir:  # the old run is renamed aside, never deleted; this one starts at step 0
-        move_aside(cfg.train.output_dir)
+    resume_from = settle_output_dir(cfg, lock, resume_from)
     random.seed(cfg.train.seed + env_rank())
     torch.manual_seed(cfg.train.seed + env_rank())
-    models = build_run_models(cfg, method, student_path, teacher_path, tokenizer)
+    models = build_run_models(cfg, method, *paths, tokenizer)
     output_dir = Path(cfg.train.output_dir)
     if env_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +209,29 @@ def _run_training(
     finally:
         metrics.close()
     end_process_group()
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    """A finished (or stopped) run's student from its checkpoint: the training command's flags, one process."""
+    from rlad_ds.checkpoint.export import export_checkpoint
+    from rlad_ds.checkpoint.lock import OutputDirLock
+    from rlad_ds.checkpoint.run_dir import EXPORT, export_source
+    from rlad_ds.config.parsing import parse_config
+    from rlad_ds.demo.recipe import PROFILE
+
+    cfg, _ = parse_config(argv, profile=PROFILE)
+    out = Path(cfg.train.output_dir)
+    lock = OutputDirLock(out).acquire() if (out / "run_config.json").is_file() else None  # not while a run writes
+    try:
+        directory = export_source(cfg)
+        student_path, _ = _model_paths(cfg)
+        tokenizer = checked_tokenizer(student_path, "student", cfg)
+        path = export_checkpoint(directory, student_path, tokenizer, out / EXPORT, cfg.model.trust_remote_code)
+    finally:
+        if lock is not None:
+            lock.release()
+    print(f"exported {directory} to {path}", flush=True)
     return 0
 
 

@@ -51,9 +51,13 @@ def world() -> tuple[int, int]:
 def init_process_group(timeout_s: int) -> None:
     """DeepSpeed's process group; a collective waiting longer than `timeout_s` fails (a dead rank)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     hygiene.check_build_locks()  # DeepSpeed JIT-builds its CPU comm op right here; a stale lock would hang it forever
     hygiene.remove_stale_shm_buffers()
+    # Each rank on its own device from the start (the engine sets the same later): object collectives before any
+    # engine exists (a checkpoint verified together) run on the current device, which NCCL needs to be this rank's.
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     atexit.register(hygiene.remove_own_shm_buffer)
 

@@ -32,6 +32,7 @@ class StopRequest:
         self.seconds_needed: float | None = None
         self.grace_s = 30.0
         self.save = True
+        self.last_checkpoint: str | None = None  # where a rerun resumes: set by the trainer as it resumes and saves
 
     @property
     def requested(self) -> bool:
@@ -52,7 +53,12 @@ class StopRequest:
                 else f"a step and a checkpoint take {self.seconds_needed:.0f} s, over --signal_grace_s {self.grace_s:g}"
             )
             if env_rank() == 0:
-                logger.warning("%s: exiting now (%s); the last complete checkpoint is where a rerun resumes", name, why)
+                rerun = (
+                    f"a rerun resumes from {self.last_checkpoint}"
+                    if self.last_checkpoint
+                    else "this run has no checkpoint yet: a rerun starts at step 0"
+                )
+                logger.warning("%s: exiting now (%s); %s", name, why, rerun)
             raise SystemExit(128 + signum)
         self.signal_name, self.exit_code, self.requested_at = name, 128 + signum, time.monotonic()
         if env_rank() == 0:

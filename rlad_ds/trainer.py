@@ -286,8 +286,10 @@ class Trainer:
     def resume(self, directory) -> None:
         # Another world size is loaded through DeepSpeed's universal checkpoint; the data order goes on unchanged
         # (each step's prompts over all ranks are the same slice of the epoch's permutation for any world size).
-        state = load_checkpoint(self.models.student, directory, seed=self.cfg.train.seed)
+        train = self.cfg.train
+        state = load_checkpoint(self.models.student, directory, train.seed, train.checkpoint_verify)
         self.step, self.controls, self.health.bad_steps = state["step"], state["controls"], state["bad_steps"]
+        signals.STOP.last_checkpoint = str(directory)
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def fit(self, callbacks=()) -> dict:
@@ -322,10 +324,17 @@ class Trainer:
 
     def _save(self) -> None:
         start = time.perf_counter()
+        train = self.cfg.train
         path = save_checkpoint(
-            self.models.student, self.cfg.train.output_dir, self.step, self.trainer_state(), self.cfg.train.keep_last
+            self.models.student,
+            train.output_dir,
+            self.step,
+            self.trainer_state(),
+            train.keep_last,
+            train.checkpoint_verify,
         )
         self.save_seconds = time.perf_counter() - start
+        signals.STOP.last_checkpoint = str(path)
         for callback in self.callbacks:
             callback.on_checkpoint(self, self.step, path)
 

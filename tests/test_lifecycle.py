@@ -7,6 +7,7 @@ each stops the way docs/reliability.md promises, leaving no process and no buffe
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -113,6 +114,30 @@ def test_the_signal_flags_reach_the_handler(tmp_path, stop, monkeypatch, flags):
     with pytest.raises(SystemExit) as exited:
         trainer.fit([])
     assert exited.value.code == 143 and trainer.step == 2 and saved == []
+
+
+def test_an_exit_at_once_names_where_a_rerun_resumes(tmp_path, stop, monkeypatch, caplog):
+    """--signal_grace_s 0: a signal exits at once; before the run's first checkpoint the line says a rerun starts
+    at step 0, after it names the checkpoint."""
+    monkeypatch.setattr(
+        trainer_module, "save_checkpoint", lambda engine, out, step, *a, **k: Path(out) / f"step_{step:08d}"
+    )
+    for signal_at, expected in ((1, "this run has no checkpoint yet: a rerun starts at step 0"), (3, "step_00000002")):
+        stop.__init__()
+        trainer = _fake_trainer(tmp_path, "--save_steps", "2", "--signal_grace_s", "0")
+
+        def train_step(step, signal_at=signal_at):
+            if step == signal_at:
+                stop.handle(signal.SIGTERM, None)
+            return _step_metrics()
+
+        trainer.train_step = train_step
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rlad_ds"), pytest.raises(SystemExit):
+            trainer.fit([])
+        line = caplog.records[-1].getMessage()
+        assert "over --signal_grace_s 0" in line and "last complete checkpoint" not in line, line
+        assert line.endswith(expected if signal_at == 1 else f"a rerun resumes from {tmp_path}/{expected}"), line
 
 
 def test_a_run_whose_every_reward_call_fails_stops_naming_the_error(tmp_path, caplog):

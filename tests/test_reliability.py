@@ -168,8 +168,18 @@ def test_good_input_reaches_init_and_skipped_rows_are_counted(tiny_models, bad_i
 def test_output_dir_of_another_run(tiny_models, tmp_path, no_init, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    other = run_identity(parse_config(base_args(tiny_models, out, "--group_size", "8", "--lr", "3e-6"))[0])
+    (out / "run_config.json").write_text(json.dumps(other))
+    expect_one_line(
+        train_main(base_args(tiny_models, out)),
+        capsys.readouterr(),
+        f"--output_dir {out} holds a different run (it differs in rollout.group_size: 8 there, 4 now; train.lr: "
+        f"3e-06 there, 1e-06 now); choose another --output_dir or pass --overwrite_output_dir",
+    )
     (out / "run_config.json").write_text(json.dumps({"some": "other run"}))
-    expect_one_line(train_main(base_args(tiny_models, out)), capsys.readouterr(), "holds a different run")
+    expect_one_line(
+        train_main(base_args(tiny_models, out)), capsys.readouterr(), "holds a different run (it differs in "
+    )
     with pytest.raises(ReachedInit):  # told to overwrite
         train_main(base_args(tiny_models, out, "--overwrite_output_dir"))
     (out / "run_config.json").write_text('{"model": {"stud')  # a truncated record is no traceback either

@@ -220,6 +220,12 @@ class TrainConfig:
     )
     save_steps: int = _help("checkpoint every N steps and at the end (0: only at the end, -1: never)", default=50)
     keep_last: int = _help("checkpoints kept", default=2)
+    checkpoint_verify: str = _help(
+        "what each checkpoint's manifest records and a resume checks: size (every file's size: a crash mid-save, a "
+        "full disk, a missing or cut file) or sha256 (every byte as well: also silent corruption; hashed while the "
+        "files are written, and read again at each resume, the ranks sharing the work)",
+        default="sha256",
+    )
     resume: str = _help("auto (newest complete checkpoint in output_dir), none, or a checkpoint path", default="auto")
     max_bad_steps: int = _help("consecutive non-finite steps tolerated before stopping", default=3)
     max_failed_reward_steps: int = _help("steps in a row with every reward call failed: stop (0: never)", default=3)
@@ -251,6 +257,7 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.save_steps >= -1, "--save_steps must be >= 0, or -1 for no checkpoints")
+        _check(self.checkpoint_verify in ("size", "sha256"), "--checkpoint_verify must be size or sha256")
         _check(
             self.max_failed_reward_steps >= 0 and self.signal_grace_s >= 0,
             "--max_failed_reward_steps and --signal_grace_s must be >= 0",
