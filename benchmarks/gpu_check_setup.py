@@ -39,6 +39,8 @@ CARRIED = (
     "typing-inspection",
     "typing-extensions",
 )
+# Carried wheels: from the folder only, each as it is (their needs are carried too), no bytecode compiling.
+PIP_OFFLINE = ("install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade")
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -98,13 +100,14 @@ def index_unreachable(timeout_s: float = 4.0) -> str | None:
     return None if outcome[0] is None else f"no package index reachable ({host}:{port}: {outcome[0]})"
 
 
-def _install_optional(check: Check, module: str, found: str | None) -> None:
-    """vLLM / flash-attn: recorded if present, else installed from an index as prebuilt wheels only."""
+def _install_optional(check: Check, module: str, found: str | None, no_index: str | None) -> None:
+    """vLLM / flash-attn: recorded if present, else installed from an index as prebuilt wheels only (`no_index`:
+    why there is no index to install from)."""
     package = _distributions(module)[0]
     if found:
         check.record(**{module: found})
         return
-    why = "--cpu-smoke installs nothing" if check.smoke else index_unreachable()
+    why = no_index
     if why is None:
         constraints = check.work / "constraints.txt"
         constraints.write_text(f"torch=={importlib.metadata.version('torch')}\n")  # never replace the image's
@@ -123,20 +126,7 @@ def install(check: Check) -> None:
     wheels = sorted(Path(check.wheels).glob("*.whl")) if check.wheels and Path(check.wheels).is_dir() else []
     site = check.work / "site"
     if wheels:
-        ok, line = _pip(
-            [
-                "install",
-                "--quiet",
-                "--no-index",
-                "--no-deps",
-                "--no-compile",
-                "--no-cache-dir",
-                "--upgrade",
-                "--target",
-                str(site),
-                *map(str, wheels),
-            ]
-        )
+        ok, line = _pip([*PIP_OFFLINE, "--target", str(site), *map(str, wheels)])
         if not ok:
             raise RuntimeError(f"carried wheels did not install: {line}")
         check.record(site_dirs=[str(site)], carried=[w.name for w in wheels])
@@ -144,8 +134,10 @@ def install(check: Check) -> None:
         check.skip("carried wheels", f"no *.whl in {check.wheels or '--wheels (not given)'}")
     found = _versions([*REQUIRED, *OPTIONAL], [str(site)] if wheels else [])
     check.record(versions={name: found[name] for name in REQUIRED})
+    absent = [module for module in OPTIONAL if not found[module]]
+    no_index = None if not absent else "--cpu-smoke installs nothing" if check.smoke else index_unreachable()
     for module in OPTIONAL:
-        _install_optional(check, module, found[module])
+        _install_optional(check, module, found[module], no_index)
     missing = [name for name in REQUIRED if not found[name]]
     if missing:
         raise RuntimeError(
@@ -238,21 +230,8 @@ class _Lines:
         self.logger.setLevel(self.level)
 
 
-def _vllm_not_checked():
-    """--cpu-smoke never imports vLLM (its import alone takes about 20 s on a small CPU machine; tests/test_vllm.py
-    runs its CPU build): the auto choice is made with vLLM's check answered by this reason."""
-    from unittest import mock
-
-    from rlad_ds.rollout.vllm import VLLMRollout
-
-    reason = "not checked: --cpu-smoke does not import vLLM"
-    return mock.patch.object(VLLMRollout, "unavailable_reason", staticmethod(lambda *args: reason))
-
-
 def auto_choice(check: Check) -> None:
     """What `--attn_implementation auto` and `--rollout auto` choose for a tiny Llama and a tiny Qwen3 here."""
-    from contextlib import nullcontext
-
     from transformers import AutoModelForCausalLM
 
     from rlad_ds.config.schema import RolloutConfig
@@ -267,7 +246,7 @@ def auto_choice(check: Check) -> None:
         AutoModelForCausalLM.from_config(config).save_pretrained(path)  # config.json names the architecture
         char_tokenizer().save_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
-        with _vllm_not_checked() if check.smoke else nullcontext(), _Lines() as lines:
+        with _Lines() as lines:
             rollout = choose_rollout("auto", model, check.device, RolloutConfig())
         choices[arch] = {"attention": choose_attention(check.device), "rollout": rollout.name, "log": lines}
         check.record(choices=choices)
