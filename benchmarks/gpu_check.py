@@ -52,7 +52,7 @@ from benchmarks.gpu_check_base import Check, SectionSkipped, settings_for
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_S = 465.0  # 8 minutes less 15 s for the runner (its torch import first, the last section ending at its deadline)
 MIN_SECTION_S = 10.0  # with less of the run's time left, the remaining sections are skipped
-EXIT_GRACE_S = 20.0  # a section that has written its row but cannot exit (a library's thread) is ended after this
+EXIT_GRACE_S = 10.0  # a section that has written its row but cannot exit (a library's thread) is ended after this
 LOG_TAIL_BYTES = 256 * 1024  # per section, into OUT/gpu_check.log
 # --cpu-smoke checks that every section runs, not how fast: each starts a fresh interpreter that imports torch,
 # transformers and deepspeed, which on a busy 2-core machine takes a minute where it takes seconds on the GPU's.
@@ -204,7 +204,19 @@ def section_main(target: str, settings_path: str, result_path: str) -> int:
     exit_timer = threading.Timer(settings.get("exit_grace_s", EXIT_GRACE_S), os._exit, args=(0,))
     exit_timer.daemon = True  # ends an exit that hangs (a library's thread or atexit hook) once the row is safe
     exit_timer.start()
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """End the section's process group as a run does (NCCL's would otherwise be torn down at interpreter exit)."""
+    if "torch.distributed" in sys.modules:
+        from rlad_ds.distributed import end_process_group
+
+        try:
+            end_process_group(barrier=False)
+        except Exception:  # the row is written; how the group ends changes nothing in it
+            traceback.print_exc()
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
