@@ -55,7 +55,7 @@ MIN_SECTION_S = 10.0  # with less of the run's time left, the remaining sections
 EXIT_GRACE_S = 10.0  # a section that has written its row but cannot exit (a library's thread) is ended after this
 LOG_TAIL_BYTES = 256 * 1024  # per section, into OUT/gpu_check.log
 # --cpu-smoke checks that every section runs, not how fast: each starts a fresh interpreter that imports torch,
-# transformers and deepspeed, which on a busy 2-core machine takes a minute where it takes seconds on the GPU's.
+# transformers and deepspeed, and a section took up to 87 s on a busy 2-core machine; the budgets are the GPU's.
 SMOKE_BUDGET_SCALE = 4.0
 
 
