@@ -262,21 +262,12 @@ def model_dir(check: Check, name: str, shape: dict) -> Path:
     return path
 
 
-def ds_config_file(check: Check) -> Path:
-    """ds_configs/zero3.json with Adam as torch's own (`torch_adam`): DeepSpeed's FusedAdam would JIT-compile."""
-    from rlad_ds.ds_config import CONFIG_DIR, load_ds_config
-
-    config = load_ds_config(CONFIG_DIR / "zero3.json")
-    config["optimizer"]["params"]["torch_adam"] = True
-    path = check.work / "zero3_torch_adam.json"
-    path.write_text(json.dumps(config, indent=1))
-    return path
-
-
 def run_config(check: Check, student: Path, teacher: Path | None = None, method: str = "grpo", **groups):
-    """A validated `rlad_ds` Config for `student` (bf16 on every device, the torch_adam DeepSpeed JSON); `groups`
-    maps a section of the tree (model, rollout, train) to the fields it overrides."""
+    """A validated `rlad_ds` Config for `student`: bf16 on every device, ds_configs/zero3.json (whose AdamW runs as
+    torch's own: nothing JIT-compiles); `groups` maps a section of the tree (model, rollout, train) to the fields it
+    overrides."""
     from rlad_ds.config.schema import Config, LossConfig, ModelConfig, RolloutConfig, TrainConfig
+    from rlad_ds.ds_config import CONFIG_DIR
 
     model = dict(student=str(student), teacher=str(teacher) if teacher else None, precision="bf16")
     return Config(
@@ -284,7 +275,7 @@ def run_config(check: Check, student: Path, teacher: Path | None = None, method:
         rollout=RolloutConfig(**{"rollout": "gathered", **groups.get("rollout", {})}),
         loss=LossConfig(method=method),
         train=TrainConfig(**{"report_to": "none", **groups.get("train", {})}),
-        deepspeed=str(ds_config_file(check)),
+        deepspeed=str(CONFIG_DIR / "zero3.json"),
     )
 
 

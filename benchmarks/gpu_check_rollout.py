@@ -2,8 +2,10 @@
 8 samples x 1K tokens) from the gathered engine and from a colocated vLLM (woken at --vllm_gpu_memory_utilization
 0.5, the stepped weights streamed in); greedy tokens of both compared, vLLM's bf16 log-probs against the trainer's.
 
-The gathered engine runs first and vLLM last, so that nothing vLLM does (a hang, an out-of-memory) can lose the
-numbers before it.
+Each engine samples as a training step does, inside one rollout session: its entry (the gathered engine gathers the
+whole model; vLLM wakes and streams the stepped weights in) is timed apart from the batch's generate call, whose
+tokens/s are decoding alone. The gathered engine runs first and vLLM last, so that nothing vLLM does (a hang, an
+out-of-memory) can lose the numbers before it.
 """
 
 from __future__ import annotations
@@ -52,17 +54,33 @@ def _one_step(check: Check, cfg, method, models, tokenizer) -> None:
     check.record(optimizer_steps=int(models.student.global_steps))
 
 
-def _rate(rollout, request, sampling, device: str) -> tuple[int, float]:
-    """(generated tokens, seconds) of one generate call, after a short warm-up call of the same shape."""
+def _session(check: Check, name: str, rollout, request, sampled, greedy_fn):
+    """As a training step samples: one rollout session (its entry gathers the model, or wakes vLLM and streams the
+    stepped weights in), a short warm-up call, the timed RL batch, then `greedy_fn()`; its numbers recorded under
+    `name`. Returns greedy_fn's result and the batch's tokens/s."""
     from deepspeed.runtime.rollout import SamplingConfig
 
-    warmup = SamplingConfig(max_new_tokens=8, temperature=1.0, n_samples_per_prompt=sampling.n_samples_per_prompt)
-    rollout.generate(request, warmup)
-    synchronize(device)
+    warmup = SamplingConfig(max_new_tokens=8, temperature=1.0, n_samples_per_prompt=sampled.n_samples_per_prompt)
+    synchronize(check.device)
     start = time.perf_counter()
-    out = rollout.generate(request, sampling)
-    synchronize(device)
-    return int(out.response_lengths.sum()), time.perf_counter() - start
+    with rollout.session():
+        synchronize(check.device)
+        check.record(**{f"{name}_session_entry_seconds": round(time.perf_counter() - start, 3)})
+        rollout.generate(request, warmup)
+        synchronize(check.device)
+        start = time.perf_counter()
+        out = rollout.generate(request, sampled)
+        synchronize(check.device)
+        tokens, seconds = int(out.response_lengths.sum()), time.perf_counter() - start
+        del out
+        check.record(
+            **{
+                f"{name}_tokens": tokens,
+                f"{name}_seconds": round(seconds, 3),
+                f"{name}_tokens_per_s": round(tokens / seconds, 1),
+            }
+        )
+        return greedy_fn(), tokens / seconds
 
 
 def _responses(out) -> list[list[int]]:
@@ -100,7 +118,8 @@ def _compare_logprobs(check: Check, engine, prompts, outputs, pad: int) -> None:
 
 
 def _vllm(check: Check, cfg, models, tokenizer, student, request, sampled, greedy, reference, gathered_rate) -> str:
-    """vLLM's part: start, wake with the stepped weights, the RL batch, greedy tokens and log-probs."""
+    """vLLM's part: start, then one session (wake, the stepped weights streamed in, the RL batch, greedy tokens with
+    their log-probs), the log-probs against the trainer's."""
     import torch
 
     from rlad_ds.rollout.vllm import VLLMRollout
@@ -111,17 +130,12 @@ def _vllm(check: Check, cfg, models, tokenizer, student, request, sampled, greed
     vllm = VLLMRollout(models.student, tokenizer, student, cfg.rollout, seed=check.seed)
     try:
         check.record(vllm_startup_seconds=round(time.perf_counter() - start, 2))
-        vllm.sync_weights()  # wakes it and streams the weights of the step from the ZeRO-3 partitions
-        check.record(vllm_wake_and_sync_seconds=round(vllm.sync_seconds, 3))
-        tokens, seconds = _rate(vllm, request, sampled, check.device)
-        rate = tokens / seconds
-        check.record(
-            vllm_tokens=tokens,
-            vllm_seconds=round(seconds, 3),
-            vllm_tokens_per_s=round(rate, 1),
-            vllm_over_gathered=round(rate / gathered_rate, 2),
-        )
-        outputs = vllm.generate_raw(request, vllm.sampling_params(greedy, logprobs=0))
+
+        def greedy_with_logprobs():
+            return vllm.generate_raw(request, vllm.sampling_params(greedy, logprobs=0))
+
+        outputs, rate = _session(check, "vllm", vllm, request, sampled, greedy_with_logprobs)
+        check.record(vllm_sync_seconds=round(vllm.sync_seconds, 3), vllm_over_gathered=round(rate / gathered_rate, 2))
         prompts = [row.tolist() for row in request.prompt_ids.cpu()]
         check.record(**greedy_agreement([list(o.outputs[0].token_ids) for o in outputs], reference))
         _compare_logprobs(check, models.student, prompts, outputs, tokenizer.pad_token_id)
@@ -160,20 +174,19 @@ def rollout(check: Check) -> None:
         max_new_tokens=sizes.rollout_tokens, temperature=1.0, n_samples_per_prompt=sizes.rollout_samples
     )
     greedy = SamplingConfig(max_new_tokens=sizes.greedy_tokens, temperature=0.0, n_samples_per_prompt=1)
-    tokens, seconds = _rate(models.student_rollout, request, sampled, check.device)
     check.record(
-        batch=f"{sizes.rollout_prompts} prompts x {sizes.rollout_samples} samples x {sizes.rollout_tokens} new tokens",
-        gathered_tokens=tokens,
-        gathered_seconds=round(seconds, 3),
-        gathered_tokens_per_s=round(tokens / seconds, 1),
+        batch=f"{sizes.rollout_prompts} prompts x {sizes.rollout_samples} samples x {sizes.rollout_tokens} new tokens"
     )
-    reference = _responses(models.student_rollout.generate(request, greedy))
-    summary = f"gathered {tokens / seconds:,.0f} tok/s"
+    gathered = models.student_rollout
+    reference, rate = _session(
+        check, "gathered", gathered, request, sampled, lambda: _responses(gathered.generate(request, greedy))
+    )
+    summary = f"gathered {rate:,.0f} tok/s"
     gc.collect()
     reason = vllm_unavailable_reason(models.student.module.config, check.device)  # on CPU: vLLM's CPU build
     if reason is not None:
         check.skip("vllm", reason)
     else:
-        args = (cfg, models, tokenizer, student, request, sampled, greedy, reference, tokens / seconds)
+        args = (cfg, models, tokenizer, student, request, sampled, greedy, reference, rate)
         summary += "; " + _vllm(check, *args)
     check.record(summary=summary)

@@ -248,7 +248,7 @@ def auto_choice(check: Check) -> None:
         model = AutoModelForCausalLM.from_pretrained(path)
         with _Lines() as lines:
             rollout = choose_rollout("auto", model, check.device, RolloutConfig())
-        choices[arch] = {"attention": choose_attention(check.device), "rollout": rollout.name, "log": lines}
+        choices[arch] = {"attention": choose_attention(check.device, "bf16"), "rollout": rollout.name, "log": lines}
         check.record(choices=choices)
     check.record(summary="; ".join(f"{a}: {c['rollout']} + {c['attention']}" for a, c in choices.items()))
 

@@ -1,5 +1,5 @@
 """The GPU check's model sections, each through the project's own code: attention backends on one packed
-micro-batch of mixed lengths (`rlad_ds.logprobs`), an RLAD train step (`rlad_ds.run_models` + `Trainer.update`),
+micro-batch of mixed lengths (`rlad_ds.microbatches`), an RLAD train step (`rlad_ds.run_models` + `Trainer.update`),
 and the teacher scoring with parameter offload (`rlad_ds.run_models.load_frozen` + `LogProbScorer`)."""
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ ATTENTION_VARIANTS = (
 
 
 def _attention_unavailable(check: Check, attn: str) -> str | None:
-    from rlad_ds.models import flash_attention_available
+    from rlad_ds.models import flash_attention_unavailable_reason
 
     if attn == "flex_attention" and check.device != "cuda":
         return "flex_attention compiles its kernels with torch.compile (on CPU a C++ build of minutes): GPU only"
-    if attn == "flash_attention_2" and not (check.device == "cuda" and flash_attention_available()):
-        return "flash-attn is not installed" if check.device == "cuda" else "flash-attn runs on CUDA only"
+    if attn == "flash_attention_2":
+        return flash_attention_unavailable_reason() if check.device == "cuda" else "flash-attn runs on CUDA only"
     return None
 
 
@@ -61,7 +61,7 @@ def attention(check: Check) -> None:
     per attention backend in bf16, against an fp32 padded sdpa reference; the median time of each."""
     import torch
 
-    from rlad_ds.logprobs import microbatch_logprobs
+    from rlad_ds.microbatches import microbatch_logprobs
 
     lengths, shape = check.sizes.attention_lengths, check.sizes.student
     model = random_model(check, shape, "float32").eval()
@@ -218,7 +218,7 @@ def teacher_offload(check: Check) -> None:
     offload = check.device != "cpu"
     start = time.perf_counter()
     ds_config = frozen_ds_config(cfg, offload, 1, check.device)
-    engine = load_frozen(teacher, ds_config, attn_implementation=choose_attention(check.device))
+    engine = load_frozen(teacher, ds_config, attn_implementation=choose_attention(check.device, "bf16"))
     scorer = LogProbScorer(engine, load_tokenizer(teacher), max_tokens_per_microbatch=cfg.train.micro_batch_tokens)
     tokens, nbytes = check.sizes.teacher_tokens, param_bytes(engine.module)
     check.record(offload=offload, load_seconds=round(time.perf_counter() - start, 2), param_gib=nbytes / 2**30)
