@@ -1,258 +1,379 @@
-"""GPU check (needs CUDA; not run on the CPU CI): training tokens/s and MFU of a Qwen3-0.6B-shaped student at 8K
-tokens, flash-attn vs sdpa, bf16 ZeRO-3 (one process); then rollout tokens/s: the gathered engine and, with
-vLLM installed, the colocated vLLM rollout (`--rollout vllm`) and its weight sync from the ZeRO-3 partitions.
+"""GPU check: one prepared run that measures, on a GPU lent for minutes, what the CPU suite cannot, and survives
+itself: every section runs in its own Python process under its own time budget, and its JSON row is appended to
+`OUT/gpu_check.jsonl` the moment it ends, so that a crash, a hang or an out-of-memory loses nothing before it.
 
-    python -m benchmarks.gpu_check [--seq_len 8192] [--steps 5] [--peak_tflops 989] [--json gpu_check.json]
+On the device machine (one H200; the command runs in the repository root; the image has torch but not deepspeed,
+and no package index is reachable there), first, here, once:
 
-The student has random weights from its config (hidden 1024, 28 layers, 16 heads of 128, 8 kv heads,
-intermediate 3072, vocab 151936, tied embeddings). One training step = the trainer's micro-batch path:
-`token_logprobs` (chunked lm-head) -> loss -> `engine.backward` -> `engine.step`, one row of `seq_len` tokens.
+    python -m benchmarks.gpu_check --fetch_wheels .whl     # deepspeed + what it imports, for CPython 3.12
 
-MFU = achieved model FLOP/s / peak bf16 FLOP/s, with the PaLM (appendix B) count per trained token:
-6 * N + 12 * layers * (heads * head_dim) * seq_len, where N is every parameter used in a matmul (the
-lm-head counted, the embedding lookup not). Attention is counted without halving for the causal mask.
+then one call of the device tool with carry [".whl"] and timeout_s 600 (the run ends by itself within 8 minutes,
+installs included: the sections share --total_s, 465 s by default):
+
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --out $OUT
+
+and anywhere, every section on CPU at tiny sizes, GPU-only parts recorded as skipped with the reason (the test
+suite runs it, so the script cannot rot between GPU windows):
+
+    python -m benchmarks.gpu_check --cpu-smoke --out DIR
+
+Sections, in order (docs/gpu.md says what each measures): install (carried wheels; vLLM and flash-attn only as
+prebuilt wheels), env (versions, device, a bf16 matmul rate), auto (what `auto` picks for a tiny Llama and a tiny
+Qwen3), attention (8K + 3K + 200 tokens: padded sdpa, packed sdpa, packed flex_attention, packed flash-attn varlen;
+log-probs against an fp32 reference, and times), train (a bf16 RLAD step at 8K on a Qwen3-0.6B-shaped student,
+tokens/s and MFU with causal attention counted as half the square), teacher (a Qwen3-1.7B-shaped teacher scoring
+8K tokens with parameter offload: time and GB/s), rollout (one optimizer step, then 16 prompts x 8 samples x 1K
+tokens from the gathered engine and from vLLM at utilization 0.5; greedy tokens and log-probs compared). Each row:
+`section`, `status` (ok / timeout / error: <one line> / skipped: <why>), `seconds`, `budget_s`, `peak` memory,
+the numbers, `skipped` parts with reasons, and a `summary`; the same table is printed last and written to
+OUT/gpu_check.md, and each section's log tail to OUT/gpu_check.log.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import importlib
 import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-QWEN3_06B = dict(
-    hidden_size=1024,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=3072,
-    vocab_size=151936,
-    tie_word_embeddings=True,
+from benchmarks.gpu_check_base import Check, SectionSkipped, settings_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TOTAL_S = 465.0  # 8 minutes less 15 s for the runner (its torch import first, the last section ending at its deadline)
+MIN_SECTION_S = 10.0  # with less of the run's time left, the remaining sections are skipped
+EXIT_GRACE_S = 10.0  # a section that has written its row but cannot exit (a library's thread) is ended after this
+LOG_TAIL_BYTES = 256 * 1024  # per section, into OUT/gpu_check.log
+# --cpu-smoke checks that every section runs, not how fast: each starts a fresh interpreter that imports torch,
+# transformers and deepspeed, and a section took up to 87 s on a busy 2-core machine; the budgets are the GPU's.
+SMOKE_BUDGET_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    target: str  # "module:function" taking a gpu_check_base.Check
+    budget_s: float
+
+
+SECTIONS = (
+    Section("install", "benchmarks.gpu_check_setup:install", 90),
+    Section("env", "benchmarks.gpu_check_setup:environment", 45),
+    Section("auto", "benchmarks.gpu_check_setup:auto_choice", 60),
+    Section("attention", "benchmarks.gpu_check_train:attention", 120),
+    Section("train", "benchmarks.gpu_check_train:train_step", 100),
+    Section("teacher", "benchmarks.gpu_check_train:teacher_offload", 120),
+    Section("rollout", "benchmarks.gpu_check_rollout:rollout", 240),
 )
 
 
-def peak_tflops(device_name: str, override: float | None = None) -> float | None:
-    """The device's peak bf16 TFLOP/s: `override` if given, else from PEAK_BF16_TFLOPS, else None."""
-    if override is not None:
-        return float(override)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key.lower() in device_name.lower()), None)
+class UsageError(ValueError):
+    """A flag the run cannot start with; one line, exit 2."""
 
 
-def matmul_params(total_params: int, vocab: int, hidden: int, tied: bool) -> int:
-    """Parameters that enter a matmul per token: all but the embedding lookup, plus the lm-head if it is tied
-    (a tied lm-head is counted once in `total_params`, as the embedding)."""
-    return total_params if tied else total_params - vocab * hidden
+# ---- one section, in its own process ------------------------------------------------------------------------------
 
 
-def train_flops_per_token(n_matmul: int, layers: int, attn_dim: int, seq_len: int) -> float:
-    """PaLM's training FLOPs per token: 6N for the weights (forward + backward) + 12 L d T for attention."""
-    return 6.0 * n_matmul + 12.0 * layers * attn_dim * seq_len
+def child_env(smoke: bool, site_dirs: list[str]) -> dict:
+    """The sections' environment: installed folders and the repository first on the path; on a smoke run the CPU
+    even where a GPU is visible."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([*site_dirs, str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if smoke:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    return env
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation in [0, 1]; None when the peak is unknown."""
-    if not peak:
-        return None
-    return tokens_per_s * flops_per_token / (peak * 1e12)
+def _end(process: subprocess.Popen) -> None:
+    """Stop the section's process and everything it started (its own process group), politely first."""
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if process.poll() is None:
+            _signal_group(process.pid, sig)
+            try:
+                process.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+    _signal_group(process.pid, signal.SIGKILL)  # what it left behind (compile workers, ...)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's ended children (a section's process and what it started)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_section(section: Section, budget_s: float, settings_path: Path, work: Path, env: dict) -> dict:
+    """Run one section in a fresh interpreter for at most `budget_s`; its row, whatever happened."""
+    result, log = work / f"{section.name}.json", work / f"{section.name}.log"
+    result.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_check",
+        "--section",
+        section.name,
+        "--target",
+        section.target,
+        "--settings",
+        str(settings_path),
+        "--result",
+        str(result),
+    ]
+    start, timed_out, cpu_before = time.monotonic(), False, _children_cpu_s()
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _end(process)
+    found = json.loads(result.read_text()) if result.is_file() else {}
+    status = found.pop("status", None)
+    if status is None:
+        status = "timeout" if timed_out else f"error: {_exit_text(process.returncode)}: {_last_line(log)}"
+    elif timed_out or process.returncode:  # the row was written; the process did not end cleanly after it
+        found["exit"] = "ended at its deadline after writing its row" if timed_out else _exit_text(process.returncode)
+    seconds, cpu = round(time.monotonic() - start, 1), round(_children_cpu_s() - cpu_before, 1)
+    return {
+        "section": section.name,
+        "status": status,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "budget_s": round(budget_s, 1),
+        **found,
+    }
+
+
+def section_main(target: str, settings_path: str, result_path: str) -> int:
+    """Inside a section's process: run `target` on a Check; the row's status says how it ended."""
+    from rlad_ds.errors import error_line
+    from rlad_ds.hygiene import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)  # the runner killed: nothing of this section outlives it
+    settings = json.loads(Path(settings_path).read_text())
+    check = Check(settings, Path(result_path))
+    check.save()
+    try:
+        module, _, name = target.partition(":")
+        getattr(importlib.import_module(module), name)(check)
+        status = "ok"
+    except SectionSkipped as reason:
+        status = f"skipped: {reason}"
+    except (Exception, SystemExit) as error:
+        traceback.print_exc()
+        status = f"error: {error_line(error, 300)}"
+    check.record(status=status)
+    sys.stdout.flush()
+    exit_timer = threading.Timer(settings.get("exit_grace_s", EXIT_GRACE_S), os._exit, args=(0,))
+    exit_timer.daemon = True  # ends an exit that hangs (a library's thread or atexit hook) once the row is safe
+    exit_timer.start()
+    _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
+    """End the section's process group as a run does (NCCL's would otherwise be torn down at interpreter exit)."""
+    if "torch.distributed" in sys.modules:
+        from rlad_ds.distributed import end_process_group
+
+        try:
+            end_process_group(barrier=False)
+        except Exception:  # the row is written; how the group ends changes nothing in it
+            traceback.print_exc()
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _log_tail(log: Path) -> str:
+    if not log.is_file():
+        return ""
+    data = log.read_bytes()
+    cut = len(data) > LOG_TAIL_BYTES
+    return ("[... earlier output cut ...]\n" if cut else "") + data[-LOG_TAIL_BYTES:].decode(errors="replace")
+
+
+def run_sections(sections, settings: dict, out: Path, work: Path, total_s: float, budgets: dict) -> list[dict]:
+    """Every section in order, within `total_s` altogether; each row appended to OUT/gpu_check.jsonl at once."""
+    deadline = time.monotonic() + total_s
+    settings_path = work / "settings.json"
+    settings_path.write_text(json.dumps(settings))
+    rows_path, log_path = out / "gpu_check.jsonl", out / "gpu_check.log"
+    rows_path.write_text("")
+    log_path.write_text("")
+    site_dirs: list[str] = []
+    rows = []
+    for section in sections:
+        left = deadline - time.monotonic()
+        budget = min(budgets.get(section.name, section.budget_s), left)
+        if left < MIN_SECTION_S:
+            row = {"section": section.name, "status": f"skipped: the run's {total_s:g} s were spent before it"}
+        else:
+            row = run_section(section, budget, settings_path, work, child_env(settings["smoke"], site_dirs))
+        site_dirs += row.get("site_dirs", [])
+        rows.append(row)
+        _append(rows_path, json.dumps(row, default=str) + "\n")
+        header = f"===== {section.name}: {row['status']} ({row.get('seconds', 0)} s)\n"
+        _append(log_path, header + _log_tail(work / f"{section.name}.log") + "\n")
+        print(f"gpu_check: {section.name}: {row['status']} ({row.get('seconds', 0)} s)", flush=True)
+    return rows
+
+
+def _peak_text(peak: dict | None) -> str:
+    peak = peak or {}
+    for key in ("device_used_gib", "torch_allocated_gib", "host_rss_gib"):
+        if key in peak:
+            return f"{peak[key]:.2f} ({key.rsplit('_', 1)[0]})"
+    return ""
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows {"name", "value", "unit", "detail"?} as a markdown table; a None value prints as 'skipped'."""
-    lines = ["| check | value | unit | detail |", "|---|---|---|---|"]
+    """The rows as a markdown table: section, status, seconds (of the budget), peak memory, summary."""
+    lines = ["| section | status | seconds | peak GiB | result |", "|---|---|---|---|---|"]
     for row in rows:
-        value = row["value"]
-        text = "skipped" if value is None else (f"{value:.3f}" if abs(value) < 10 else f"{value:,.0f}")
-        lines.append(f"| {row['name']} | {text} | {row['unit']} | {row.get('detail', '')} |")
+        status = row["status"] if len(row["status"]) <= 120 else row["status"][:117] + "..."
+        seconds = f"{row.get('seconds', 0):g} / {row.get('budget_s', 0):g}"
+        summary = row.get("summary", "")
+        if row.get("skipped"):
+            summary += f" [skipped: {', '.join(row['skipped'])}]"
+        lines.append(f"| {row['section']} | {status} | {seconds} | {_peak_text(row.get('peak'))} | {summary} |")
     return "\n".join(lines)
 
 
-# ---- the GPU runs ----------------------------------------------------------------------------------------------
-
-
-def build_engine(model_dir: Path, attn: str, gradient_checkpointing: bool):
-    import deepspeed
-
-    from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
-    from rlad_ds.models import load_causal_lm
-
-    config = fill_train_config(
-        CONFIG_DIR / "zero3.json",
-        world_size=1,
-        micro_batch_size=1,
-        gradient_accumulation_steps=1,
-        lr=1e-6,
-        gradient_clipping=1.0,
-        device="cuda",
-    )
-    model = load_causal_lm(model_dir, config, attn_implementation=attn, gradient_checkpointing=gradient_checkpointing)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
-    return engine
-
-
-def train_rate(engine, seq_len: int, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(tokens/s, peak GiB) of full training steps on one row of `seq_len` random tokens."""
-    import torch
-
-    from rlad_ds.logprobs import token_logprobs
-
-    ids = torch.randint(3, QWEN3_06B["vocab_size"], (1, seq_len), device=engine.device)
-    mask = torch.ones_like(ids)
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        loss = -token_logprobs(engine, ids, mask).logprobs.mean()
-        engine.backward(loss)
-        engine.step()
-    torch.cuda.synchronize()
-    return seq_len * steps / (time.perf_counter() - start), torch.cuda.max_memory_allocated() / 2**30
-
-
-def rollout_rate(rollout, engine, prompts: int, prompt_len: int, new_tokens: int) -> float:
-    """Generated tokens/s of a rollout engine on the student (greedy, a real tokenizer's pad / EOS ids)."""
-    import torch
-    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
-
-    ids = torch.randint(3, 100, (prompts, prompt_len), device=engine.device)
-    request = RolloutRequest(prompt_ids=ids, prompt_attention_mask=torch.ones_like(ids))
-    rollout.generate(request, SamplingConfig(max_new_tokens=8, temperature=0.0))
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = rollout.generate(request, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
-    torch.cuda.synchronize()
-    return float(out.response_lengths.sum()) / (time.perf_counter() - start)
-
-
-def rollout_rows(engine, model_dir: Path, args) -> list[dict]:
-    """Rollout tokens/s of the gathered engine and the vLLM engine (if it can run), and vLLM's weight sync time."""
-    from rlad_ds.config.schema import RolloutConfig
-    from rlad_ds.rollout.hf import GatheredRollout
-    from rlad_ds.rollout.vllm import VLLMRollout, vllm_unavailable_reason
-    from rlad_ds.tiny import char_tokenizer
-
-    shape = f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens"
-    gathered = rollout_rate(
-        GatheredRollout(engine, char_tokenizer()), engine, args.rollout_prompts, 64, args.rollout_tokens
-    )
-    rows = [{"name": "gathered rollout tokens/s (sdpa, greedy)", "value": gathered, "unit": "tok/s", "detail": shape}]
-    reason = vllm_unavailable_reason(engine.module.config, "cuda")
-    names = ("vLLM rollout tokens/s (greedy)", "vLLM / gathered rollout tokens/s", "vLLM weight sync from ZeRO-3")
-    if reason is not None:
-        return rows + [
-            {"name": name, "value": None, "unit": unit, "detail": reason}
-            for name, unit in zip(names, ("tok/s", "x", "s"))
-        ]
-    vllm = VLLMRollout(engine, char_tokenizer(), model_dir, RolloutConfig(vllm_gpu_memory_utilization=0.3))
-    rate = rollout_rate(vllm, engine, args.rollout_prompts, 64, args.rollout_tokens)
-    vllm.synced_step = None
-    vllm.sync_weights()
-    rows += [
-        {"name": names[0], "value": rate, "unit": "tok/s", "detail": shape},
-        {"name": names[1], "value": rate / gathered, "unit": "x", "detail": "goal >= 4"},
-        {"name": names[2], "value": vllm.sync_seconds, "unit": "s", "detail": "every weight, layer by layer"},
-    ]
-    vllm.shutdown()
-    return rows
-
-
-def measure(model_dir: Path, attn: str, args, flops: float, peak: float | None, device: str) -> list[dict]:
-    """Training tokens/s and MFU with one attention backend (and, for sdpa, the gathered rollout's tokens/s)."""
-    import torch
-
-    from rlad_ds.models import flash_attention_unavailable_reason
-
-    name = f"train tokens/s, {attn}, {args.seq_len} tokens, bf16 ZeRO-3"
-    if attn == "flash_attention_2" and flash_attention_unavailable_reason() is not None:
-        return [
-            {"name": name, "value": None, "unit": "tok/s", "detail": "flash-attn not installed"},
-            {"name": f"MFU, {attn}", "value": None, "unit": "fraction"},
-        ]
-    engine = build_engine(model_dir, attn, args.gradient_checkpointing)
-    rate, peak_gib = train_rate(engine, args.seq_len, args.steps)
-    rows = [
-        {"name": name, "value": rate, "unit": "tok/s", "detail": f"peak {peak_gib:.1f} GiB allocated"},
-        {
-            "name": f"MFU, {attn}",
-            "value": mfu(rate, flops, peak),
-            "unit": "fraction",
-            "detail": f"{flops / 1e9:.2f} GFLOP/token, peak {peak} TFLOP/s ({device})",
-        },
-    ]
-    if attn == "sdpa":
-        rows += rollout_rows(engine, model_dir, args)
-    del engine
-    gc.collect()
-    torch.cuda.empty_cache()
-    return rows
+# ---- command line -----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq_len", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s (default: looked up by device name)")
-    parser.add_argument("--rollout_prompts", type=int, default=32)
-    parser.add_argument("--rollout_tokens", type=int, default=512)
-    parser.add_argument("--json", default="gpu_check.json")
+    parser.add_argument("--out", help="folder for gpu_check.jsonl, gpu_check.md and gpu_check.log")
+    parser.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="every section on CPU, tiny")
+    parser.add_argument("--sections", help=f"comma-separated subset of {','.join(s.name for s in SECTIONS)}")
+    parser.add_argument("--peak_tflops", type=float, help="peak dense bf16 TFLOP/s (default: by device name)")
+    parser.add_argument("--total_s", type=float, help=f"seconds for the whole run (default {TOTAL_S:g})")
+    parser.add_argument("--budget", action="append", default=[], help="NAME=SECONDS: one section's time budget")
+    parser.add_argument("--wheels", help="folder of wheels to install first (default: .whl in the repository, GPU)")
+    parser.add_argument("--work", help="folder for model dirs and logs (default: a temporary one, removed)")
+    parser.add_argument("--fetch_wheels", metavar="DIR", help="download / build the wheels to carry, then exit")
+    parser.add_argument("--wheel_python", default="3.12", help="CPython version of the device (--fetch_wheels)")
+    for hidden in ("--section", "--target", "--settings", "--result"):  # a section's own process
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[Section], dict]:
+    """The sections to run and their budgets; a UsageError (one line) for any flag that cannot work."""
+    if not args.out:
+        raise UsageError("--out DIR is required (where gpu_check.jsonl goes)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder")
+    by_name = {s.name: s for s in SECTIONS}
+    names = args.sections.split(",") if args.sections else list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise UsageError(f"--sections: unknown {unknown[0]!r}; choose from {', '.join(by_name)}")
+    budgets = {}
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        try:
+            budgets[name] = float(seconds)
+        except ValueError:
+            raise UsageError(f"--budget {item!r}: write NAME=SECONDS, e.g. rollout=300") from None
+        if name not in by_name or budgets[name] <= 0:
+            raise UsageError(f"--budget {item!r}: NAME is one of {', '.join(by_name)} and SECONDS > 0")
+    for flag in ("peak_tflops", "total_s"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.wheels and not Path(args.wheels).is_dir():
+        raise UsageError(f"--wheels {args.wheels} is not a folder; pass the folder --fetch_wheels filled")
+    return [s for s in SECTIONS if s.name in names], budgets
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
+    if args.section:
+        return section_main(args.target, args.settings, args.result)
+    if args.fetch_wheels:
+        from benchmarks.gpu_check_setup import fetch_wheels
 
-    if not torch.cuda.is_available():
-        print(
-            "gpu_check: no CUDA device is visible; this check needs a GPU (run python -m benchmarks.run on CPU)",
-            file=sys.stderr,
-        )
+        print("\n".join(fetch_wheels(Path(args.fetch_wheels), args.wheel_python)))
+        return 0
+    try:
+        sections, budgets = check_args(args)
+    except UsageError as error:
+        print(f"gpu_check: {error}", file=sys.stderr)
         return 2
-    import deepspeed
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from rlad_ds.distributed import single_process_env
-    from rlad_ds.tiny import char_tokenizer
-
-    single_process_env()
-    from rlad_ds.distributed import init_process_group  # removes this process's /dev/shm buffer at exit
-
-    init_process_group(1800)
-    device = torch.cuda.get_device_name()
-    peak = peak_tflops(device, args.peak_tflops)
-    config = Qwen3Config(
-        **QWEN3_06B, max_position_embeddings=max(args.seq_len, 40960), pad_token_id=0, bos_token_id=1, eos_token_id=2
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    flops = train_flops_per_token(
-        matmul_params(total, config.vocab_size, config.hidden_size, True),
-        config.num_hidden_layers,
-        config.num_attention_heads * config.head_dim,
-        args.seq_len,
-    )
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        char_tokenizer().save_pretrained(tmp)  # vLLM reads the tokenizer beside the weights
-        del model
-        for attn in ("flash_attention_2", "sdpa"):
-            rows += measure(Path(tmp), attn, args, flops, peak, device)
-    print(format_table(rows))
-    Path(args.json).write_text(
-        json.dumps(
-            {"device": device, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "rows": rows}, indent=1
-        )
-        + "\n"
-    )
-    return 0
+    if not args.cpu_smoke and not _cuda_visible():
+        print("gpu_check: no CUDA device is visible; pass --cpu-smoke to run every section on CPU", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    # The carried wheels are the device's (CPython 3.12, CUDA image): a smoke run uses only those it is given.
+    carried = ROOT / ".whl"
+    wheels = args.wheels or (str(carried) if carried.is_dir() and not args.cpu_smoke else None)
+    settings = {**settings_for(args.cpu_smoke, work, args.peak_tflops, wheels), "out": str(out)}
+    scale = SMOKE_BUDGET_SCALE if args.cpu_smoke else 1.0
+    budgets = {s.name: budgets.get(s.name, s.budget_s * scale) for s in sections}
+    try:
+        rows = run_sections(sections, settings, out, work, args.total_s or TOTAL_S * scale, budgets)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    table = format_table(rows)
+    (out / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    return 1 if any(row["status"].startswith(("error", "timeout")) for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks import gpu_check, report, run
+from benchmarks import report, run
 from benchmarks.common import RECORD_KEYS, make_record, markdown_table, meets_goal, parse_goal, write_json
 
 
@@ -192,46 +192,3 @@ def test_quick_settings_are_smaller_than_full():
     assert quick.p2_tokens == full.p2_tokens == 8192 and quick.p2_vocab == 151936
     assert quick.p4_lengths == (2048, 8192)
     assert quick.p1_model["hidden"] < full.p1_model["hidden"] and quick.p3_steps < full.p3_steps
-
-
-# ---- gpu_check helpers ------------------------------------------------------------------------------------------
-
-
-def test_flops_and_mfu():
-    assert gpu_check.matmul_params(1000, vocab=10, hidden=20, tied=True) == 1000
-    assert gpu_check.matmul_params(1000, vocab=10, hidden=20, tied=False) == 800
-    assert gpu_check.train_flops_per_token(100, layers=2, attn_dim=8, seq_len=16) == 6 * 100 + 12 * 2 * 8 * 16
-    flops = gpu_check.train_flops_per_token(596_049_920, 28, 16 * 128, 8192)
-    assert flops == pytest.approx(6 * 596_049_920 + 12 * 28 * 2048 * 8192)
-    assert gpu_check.mfu(10_000, flops, 989.0) == pytest.approx(10_000 * flops / 989e12)
-    assert gpu_check.mfu(10_000, flops, None) is None
-    assert 0 < gpu_check.mfu(50_000, flops, 989.0) < 1
-
-
-def test_peak_lookup():
-    assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
-    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert gpu_check.peak_tflops("Some GPU") is None
-    assert gpu_check.peak_tflops("Some GPU", 123) == 123.0
-
-
-def test_gpu_table_formats_values_and_skips():
-    table = gpu_check.format_table(
-        [
-            {"name": "train", "value": 12345.6, "unit": "tok/s", "detail": "d"},
-            {"name": "MFU", "value": 0.41234, "unit": "fraction"},
-            {"name": "flash", "value": None, "unit": "tok/s"},
-        ]
-    )
-    lines = table.splitlines()
-    assert lines[2] == "| train | 12,346 | tok/s | d |"
-    assert lines[3] == "| MFU | 0.412 | fraction |  |"
-    assert "| skipped |" in lines[4]
-
-
-def test_gpu_check_exits_clearly_without_cuda(capsys):
-    torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    assert gpu_check.main([]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
