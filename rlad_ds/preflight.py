@@ -1,5 +1,6 @@
 """Everything a user can get wrong, checked before any process group or model exists: the same on every rank, so
-that all ranks stop together with one line naming the fix (exit 2), in seconds, before DeepSpeed is imported."""
+that all ranks stop together with one line naming the fix (exit 2), in seconds. DeepSpeed is imported only by the
+last check, its own model of the student's DeepSpeed JSON."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def check_train_inputs(cfg) -> None:
     import importlib.util
 
     from rlad_ds.checkpoint.run_dir import check_output_dir
-    from rlad_ds.ds_config import load_ds_config, require_zero_stage
+    from rlad_ds.ds_validation import check_student_file, check_with_deepspeed
     from rlad_ds.methods import get_method
     from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget
 
@@ -48,7 +49,7 @@ def check_train_inputs(cfg) -> None:
             f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
             f"use a multiple of {world}"
         )
-    require_zero_stage(load_ds_config(cfg.deepspeed), 3, "student")
+    check_student_file(cfg.deepspeed)
     if not cfg.is_demo:  # the demo's models are built (or found in the cache) after these checks
         check_model_dir(cfg.model.student, "student", cfg.model.trust_remote_code)
         prompt_budget(cfg.model.student, cfg.rollout.max_new_tokens, "student")
@@ -68,6 +69,8 @@ def check_train_inputs(cfg) -> None:
         raise ConfigError(
             f"--report_to {package} needs the {package} package: pip install {package}, or pass --report_to {other}"
         )
+    # Last: DeepSpeed's own config model is the one check here that imports DeepSpeed (seconds).
+    check_with_deepspeed(cfg, world)
 
 
 def check_writable(path, flag: str, directory: bool) -> None:
