@@ -317,3 +317,22 @@ def test_trainer_adapters_read_the_config(tmp_path, tiny_tokenizer):
     held_out = data.load_eval_examples(config(saved, {"eval_size": 3}), tiny_tokenizer)
     assert [r["question"] for r in held_out] == [r["question"] for r in ROWS[:3]]
     assert "Be brief." in held_out[0]["prompt_text"]
+
+
+def test_rendering_and_checking_many_prompts_show_progress(tiny_tokenizer, monkeypatch, caplog):
+    """After generation, rendering and tokenizing a million prompts takes minutes (about 10,000 a second here)."""
+    from rlad_ds.config.parsing import config_from_layers
+    from rlad_ds.tasks import base
+
+    monkeypatch.setattr(base, "FIRST_PROGRESS_S", 0.0)
+    monkeypatch.setattr(data, "CHECK_CHUNK", 2)
+    with caplog.at_level("INFO", logger="rlad_ds"):
+        examples = data.load_train_examples(
+            config_from_layers({"data": {"task": "arith", "train_size": 3}}).data, tiny_tokenizer
+        )
+    assert len(examples) == 3
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "arith train problems generated: 1 / 3",
+        "prompts rendered: 1 / 3",
+        "prompts tokenized and checked: 2 / 3",
+    ]
