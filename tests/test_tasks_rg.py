@@ -62,6 +62,7 @@ def test_task_args_configure_the_dataset_and_name_the_subsets():
         ("rg:basic_arithmetic", 'format_style="fancy"', "format_style is Literal['simple', 'natural']"),
     ],
 )
+@pytest.mark.timeout(30)  # n_people=true (one person) made reasoning-gym search for a puzzle forever
 def test_bad_task_names_and_args_are_one_line_errors(name, args, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         get_task(name, args)
