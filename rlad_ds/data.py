@@ -296,8 +296,9 @@ def _generated(task: Task, split: str, n: int | None, seed: int, render: Rendere
         raise ConfigError(f"task {task.name!r} has no built-in data; give a dataset file or name")
     if n is None:
         raise ConfigError(f"say how many {task.name!r} examples to generate (n)")
-    examples, progress = Examples(), Progress("prompts rendered", n)
-    for record in task.generate(split, n, seed):
+    records = task.generate(split, n, seed)
+    examples, progress = Examples(), Progress("prompts rendered", n)  # timed from here: generation logs its own
+    for record in records:
         examples.append(Example(render(task.prompt(record)), record))
         progress(len(examples))
     return examples

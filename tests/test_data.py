@@ -1,6 +1,7 @@
 """Loading prompt data: every file format, column mapping, rendering, file:line errors, skipping bad rows."""
 
 import json
+import time
 
 import pytest
 
@@ -8,6 +9,7 @@ from rlad_ds import data
 from rlad_ds.data import Example, load_examples
 from rlad_ds.errors import ConfigError
 from rlad_ds.tasks import get_task
+from rlad_ds.tasks.base import Task
 
 MATH = get_task("math")
 KK = get_task("kk")
@@ -320,7 +322,8 @@ def test_trainer_adapters_read_the_config(tmp_path, tiny_tokenizer):
 
 
 def test_rendering_and_checking_many_prompts_show_progress(tiny_tokenizer, monkeypatch, caplog):
-    """After generation, rendering and tokenizing a million prompts takes minutes (about 10,000 a second here)."""
+    """After generation, a million prompts take minutes to render (about 10,000 a second here) and to tokenize and check
+    (about 5,000 a second)."""
     from rlad_ds.config.parsing import config_from_layers
     from rlad_ds.tasks import base
 
@@ -336,3 +339,13 @@ def test_rendering_and_checking_many_prompts_show_progress(tiny_tokenizer, monke
         "prompts rendered: 1 / 3",
         "prompts tokenized and checked: 2 / 3",
     ]
+    caplog.clear()
+
+    def slow_generate(split, n, seed):  # the time left to render is not the generation's
+        time.sleep(1.0)
+        return [{"p": f"q{i}"} for i in range(n)]
+
+    slow = Task(name="slow", prompt=lambda example: example["p"], score=lambda c, e: 0.0, generate=slow_generate)
+    with caplog.at_level("INFO", logger="rlad_ds"):
+        load_examples(slow, None, n=3)
+    assert [r.getMessage() for r in caplog.records] == ["prompts rendered: 1 / 3 (33%), about 0 s left"]
