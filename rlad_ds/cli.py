@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rlad_ds.distributed import end_process_group, env_rank, env_world_size, single_process_env
 from rlad_ds.errors import ConfigError, TrainingError, error_line
-from rlad_ds.preflight import check_train_inputs, check_writable, checked_tokenizer
+from rlad_ds.preflight import check_generated_sizes, check_train_inputs, check_writable, checked_tokenizer
 from rlad_ds.signals import guard_signals
 
 logger = logging.getLogger("rlad_ds")
@@ -255,6 +255,7 @@ def _eval(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_layers(read_layers(args))
     task = get_task(cfg.data.task, cfg.data.task_args)
+    check_generated_sizes(cfg, train=False)
     if args.output is not None:  # found now, not after the whole evaluation has run
         check_writable(args.output, "--output", directory=False)
     model_dir = check_model_dir(args.model, "model", cfg.model.trust_remote_code)

@@ -2,8 +2,10 @@
 (`data.jsonl:17`, `data.csv row 17`).
 
 Sources:
-- `.jsonl` / `.json`: parsed here, line by line, so that a bad row is reported as `file.jsonl:17: ...`
-  (a `.json` file holds a list of objects, or is JSON lines under another name).
+- `.jsonl` / `.json`: parsed here, line by line, so that a bad row is reported as `file.jsonl:17: ...`; lines
+  end at line feeds only, as `datasets` reads them. A `.json` file holds a list of objects, an object whose only
+  key holds that list (`{"data": [...]}`), or is JSON lines under another name. A row Python's JSON parser cannot
+  read (nested too deeply, an integer of thousands of digits) is a bad row like any invalid line.
 - `.parquet` / `.csv`: read through `datasets`; rows are reported as `file.csv row 17`.
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`datasets.load_from_disk`).
 - anything else that is not a path: a hub dataset name, passed to `datasets.load_dataset` (needs network; when
@@ -31,7 +33,7 @@ def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, o
     elif path.is_file():
         if path.stat().st_size == 0:
             raise ConfigError(f"{path}: the file is empty")
-        if path.suffix in JSON_SUFFIXES:
+        if path.suffix.lower() in JSON_SUFFIXES:
             yield from _json_rows(path)
         elif path.suffix in DATASETS_SUFFIXES:
             yield from _dataset_rows(str(path), _load_file(path))
@@ -60,21 +62,55 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise ConfigError(
             f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}); save the file as UTF-8 JSON"
         ) from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            row = Unparsable(f"invalid JSON ({error.msg} at column {error.colno})")
-        yield f"{path}:{number}", row
+    if path.suffix.lower() == ".json":
+        rows = _whole_file_rows(path, text)
+        if rows is not None:
+            yield from rows
+            return
+    # Lines end at "\n" only (JSON lines, and `datasets` reading the same file): str.splitlines() would also
+    # break a valid row at U+2028, U+0085 or a form feed inside a string.
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield f"{path}:{number}", _parsed(line)
+
+
+def _parsed(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        return Unparsable(f"invalid JSON ({error.msg} at column {error.colno})")
+    except (ValueError, RecursionError) as error:  # e.g. an integer of over 4300 digits, 100,000 nested lists
+        return Unparsable(f"JSON that Python cannot read ({_why_unreadable(error)})")
+
+
+def _why_unreadable(error: Exception) -> str:
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+
+
+def _whole_file_rows(path: Path, text: str) -> list[tuple[str, object]] | None:
+    """The rows of a `.json` file that is one JSON value: a list of rows, or an object whose only field holds the list
+    (`{"data": [...]}`, read as `datasets.load_dataset("json", field="data")` does); None for JSON lines."""
+    start = text.lstrip()[:1]
+    if start not in ("[", "{") or start == "{" and "\n" not in text.strip():  # one object on one line: a row
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if start == "{":  # `{...}\n{...}`: JSON lines under another name
+            return None
+        raise ConfigError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:
+        raise ConfigError(f"{path}: JSON that Python cannot read ({_why_unreadable(error)})") from None
+    if isinstance(value, list):
+        return [(f"{path}[{i}]", row) for i, row in enumerate(value)]
+    if len(value) != 1 or not isinstance(next(iter(value.values())), list):
+        keys = ", ".join(map(repr, value)) or "none"
+        raise ConfigError(
+            f"{path} holds one JSON object (keys: {keys}), not rows; write a list of row objects, an object whose "
+            f'only key holds that list ({{"data": [...]}}), or one object per line (JSON lines)'
+        )
+    [(field, rows)] = value.items()
+    return [(f"{path}[{json.dumps(field)}][{i}]", row) for i, row in enumerate(rows)]
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,22 @@ def _fill(section: dict, key: str, value, where: str) -> None:
         )
 
 
-def zero_stage(config: dict) -> int:
-    return int(config.get("zero_optimization", {}).get("stage", 0))
+def zero_stage(config: dict, role: str = "student") -> int:
+    """`zero_optimization.stage`, 0 when absent; a ConfigError for anything but a whole number ("three", 3.9)."""
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        where = "zero_optimization" if stage is None else "zero_optimization.stage"
+        raise ConfigError(
+            f"the {role} DeepSpeed config has {where} = {zero if stage is None else stage!r}; "
+            'write "zero_optimization": {"stage": 3, ...}'
+        )
+    return stage
 
 
 def require_zero_stage(config: dict, stage: int = 3, role: str = "student") -> None:
     """Refuse a config whose ZeRO stage is not `stage` (every model here is partitioned with ZeRO-3)."""
-    found = zero_stage(config)
+    found = zero_stage(config, role)
     if found != stage:
         raise ConfigError(
             f"the {role} DeepSpeed config uses ZeRO stage {found}; set zero_optimization.stage to {stage}"

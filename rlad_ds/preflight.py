@@ -1,5 +1,6 @@
 """Everything a user can get wrong, checked before any process group or model exists: the same on every rank, so
-that all ranks stop together with one line naming the fix (exit 2), in seconds, before DeepSpeed is imported."""
+that all ranks stop together with one line naming the fix (exit 2), in seconds. DeepSpeed is imported only by the
+last check, its own model of the student's DeepSpeed JSON."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from rlad_ds.distributed import env_world_size
 from rlad_ds.errors import VLLM_INSTALL, ConfigError, error_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Generated problems are all made before the first step and held by every rank: about 0.5 KB (arith) to 5 KB
+# (rg:knights_knaves) each, made at 43,000 (arith) to 280 (rg:knights_knaves) a second on one core here.
+MAX_GENERATED = 1_000_000
 
 
 def checked_tokenizer(path, role: str, cfg):
@@ -38,7 +42,7 @@ def check_train_inputs(cfg) -> None:
     import importlib.util
 
     from rlad_ds.checkpoint.run_dir import check_output_dir
-    from rlad_ds.ds_config import load_ds_config, require_zero_stage
+    from rlad_ds.ds_validation import check_student_file, check_with_deepspeed
     from rlad_ds.methods import get_method
     from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget
 
@@ -48,8 +52,11 @@ def check_train_inputs(cfg) -> None:
             f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
             f"use a multiple of {world}"
         )
-    require_zero_stage(load_ds_config(cfg.deepspeed), 3, "student")
-    if not cfg.is_demo:  # the demo's models are built (or found in the cache) after these checks
+    check_student_file(cfg.deepspeed)
+    check_generated_sizes(cfg, train=True)
+    if cfg.is_demo:
+        check_demo_can_write(cfg)
+    else:  # the demo's models are built (or found in the cache) after these checks
         check_model_dir(cfg.model.student, "student", cfg.model.trust_remote_code)
         prompt_budget(cfg.model.student, cfg.rollout.max_new_tokens, "student")
         method = get_method(cfg.loss.method)
@@ -68,6 +75,62 @@ def check_train_inputs(cfg) -> None:
         raise ConfigError(
             f"--report_to {package} needs the {package} package: pip install {package}, or pass --report_to {other}"
         )
+    # Last: DeepSpeed's own config model is the one check here that imports DeepSpeed (seconds).
+    check_with_deepspeed(cfg, world)
+
+
+def check_demo_can_write(cfg) -> None:
+    """Refuse a task whose generated prompts the demo's tokenizer (digits and `+=|>`) cannot write, before the demo
+    builds its models: trained on prompts it cannot see, it ends at accuracy 0 and looks like a finished run."""
+    from rlad_ds.data import load_examples, unwritable
+    from rlad_ds.demo.recipe import demo_tokenizer
+    from rlad_ds.tasks import get_task
+
+    task = get_task(cfg.data.task, cfg.data.task_args)
+    if cfg.data.dataset is not None or task.generate is None:  # rows of a file are checked one by one as they load
+        return
+    tokenizer = demo_tokenizer()
+    template = cfg.data.prompt_template
+    examples = load_examples(
+        task,
+        None,
+        n=4,
+        seed=cfg.train.seed,
+        tokenizer=None if template else tokenizer,
+        template=template,
+        system_prompt=cfg.data.system_prompt,
+    )
+    problems = unwritable(tokenizer, [example.text for example in examples])
+    if problems:
+        raise ConfigError(
+            f"the demo's {len(tokenizer)}-token tokenizer cannot write {task.name}'s prompts "
+            f"({problems[min(problems)]}); "
+            "the demo trains --task arith: give --student and --teacher model dirs for other tasks"
+        )
+
+
+def check_generated_sizes(cfg, train: bool) -> None:
+    """Refuse more generated problems than MAX_GENERATED, or than the task has (`Task.size`), before any is made."""
+    from rlad_ds.tasks import get_task
+
+    task = get_task(cfg.data.task, cfg.data.task_args)
+    if task.generate is None:
+        return
+    wanted = [("--train_size", cfg.data.train_size, "train")] if train and cfg.data.dataset is None else []
+    if cfg.eval.eval_dataset is None and cfg.eval.eval_size:
+        wanted.append(("--eval_size", cfg.eval.eval_size, "test"))
+    for flag, count, split in wanted:
+        if count > MAX_GENERATED:
+            drawn = cfg.train.max_steps * cfg.train.prompts_per_step
+            raise ConfigError(
+                f"{flag} {count:,}: generated problems are all made before training and held in memory, at most "
+                f"{MAX_GENERATED:,}; this run draws {drawn:,} prompts (--max_steps x --prompts_per_step)"
+            )
+        if task.size is not None and count > task.size(split):
+            raise ConfigError(
+                f"{flag} {count:,}: {task.name}'s {split} split has {task.size(split):,} distinct problems; "
+                f"ask for at most that many"
+            )
 
 
 def check_writable(path, flag: str, directory: bool) -> None:

@@ -72,6 +72,8 @@ def test_file_then_flags(tmp_path):
         ("[1, 2]\n", "must hold a mapping of sections"),
         ("eval:\n  eval_k: one\n", "--eval_k must be int, got 'one'"),
         ("rollout:\n  engine: vllm\n", "--engine was renamed --rollout (in a --config file: rollout: rollout: ...)"),
+        ("deepspeed: null\n", "deepspeed must be the path of a DeepSpeed JSON file, got None"),
+        ("deepspeed: 5\n", "deepspeed must be the path of a DeepSpeed JSON file, got 5"),
     ],
 )
 def test_wrong_values_in_a_file_are_one_line_naming_the_field(tmp_path, text, message):
@@ -96,6 +98,8 @@ def test_wrong_values_in_a_file_are_one_line_naming_the_field(tmp_path, text, me
         ),
         (["--eval_temperature", "-1"], "--eval_temperature must be >= 0"),
         (["--save_steps", "-2"], "--save_steps must be >= 0, or -1"),
+        (["--seed", "99999999999999999999999"], r"--seed must be in 0\.\.4294967295, got 99999999999999999999999"),
+        (["--seed", "-1"], r"--seed must be in 0\.\.4294967295"),
     ],
 )
 def test_flags(flags, message):
@@ -106,6 +110,16 @@ def test_flags(flags, message):
         return
     with pytest.raises(ConfigError, match=message):
         parse_config(flags)
+
+
+def test_a_file_suffix_in_capitals_is_read_as_that_format(tmp_path):
+    path = tmp_path / "upper.YAML"
+    path.write_text("train:\n  lr: 1e-6\n  seed: 4294967295\n")  # YAML, not JSON
+    cfg, _ = parse_config(["--config", str(path)])
+    assert cfg.train.lr == 1e-6 and cfg.train.seed == 2**32 - 1
+    (tmp_path / "upper.JSON").write_text('{"train": {"lr": 2e-6}, "deepspeed": "ds.json"}')
+    cfg, _ = parse_config(["--config", str(tmp_path / "upper.JSON")])
+    assert cfg.train.lr == 2e-6 and cfg.deepspeed == "ds.json"
 
 
 def test_the_run_record_round_trips():

@@ -1,6 +1,7 @@
 """Loading prompt data: every file format, column mapping, rendering, file:line errors, skipping bad rows."""
 
 import json
+import time
 
 import pytest
 
@@ -8,6 +9,7 @@ from rlad_ds import data
 from rlad_ds.data import Example, load_examples
 from rlad_ds.errors import ConfigError
 from rlad_ds.tasks import get_task
+from rlad_ds.tasks.base import Task
 
 MATH = get_task("math")
 KK = get_task("kk")
@@ -44,6 +46,56 @@ def test_json_array_and_json_lines_named_json(tmp_path):
     assert_math_rows(load_examples(MATH, tmp_path / "array.json"))
     write_jsonl(tmp_path / "lines.json", ROWS)
     assert_math_rows(load_examples(MATH, str(tmp_path / "lines.json")))
+
+
+def test_line_separators_inside_a_row_do_not_split_it(tmp_path):
+    """JSON lines end at line feeds; str.splitlines() also broke rows at U+2028, U+0085 and form feeds."""
+    import datasets
+
+    rows = [{**row, "question": row["question"] + sep} for row, sep in zip(ROWS, ["\u2028", "\x85", "\x0c", "\u2029"])]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) + "{not json\n")
+    with pytest.raises(ConfigError, match=r"seps\.jsonl:5: invalid JSON"):  # the line an editor shows
+        load_examples(MATH, path)
+    examples = load_examples(MATH, path, skip_bad_rows=True)
+    assert [e.record["question"] for e in examples] == [r["question"] for r in rows] and examples.skipped == 1
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    loaded = datasets.load_dataset("json", data_files=str(path), split="train")  # the same rows as `datasets` reads
+    assert [r["question"] for r in loaded] == [e.record["question"] for e in load_examples(MATH, path)]
+
+
+def test_rows_pythons_json_parser_cannot_read_are_bad_rows(tmp_path):
+    """100,000 nested lists raised RecursionError and a 5,000-digit integer ValueError, even with skip_bad_rows."""
+    deep, huge = "[" * 100_000, '{"question": "q", "answer": ' + "7" * 5000 + "}"
+    path = write_jsonl(tmp_path / "odd.jsonl", [ROWS[0], deep, ROWS[1], huge, ROWS[2]])
+    with pytest.raises(ConfigError, match=r"odd\.jsonl:2: JSON that Python cannot read \(nested too deeply\)"):
+        load_examples(MATH, path)
+    examples = load_examples(MATH, path, skip_bad_rows=True)
+    assert_math_rows(examples, ROWS[:3])
+    assert (
+        examples.skipped == 2 and "odd.jsonl:4: JSON that Python cannot read (Exceeds the limit" in examples.messages[1]
+    )
+    for text in (deep, f"[{huge}]"):
+        (tmp_path / "odd.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"odd\.json: JSON that Python cannot read") as error:
+            load_examples(MATH, tmp_path / "odd.json", skip_bad_rows=True)
+        assert "\n" not in str(error.value)
+
+
+def test_a_json_object_file_is_read_through_its_list_field_or_named(tmp_path):
+    """A valid `{"data": [...]}` file was reported as invalid JSON."""
+    (tmp_path / "obj.json").write_text(json.dumps({"data": ROWS}, indent=2))
+    examples = load_examples(MATH, tmp_path / "obj.json")
+    assert_math_rows(examples)
+    (tmp_path / "obj.json").write_text(json.dumps({"data": [ROWS[0], "text"]}, indent=2))
+    with pytest.raises(ConfigError, match=r'obj\.json\["data"\]\[1\]: expected a JSON object, got str'):
+        load_examples(MATH, tmp_path / "obj.json")
+    for value, keys in (({"version": 1, "data": ROWS}, "'version', 'data'"), (ROWS[0], "'question', 'answer'")):
+        (tmp_path / "obj.json").write_text(json.dumps(value, indent=2))
+        with pytest.raises(ConfigError, match=rf"obj\.json holds one JSON object \(keys: {keys}\), not rows; write"):
+            load_examples(MATH, tmp_path / "obj.json")
+    (tmp_path / "one.json").write_text(json.dumps(ROWS[0]))  # one object on one line: JSON lines of one row
+    assert_math_rows(load_examples(MATH, tmp_path / "one.json"), ROWS[:1])
 
 
 def test_parquet_and_csv(tmp_path):
@@ -267,3 +319,33 @@ def test_trainer_adapters_read_the_config(tmp_path, tiny_tokenizer):
     held_out = data.load_eval_examples(config(saved, {"eval_size": 3}), tiny_tokenizer)
     assert [r["question"] for r in held_out] == [r["question"] for r in ROWS[:3]]
     assert "Be brief." in held_out[0]["prompt_text"]
+
+
+def test_rendering_and_checking_many_prompts_show_progress(tiny_tokenizer, monkeypatch, caplog):
+    """After generation, a million prompts take minutes to render (about 10,000 a second here) and to tokenize and check
+    (about 5,000 a second)."""
+    from rlad_ds.config.parsing import config_from_layers
+    from rlad_ds.tasks import base
+
+    monkeypatch.setattr(base, "FIRST_PROGRESS_S", 0.0)
+    monkeypatch.setattr(data, "CHECK_CHUNK", 2)
+    with caplog.at_level("INFO", logger="rlad_ds"):
+        examples = data.load_train_examples(
+            config_from_layers({"data": {"task": "arith", "train_size": 3}}).data, tiny_tokenizer
+        )
+    assert len(examples) == 3
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "arith train problems generated: 1 / 3",
+        "prompts rendered: 1 / 3",
+        "prompts tokenized and checked: 2 / 3",
+    ]
+    caplog.clear()
+
+    def slow_generate(split, n, seed):  # the time left to render is not the generation's
+        time.sleep(1.0)
+        return [{"p": f"q{i}"} for i in range(n)]
+
+    slow = Task(name="slow", prompt=lambda example: example["p"], score=lambda c, e: 0.0, generate=slow_generate)
+    with caplog.at_level("INFO", logger="rlad_ds"):
+        load_examples(slow, None, n=3)
+    assert [r.getMessage() for r in caplog.records] == ["prompts rendered: 1 / 3 (33%), about 0 s left"]

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from rlad_ds.demo import cache, recipe, sft
+from rlad_ds.errors import ConfigError
 from rlad_ds.tasks import arith
 from rlad_ds.tasks.arith import TASK
 
@@ -59,6 +60,15 @@ def test_train_and_test_are_disjoint_even_with_operands_swapped():
     # the test split is ~10% of all pairs, and every carry count occurs in it
     assert 0.08 < len(test) / (len(test) + len(train)) < 0.4
     assert {TASK.subset(e) for e in TASK.generate("test", 400, 0)} == {f"carries{k}" for k in range(4)}
+
+
+def test_split_sizes_are_the_counted_pairs():
+    """The sizes that --train_size / --eval_size are checked against before anything loads."""
+    pairs = [(a, b) for a in range(arith.LOW, arith.HIGH + 1) for b in range(arith.LOW, arith.HIGH + 1)]
+    test = sum(arith.split_of(a, b) == "test" for a, b in pairs)
+    assert arith.SPLIT_SIZES == {"train": len(pairs) - test, "test": test} and TASK.size("test") == test
+    with pytest.raises(ConfigError, match="the arith test split has 80,773 distinct problems, asked for 80,774"):
+        TASK.generate("test", test + 1, 0)
 
 
 def test_score_grades_only_the_final_answer():

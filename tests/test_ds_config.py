@@ -165,3 +165,67 @@ def test_the_cpu_student_engine_uses_torch_adamw(monkeypatch):
         assert type(engine.optimizer.optimizer) is torch.optim.AdamW
     finally:
         end_process_group()
+
+
+def _zero(config):
+    return config["zero_optimization"]
+
+
+# DeepSpeed JSON that each ended in a traceback, several after the models loaded: (edit of zero3.json, the line).
+BAD_DS_CONFIGS = {
+    "stage_as_text": (lambda c: _zero(c).update(stage="three"), "zero_optimization.stage = 'three'"),
+    "stage_3.9": (lambda c: _zero(c).update(stage=3.9), "zero_optimization.stage = 3.9"),
+    "zero_as_a_number": (lambda c: c.update(zero_optimization=3), "zero_optimization must be a JSON object, got 3"),
+    "optimizer_as_text": (lambda c: c.update(optimizer="adamw"), "optimizer must be a JSON object, got 'adamw'"),
+    "optimizer_without_type": (lambda c: c["optimizer"].pop("type"), 'optimizer needs a "type" name'),
+    "no_optimizer": (lambda c: c.pop("optimizer"), "has no optimizer section, and the trainer builds none"),
+    "nvme_without_path": (
+        lambda c: _zero(c).update(offload_param={"device": "nvme"}),
+        'zero_optimization.offload_param offloads to nvme without "nvme_path"',
+    ),
+    "lamb_on_cpu": (
+        lambda c: c["optimizer"].update(type="Lamb"),
+        "DeepSpeed cannot build optimizer 'Lamb' on the cpu accelerator without zero_optimization.offload_optimizer; "
+        "it builds adagrad, adam, adamw,",
+    ),
+    "no_such_optimizer": (lambda c: c["optimizer"].update(type="Adamm"), "optimizer type 'Adamm' is neither"),
+    "untested_torch_optimizer": (
+        lambda c: c["optimizer"].update(type="SGD", params={"lr": "auto", "weight_decay": "auto"}),
+        '"zero_allow_untested_optimizer": true',
+    ),
+    "deepspeeds_own_model": (  # a misspelt key: DeepSpeed's pydantic model speaks
+        lambda c: _zero(c).update(stage3_prefetch_bucket_sise=1),
+        "zero_optimization.stage3_prefetch_bucket_sise: Extra inputs are not permitted (DeepSpeed's "
+        "DeepSpeedZeroConfig)",
+    ),
+    "offload_device_unknown": (
+        lambda c: _zero(c).update(offload_optimizer={"device": "gpu"}),
+        "zero_optimization.offload_optimizer.device: Input should be 'none', 'cpu' or 'nvme'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DS_CONFIGS))
+def test_bad_deepspeed_json_is_one_line_before_any_model(case, tiny_models, tmp_path, no_init, capsys):
+    from test_reliability import base_args, expect_one_line
+
+    from rlad_ds.cli import train_main
+
+    edit, piece = BAD_DS_CONFIGS[case]
+    config = load_ds_config(CONFIG_DIR / "zero3.json")
+    edit(config)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = base_args(tiny_models, tmp_path / "out", "--deepspeed", path)
+    expect_one_line(train_main(args), capsys.readouterr(), piece)
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json"])
+def test_the_shipped_deepspeed_json_passes_deepspeeds_own_checks(name, tiny_models, tmp_path, no_init):
+    from conftest import ReachedInit
+    from test_reliability import base_args
+
+    from rlad_ds.cli import train_main
+
+    with pytest.raises(ReachedInit):
+        train_main(base_args(tiny_models, tmp_path / "out", "--deepspeed", CONFIG_DIR / name))

@@ -1,6 +1,7 @@
 """reasoning-gym as a task source: seeded disjoint splits, its own verifier, its config, difficulty subsets."""
 
 import json
+import re
 
 import pytest
 
@@ -55,10 +56,15 @@ def test_task_args_configure_the_dataset_and_name_the_subsets():
         ("rg:knights_knaves", "{bad", "not valid JSON"),
         ("rg:knights_knaves", "n_people", "write key=value"),
         ("kk", "n_people=3", "task 'kk' takes no --task_args"),
+        # Values of the wrong type raised inside reasoning-gym's generator (TypeError).
+        ("rg:knights_knaves", "n_people=2.5", "n_people=2.5: rg:knights_knaves's n_people is int (default 2)"),
+        ("rg:knights_knaves", "n_people=true", "n_people=true: rg:knights_knaves's n_people is int"),
+        ("rg:basic_arithmetic", 'format_style="fancy"', "format_style is Literal['simple', 'natural']"),
     ],
 )
+@pytest.mark.timeout(30)  # n_people=true (one person) made reasoning-gym search for a puzzle forever
 def test_bad_task_names_and_args_are_one_line_errors(name, args, message):
-    with pytest.raises(ConfigError, match=message) as error:
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
         get_task(name, args)
     assert "\n" not in str(error.value)
 
@@ -93,3 +99,25 @@ def test_datasets_that_record_no_answer_train_without_a_gold_check():
     record = task.generate("train", 1, 0)[0]
     assert record["answer"] is None and task.reference is None
     assert task.prompt(record).startswith(record["question"]) and task.score("no block", record) == 0.0
+
+
+@pytest.mark.timeout(45)
+def test_a_config_that_makes_no_problem_in_time_is_refused(monkeypatch):
+    """knights_knaves with n_people=50 searches 2^50 assignments for its first problem: it hung silently."""
+    from rlad_ds.tasks import rg
+
+    monkeypatch.setattr(rg, "PROBE_TIMEOUT_S", 2.0)  # the worker's start-up is not counted
+    with pytest.raises(ConfigError, match=r"rg:knights_knaves made no problem in 2 s with --task_args n_people=50; "):
+        get_task("rg:knights_knaves", "n_people=50")
+
+
+def test_long_generation_shows_its_progress(monkeypatch, caplog):
+    """Generating thousands of problems took minutes without a word (10,000 knights_knaves: about 35 s here)."""
+    from rlad_ds.tasks import base
+
+    monkeypatch.setattr(base, "FIRST_PROGRESS_S", 0.0)
+    with caplog.at_level("INFO", logger="rlad_ds"):
+        get_task("rg:basic_arithmetic").generate("train", 3, 0)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "rg:basic_arithmetic train problems generated: 1 / 3"
+    ]

@@ -396,6 +396,67 @@ def test_the_demo_prompts_fit_its_models(tmp_path, no_init):
         train_main(["--deepspeed", DS_CONFIG, "--output_dir", str(tmp_path / "demo"), "--report_to", "none"])
 
 
+class BuildingTheDemo(Exception):
+    """Raised instead of building (or loading) the demo's models: every check before them passed."""
+
+
+@pytest.fixture
+def no_demo_build(monkeypatch):
+    from rlad_ds.demo import cache
+
+    def refuse(*args, **kwargs):
+        raise BuildingTheDemo
+
+    monkeypatch.setattr(cache, "prepare_demo", refuse)
+
+
+def demo_args(tmp_path, *flags):
+    return ["--deepspeed", DS_CONFIG, "--output_dir", str(tmp_path / "demo"), "--report_to", "none", *flags]
+
+
+def test_the_demo_refuses_a_task_its_tokenizer_cannot_write(tmp_path, no_init, no_demo_build, capsys):
+    """Its 17-token tokenizer read "What is 3 + 4? Answer:" as "3+4": 60 steps at accuracy 0, exit 0."""
+    expect_one_line(
+        train_main(demo_args(tmp_path, "--task", "rg:basic_arithmetic")),
+        capsys.readouterr(),
+        "the demo's 17-token tokenizer cannot write rg:basic_arithmetic's prompts (it reads 'Calculate",
+    )
+    with pytest.raises(BuildingTheDemo):  # its own task goes on to the models
+        train_main(demo_args(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "flags, piece",
+    [
+        (["--train_size", "1000000"], "--train_size 1,000,000: arith's train split has 729,227 distinct problems"),
+        (["--eval_size", "100000"], "--eval_size 100,000: arith's test split has 80,773 distinct problems"),
+        (
+            ["--task", "rg:basic_arithmetic", "--train_size", "100000000"],
+            "--train_size 100,000,000: generated problems are all made before training and held in memory, at most "
+            "1,000,000; this run draws 960 prompts",
+        ),
+    ],
+)
+@pytest.mark.timeout(45)  # generating 100,000,000 problems up front hung silently
+def test_more_generated_problems_than_can_be_made(tmp_path, flags, piece, no_init, no_demo_build, capsys):
+    expect_one_line(train_main(demo_args(tmp_path, *flags)), capsys.readouterr(), piece)
+
+
+def test_a_prompt_the_tokenizer_cannot_write_is_a_bad_row(tiny_models, tmp_path, no_init, capsys):
+    """The tiny models' tokenizer has printable ASCII only: a row with other characters would reach the model
+    with them dropped."""
+    rows = [{"prompt": f"digits {i}:"} for i in range(4)]
+    path = write_jsonl(tmp_path / "accents.jsonl", rows[:1] + [{"prompt": "d\u00e9j\u00e0 9:"}] + rows[1:])
+    rc, captured = run_train(tiny_models, tmp_path, "--dataset", path), capsys.readouterr()
+    expect_one_line(rc, captured, f"{path}:2: the tokenizer cannot write this prompt: it reads 'tart|>user\\ndéjà 9:")
+    assert (
+        "back as 'tart|>user\\ndj 9:" in captured.err
+        and "(it has no 'àé'); use a model whose tokenizer" in captured.err
+    )
+    with pytest.raises(ReachedInit):
+        run_train(tiny_models, tmp_path, "--dataset", path, "--skip_bad_rows")
+
+
 # ---- 8: data files -----------------------------------------------------------------------------------------------
 
 

@@ -132,7 +132,7 @@ def _read_file(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML or JSON file to --config")
     try:
-        if p.suffix in (".yaml", ".yml"):
+        if p.suffix.lower() in (".yaml", ".yml"):  # `run.YAML` is YAML too
             import yaml
 
             data = yaml.safe_load(p.read_text()) or {}
@@ -150,7 +150,7 @@ def _read_file(path: str) -> dict:
     for name, section in data.items():
         if name in SECTIONS and not isinstance(section, dict):
             raise ConfigError(f"config file {path}: section {name} must be a mapping of field: value")
-        bad = set(section) - {f.name for f in dataclasses.fields(SECTIONS[name])} if name in SECTIONS else ()
+        bad = set(section) - {f.name for f in dataclasses.fields(SECTIONS[name])} if name in SECTIONS else set()
         for old in sorted(bad & set(RENAMED.get(name, ()))):
             raise _renamed(old, name)
         if bad:
@@ -187,7 +187,16 @@ def config_from_layers(*layers: dict | None) -> Config:
         hints = typing.get_type_hints(cls)
         values = {name: _convert(hints[name], value, f"--{name}") for name, value in merged.get(section, {}).items()}
         groups[section] = cls(**values)
-    return Config(**groups, deepspeed=merged.get("deepspeed", Config.deepspeed))
+    return Config(**groups, deepspeed=_deepspeed_path(merged.get("deepspeed", Config.deepspeed)))
+
+
+def _deepspeed_path(value) -> str:
+    """The `deepspeed:` of a file or `--deepspeed`: a path, never null or a number (read as one by YAML)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"deepspeed must be the path of a DeepSpeed JSON file, got {value!r}; leave it out for {Config.deepspeed}"
+        )
+    return value
 
 
 def parse_config(argv: list[str], profile: dict | None = None) -> tuple[Config, argparse.Namespace]:

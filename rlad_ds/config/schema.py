@@ -20,6 +20,8 @@ from rlad_ds.models import ATTENTION_BACKENDS
 from rlad_ds.rollout.registry import KINDS, ROLLOUT_CHOICES
 
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
+# --seed reaches numpy (through vLLM), whose seeds are 32-bit; torch's and Python's take any of these too.
+MAX_SEED = 2**32 - 1
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -256,6 +258,7 @@ class TrainConfig:
         ):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {self.seed}")
         _check(self.save_steps >= -1, "--save_steps must be >= 0, or -1 for no checkpoints")
         _check(self.checkpoint_verify in ("size", "sha256"), "--checkpoint_verify must be size or sha256")
         _check(

@@ -14,17 +14,24 @@
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import hashlib
 import json
+import types
+import typing
 from functools import cache
 
 from rlad_ds.errors import ConfigError
-from rlad_ds.tasks.base import Task
+from rlad_ds.isolation import STARTUP_TIMEOUT_S, IsolatedWorker, WorkerError, in_worker
+from rlad_ds.tasks.base import Progress, Task
 
 INSTRUCTION = "Think it through, then give your final answer inside <answer> </answer>."
 # Problems scanned per problem wanted before a split counts as exhausted (small datasets repeat).
 SCAN_FACTOR = 20
+# The first problem is made in a worker under this deadline: some configs make one in hours (knights_knaves with
+# n_people=50 searches 2^50 assignments), and a run must not wait for them silently.
+PROBE_TIMEOUT_S = 10.0
 
 
 def plain(value):
@@ -71,19 +78,22 @@ def make_task(name: str, args: dict) -> Task:
         raise ConfigError(f"reasoning-gym has no dataset {name!r}; {hint}")
     if {"seed", "size"} & set(args):
         raise ConfigError("--task_args: seed and size are set by --seed and --train_size / --eval_size")
+    _check_types(name, registry[name][1], args)
     args_json = json.dumps(args, sort_keys=True)
     scorer = _dataset(name, args_json, 0, 1)  # also checks the config now, before any data is made
+    has_answers = _probe(name, args_json)
 
     def generate(split: str, n: int, seed: int = 0) -> list[dict]:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         scan = SCAN_FACTOR * n + 100
         source = _dataset(name, args_json, seed, scan)
-        chosen = []
+        chosen, progress = [], Progress(f"rg:{name} {split} problems generated", n)
         for index in range(scan):  # each index is drawn from its own seed, so stopping early is exact
             record = plain(source[index])
             if split_of(record["question"]) == split:
                 chosen.append(record)
+                progress(len(chosen))
                 if len(chosen) == n:
                     break
         if len(chosen) < n:
@@ -101,7 +111,6 @@ def make_task(name: str, args: dict) -> Task:
         return 0.0 if answer is None else float(scorer.score_answer(answer, entry=example))
 
     # A few datasets (boxnet, rush_hour...) check answers by simulation and record none: no gold to check.
-    has_answers = scorer[0].get("answer") is not None
     return Task(
         name=f"rg:{name}",
         prompt=prompt,
@@ -110,6 +119,72 @@ def make_task(name: str, args: dict) -> Task:
         subset=subset,
         reference=reference if has_answers else None,
     )
+
+
+def _check_types(name: str, config_class, args: dict) -> None:
+    """Each --task_args value against its field's type in the dataset's config (`n_people=2.5` for an int raised
+    deep inside generation); fields of types JSON cannot write (enums, dates) are left to the config."""
+    hints, defaults = typing.get_type_hints(config_class), config_class()
+    for key, value in args.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(
+                f"--task_args {key}={json.dumps(value)}: rg:{name}'s {key} is {_type_name(hints[key])} (default "
+                f"{json.dumps(getattr(defaults, key), default=str)}); give a value of that type"
+            )
+
+
+def _fits(value, kind) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if kind in (int, float, bool, str):
+        if isinstance(value, bool) or kind is bool:  # JSON's true is not a number, nor 1 a boolean
+            return isinstance(value, bool) and kind is bool
+        return isinstance(value, kind) or kind is float and isinstance(value, int)
+    if kind is type(None):
+        return value is None
+    if kind in (list, tuple) or origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, list):
+            return False
+        item = args[0] if args and (origin is list or len(args) == 2 and args[1] is Ellipsis) else None
+        return item is None or all(_fits(element, item) for element in value)
+    return True
+
+
+def _type_name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+
+def probe(name: str, args_json: str, make: bool = True) -> bool | None:
+    """Build the dataset (imports reasoning-gym, reads its files), and with `make` make its first problem and say
+    whether it records an answer. `_probe` runs the two in a worker, only the second under PROBE_TIMEOUT_S."""
+    dataset = _dataset(name, args_json, 0, 1)
+    return dataset[0].get("answer") is not None if make else None
+
+
+def _probe(name: str, args_json: str) -> bool:
+    """`probe` in a worker process that is killed after PROBE_TIMEOUT_S (inline inside a reward worker, whose owner
+    keeps the deadline); a ConfigError naming the --task_args when it cannot make one problem in time."""
+    if in_worker():
+        return probe(name, args_json)
+    worker = IsolatedWorker("rlad_ds.tasks.rg:probe")
+    shown = ",".join(f"{k}={json.dumps(v)}" for k, v in json.loads(args_json).items()) or "(none)"
+    limit = STARTUP_TIMEOUT_S
+    try:
+        worker.call((name, args_json, False), limit)  # importing reasoning-gym takes seconds: not timed below
+        limit = PROBE_TIMEOUT_S
+        return worker.call((name, args_json, True), limit)
+    except TimeoutError:
+        raise ConfigError(
+            f"rg:{name} made no problem in {limit:.0f} s with --task_args {shown}; ask for smaller "
+            "problems (at that speed 10,000 of them would take over a day)"
+        ) from None
+    except WorkerError as error:
+        raise ConfigError(f"rg:{name} cannot make a problem with --task_args {shown} ({error}); change them") from None
+    finally:
+        worker.kill()  # no idle interpreter for the length of the run
 
 
 def reference(example: dict) -> str:
