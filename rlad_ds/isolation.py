@@ -85,8 +85,9 @@ class IsolatedWorker:
     re-runs the caller's main script and so breaks plain scripts without an `if __name__` guard.
     """
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, warm_up: tuple | None = None):
         self.target = target
+        self.warm_up = warm_up  # the arguments of a first call made as the process starts, under its deadline
         self.process = None
         self.conn = None
 
@@ -106,9 +107,20 @@ class IsolatedWorker:
             self.kill()
             raise WorkerError(f"worker for {self.target} did not start within {STARTUP_TIMEOUT_S:.0f}s")
         status, message = self._receive()
+        if status == "ready" and self.warm_up is not None:
+            status, message = self._warmed_up()
         if status != "ready":
             self.kill()
             raise WorkerError(f"worker cannot load {self.target}: {message}")
+
+    def _warmed_up(self) -> tuple[str, str | None]:
+        """The warm-up call, under the start-up deadline. Its error is not the worker's: the calls that need what
+        it failed to load report it themselves, each under its own deadline."""
+        self.conn.send(self.warm_up)
+        if not self.conn.poll(STARTUP_TIMEOUT_S):
+            return "error", f"its warm-up took over {STARTUP_TIMEOUT_S:.0f}s"
+        status, message = self._receive()
+        return ("ready", None) if status in ("ok", "error") and self.alive else (status, message)
 
     @property
     def alive(self) -> bool:

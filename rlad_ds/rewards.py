@@ -45,9 +45,15 @@ class RewardResult:
         return [f"#{index}: {why}" for index, why in itertools.islice(self.failed.items(), MAX_MESSAGES)]
 
 
-def score_one(task: str, task_args: str | None, completion: str | None, example: dict) -> float:
+def score_one(task: str, task_args: str | None, completion: str | None, example: dict | None) -> float:
     """What a worker runs: `score`, checked to be a finite number in [0, 1]. A `completion` of None means
-    the task's reference completion for `example` (or "" for a task without one)."""
+    the task's reference completion for `example` (or "" for a task without one). An `example` of None only makes
+    the task and warms it up (`Task.warm_up`): a worker's first call, outside any reward deadline."""
+    if example is None:
+        warm_up = get_task(task, task_args).warm_up
+        if warm_up is not None:
+            warm_up()
+        return 0.0
     if completion is None:
         reference = get_task(task, task_args).reference
         completion = reference(example) if reference is not None else ""
@@ -65,7 +71,8 @@ class RewardRunner:
         if timeout_s <= 0 or workers < 1:
             raise ValueError(f"need timeout_s > 0 and workers >= 1, got {timeout_s}, {workers}")
         self.task, self.task_args, self.timeout_s = task, task_args, timeout_s
-        self.workers = [IsolatedWorker("rlad_ds.rewards:score_one") for _ in range(workers)]
+        warm_up = (task, task_args, None, None)  # the task made and its verifier imported as each worker starts
+        self.workers = [IsolatedWorker("rlad_ds.rewards:score_one", warm_up) for _ in range(workers)]
 
     @classmethod
     def from_config(cls, data_cfg) -> RewardRunner:

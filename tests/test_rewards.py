@@ -171,3 +171,19 @@ def test_isolated_worker_call_and_timeout():
             worker.call(("x",), 30)  # restarted on demand
     finally:
         worker.kill()
+
+
+def test_a_worker_warms_its_task_up_before_its_first_deadline(tmp_path, monkeypatch):
+    """A fresh worker runs the task's warm-up (importing a verifier's libraries: sympy, reasoning-gym; over 10 s
+    under load) as it starts, under the start-up deadline, not inside its first call's. The warm task scores 1.0
+    only in a process that has run its warm-up."""
+    from rlad_ds.isolation import IsolatedWorker
+
+    monkeypatch.setenv("RLAD_TEST_WARM_MARK", str(tmp_path / "warmed"))
+    with rewards.RewardRunner("warm_task:task", timeout_s=30.0, workers=1) as runner:
+        assert runner.run(["anything"], [{"prompt": "p"}]).scores == [1.0]
+    cold = IsolatedWorker("rlad_ds.rewards:score_one")  # no warm-up: the same call scores 0
+    try:
+        assert cold.call(("warm_task:task", None, "anything", {"prompt": "p"}), timeout_s=30) == 0.0
+    finally:
+        cold.kill()

@@ -25,6 +25,8 @@ class Task:
       loading scores it to find records whose gold the verifier cannot read. None: no such check.
     - `size(split)` is how many distinct problems `generate` can make for a split, so that a larger count is refused
       before anything loads; None: no known limit.
+    - `warm_up()` imports what `score` needs (a verifier's heavy libraries), so that a reward worker pays for it
+      when it starts, not inside its first call's deadline; None: nothing to import.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Task:
     subset: Callable[[dict], str] = lambda example: "all"
     reference: Callable[[dict], str] | None = None
     size: Callable[[str], int] | None = None
+    warm_up: Callable[[], None] | None = None
 
 
 class Progress:

@@ -164,4 +164,16 @@ def subset(example: dict) -> str:
     return str(next((_field(example, key) for key in ("subset", "level") if _field(example, key) is not None), "all"))
 
 
-TASK = Task(name="math", prompt=prompt, score=score, generate=None, subset=subset, reference=reference)
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401  (and sympy with it: seconds, once per worker)
+
+
+TASK = Task(
+    name="math",
+    prompt=prompt,
+    score=score,
+    generate=None,
+    subset=subset,
+    reference=reference,
+    warm_up=_import_math_verify,
+)
