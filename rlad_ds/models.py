@@ -275,7 +275,6 @@ def load_causal_lm(
         del hf_ds_config
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # training forwards never need a KV cache; generate passes use_cache=True
     if not trainable:
         model.requires_grad_(False)
         model.eval()
