@@ -329,3 +329,32 @@ def test_eval_launcher_samples_with_vllm_from_the_model_dir(vllm_models, tmp_pat
     completions = {name: [p["completions"] for p in result["problems"]] for name, result in results.items()}
     assert completions["vllm"] == completions["gathered"]
     print(f"eval.py with vLLM: max_model_len {ready.group(1)}; load {results['vllm']['run']['load_seconds']} s")
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "gib, piece",
+    [
+        # 1 block of 128 tokens x 512 bytes: vLLM's own start-up check fails (one row needs a block beside the one
+        # its pool holds back), reported as one line.
+        ("1e-4", "vLLM cannot start in the memory it was given (To serve at least one request"),
+        # 3 blocks: vLLM starts, but its rows are fewer than one group of --eval_samples 4.
+        (
+            "2e-4",
+            "rows of max_model_len 39: fewer than one group of 4 rows; raise --vllm_kv_cache_gb (now 0.0002), or "
+            "lower --eval_samples / --max_new_tokens",
+        ),
+    ],
+)
+def test_a_kv_cache_short_of_one_group_is_refused_when_vllm_starts(vllm_models, tmp_path, gib, piece):
+    """Values that pass the checks before anything loads (the shortest prompt fits) but not vLLM's real start."""
+    from test_eval_launcher import eval_args, run_plain
+
+    flags = ["--rollout", "vllm", "--vllm_kv_cache_gb", gib, "--eval_samples", "4", "--reward_workers", "1"]
+    proc = run_plain(*eval_args(vllm_models["student"], tmp_path / "out.json", *flags))
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-6000:]
+    # The start's own log lines come first; the refusal is one line, the last.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rlad_ds: error: ")]
+    assert len(errors) == 1 and piece in errors[0] and proc.stderr.strip().endswith(errors[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr and "Invalid process group" not in proc.stdout + proc.stderr

@@ -136,9 +136,13 @@ class VLLMRollout(RolloutEngine):
         ):
             os.environ.setdefault(name, str(value))
         group_rows = getattr(context, "group_rows", None) or cfg.group_size
-        context_len = read_model_config(model_path).get("max_position_embeddings")
+        model_context = read_model_config(model_path).get("max_position_embeddings")
         sizing = engine_sizing(
-            context, cfg.max_new_tokens, context_len if isinstance(context_len, int) else None, group_rows
+            context,
+            cfg.max_new_tokens,
+            model_context if isinstance(model_context, int) else None,
+            group_rows,
+            "--group_size" if self.engine is not None else "--eval_samples",  # eval.py's groups are its samples
         )
         memory = (
             dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=self.sleep_level is not None)

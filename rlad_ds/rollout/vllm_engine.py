@@ -158,13 +158,16 @@ class EngineSizing:
     max_num_seqs: int | None
     max_num_batched_tokens: int | None
     group_rows: int  # rows sampled from one prompt: one group must fit the KV cache
+    group_flag: str = "--group_size"  # the flag that sets group_rows
 
     def llm_kwargs(self) -> dict:
         names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
-def engine_sizing(budget, max_new_tokens: int, context: int | None, group_rows: int) -> EngineSizing:
+def engine_sizing(
+    budget, max_new_tokens: int, context: int | None, group_rows: int, group_flag: str = "--group_size"
+) -> EngineSizing:
     """vLLM's limits for a run whose generate calls carry at most `budget.rows_per_call` rows and prompts of at most
     `budget.prompt_tokens` tokens (`rlad_ds.rollout.registry.RolloutBudget`; None or unknown fields: the model's
     `context` bounds the prompt, vLLM's defaults the batch)."""
@@ -177,7 +180,7 @@ def engine_sizing(budget, max_new_tokens: int, context: int | None, group_rows: 
     rows = getattr(budget, "rows_per_call", None)
     seqs = None if rows is None else max(1, min(rows, MAX_SEQS_CAP))
     tokens = None if seqs is None or prompt is None else max(seqs, min(seqs * max(prompt, 1), BATCHED_TOKENS_CAP))
-    return EngineSizing(max_model_len, seqs, tokens, group_rows)
+    return EngineSizing(max_model_len, seqs, tokens, group_rows, group_flag)
 
 
 # ---- start ---------------------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ def check_capacity(capacity: KVCapacity | None, sizing: EngineSizing, knob: str)
     raise ConfigError(
         f"vLLM's KV cache holds {capacity.tokens} tokens, {capacity.rows:.2f} rows of max_model_len "
         f"{sizing.max_model_len}: fewer than one group of {sizing.group_rows} rows; raise {knob}, or lower "
-        f"--group_size / --max_new_tokens"
+        f"{sizing.group_flag} / --max_new_tokens"
     )
 
 
