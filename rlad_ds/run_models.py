@@ -189,7 +189,7 @@ def build_eval_model(cfg, model_path: Path, tokenizer, context: RolloutContext |
         rollout = loader.from_model_dir(
             model_path, tokenizer, cfg.rollout, cfg.train.seed, context, device=device, dtype=dtype
         )
-        return device, rollout
+        return torch.device("cpu"), rollout  # vLLM takes the prompts' token ids from host memory
     engine = load_frozen(
         model_path,
         frozen_ds_config(cfg, cfg.eval.eval_offload, world()[1], device),

@@ -4,6 +4,7 @@ at each), so that the CUDA-only paths (sleep mode, the wake order, the empty cac
 sizing from the run, its one-line refusals, and the order of its teardown at the process group's end."""
 
 import math
+import os
 import sys
 import types
 
@@ -269,3 +270,32 @@ def test_rollout_context_counts_the_rows_of_one_generate_call_and_the_longest_pr
     assert run_models.rollout_context(cfg, tiny_tokenizer, []).prompt_tokens is None  # not known: the model's context
     cfg, _ = parse_config(["--prompts_per_step", "8", "--group_size", "4", "--rollout_batch_size", "1"])
     assert run_models.rollout_context(cfg).rows_per_call == 4
+
+
+def test_vllms_log_keeps_what_a_user_acts_on(tmp_path, monkeypatch):
+    import json
+    import logging
+
+    from rlad_ds.rollout.vllm_engine import QuietStartup, quiet_vllm_logging
+
+    def passes(message):
+        return QuietStartup().filter(logging.LogRecord("vllm.x", logging.WARNING, "", 0, message, None, None))
+
+    assert not passes("RotaryEmbedding: Failed to load weights")  # no weights to load; vLLM keeps its cache
+    assert not passes("Llama3RotaryEmbedding: Failed to load weights")
+    assert not passes("libtcmalloc is not found in LD_PRELOAD. For best performance, ...")
+    assert passes("QKVParallelLinear: Failed to load weights")  # a layer the sync missed: the user must know
+    assert passes("To serve at least one request with the model's max seq len (4096), ...")
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", "")  # none set (and restored after the test)
+    monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "1")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")
+    vllm_logger = logging.getLogger("vllm")
+    for name, value in (("handlers", []), ("level", vllm_logger.level), ("propagate", vllm_logger.propagate)):
+        monkeypatch.setattr(vllm_logger, name, value)
+    quiet_vllm_logging()
+    config = json.loads(open(os.environ["VLLM_LOGGING_CONFIG_PATH"]).read())
+    assert config["handlers"]["vllm"]["filters"] == ["quiet"] and config["loggers"]["vllm"]["level"] == "ERROR"
+    mine = tmp_path / "mine.json"
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", str(mine))  # the user's own config is left alone
+    quiet_vllm_logging()
+    assert os.environ["VLLM_LOGGING_CONFIG_PATH"] == str(mine)

@@ -65,7 +65,7 @@ class QuietStartup(logging.Filter):
         r"global random seed is set|Enforce eager set|Inductor compilation was disabled|Triton is not installed"
         r"|Triton is installed, but doesn't include CPU backend|Model Runner V2 requires Triton"
         r"|is not found in LD_PRELOAD|doesn't allow to use `torch.set_num_threads`|sleep mode is not supported on CPU"
-        r"|^RotaryEmbedding: Failed to load weights$"
+        r"|^\w*RotaryEmbedding: Failed to load weights$"
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
