@@ -40,7 +40,8 @@ def time_vllm(engine, tokenizer, args, request, sampling, warmup, results: dict,
     import torch.distributed as dist
 
     from rlad_ds.config.schema import RolloutConfig
-    from rlad_ds.rollout.vllm import VLLMRollout, vllm_unavailable_reason
+    from rlad_ds.rollout.vllm import VLLMRollout
+    from rlad_ds.rollout.vllm_engine import vllm_unavailable_reason
 
     reason = vllm_unavailable_reason(engine.module.config, "cpu")
     if reason is not None:

@@ -175,14 +175,16 @@ def _run_training(
     from rlad_ds.checkpoint.run_dir import run_identity, settle_output_dir
     from rlad_ds.distributed import init_process_group
     from rlad_ds.metrics import MetricsLogger
-    from rlad_ds.run_models import build_run_models
+    from rlad_ds.run_models import build_run_models, rollout_context
     from rlad_ds.trainer import Trainer
 
     init_process_group(cfg.train.collective_timeout_s)
     resume_from = settle_output_dir(cfg, lock, resume_from)
     random.seed(cfg.train.seed + env_rank())
     torch.manual_seed(cfg.train.seed + env_rank())
-    models = build_run_models(cfg, method, *paths, tokenizer)
+    # The rollout is sized by the prompts it will see (vLLM reserves KV cache per token), not by the model's context.
+    context = rollout_context(cfg, tokenizer, [*train_examples, *eval_examples], len(eval_examples))
+    models = build_run_models(cfg, method, *paths, tokenizer, context)
     output_dir = Path(cfg.train.output_dir)
     if env_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -241,13 +243,14 @@ def _export(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from rlad_ds.config.parsing import build_parser, config_from_layers, read_layers
     from rlad_ds.models import check_model_dir, prompt_budget
+    from rlad_ds.preflight import check_vllm_knobs
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
     parser = build_parser(
         "eval",
         description="Mean@k and unbiased Pass@k of a causal LM on a task, per subset, "
-        "under ZeRO-3 inference (any number of ranks).",
+        "sampled by vLLM or under ZeRO-3 inference (--rollout; any number of ranks).",
     )
     parser.add_argument("--model", required=True, help="Hugging Face model dir (config.json + safetensors)")
     parser.add_argument("--output", default=None, help="write the results here as JSON")
@@ -259,6 +262,7 @@ def _eval(argv: list[str]) -> int:
     if args.output is not None:  # found now, not after the whole evaluation has run
         check_writable(args.output, "--output", directory=False)
     model_dir = check_model_dir(args.model, "model", cfg.model.trust_remote_code)
+    check_vllm_knobs(cfg, model_dir, cfg.eval.eval_samples, beside_student=False)
     budget = prompt_budget(model_dir, cfg.rollout.max_new_tokens)
     tokenizer = checked_tokenizer(model_dir, "model", cfg)
     with RewardRunner.from_config(cfg.data) as rewards:
@@ -282,14 +286,15 @@ def _run_evaluation(cfg, task, model_dir, tokenizer, examples, rewards, args) ->
     from rlad_ds.distributed import init_process_group
     from rlad_ds.evaluation import format_table, write_json
     from rlad_ds.generation import evaluate_examples
-    from rlad_ds.run_models import build_eval_model
+    from rlad_ds.run_models import build_eval_model, rollout_context
 
     start = time.perf_counter()
     init_process_group(cfg.train.collective_timeout_s)
-    engine, rollout = build_eval_model(cfg, model_dir, tokenizer)
+    context = rollout_context(cfg, tokenizer, examples, len(examples), evaluation_only=True)
+    device, rollout = build_eval_model(cfg, model_dir, tokenizer, context)
     load_seconds = time.perf_counter() - start
     results = evaluate_examples(
-        rollout, tokenizer, task, examples, cfg, rewards, engine.device, keep_completions=args.save_completions
+        rollout, tokenizer, task, examples, cfg, rewards, device, keep_completions=args.save_completions
     )
     if env_rank() == 0:
         seconds, tokens = results.pop("generate_seconds"), results.pop("generated_tokens")

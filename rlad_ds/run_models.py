@@ -1,15 +1,18 @@
 """The one place that builds a run's models from the config: the student (ZeRO-3 training engine and its rollout),
-the frozen teacher and reference with their log-prob scorers, and the model `launchers/eval.py` evaluates.
+the frozen teacher and reference with their log-prob scorers, and the model `launchers/eval.py` evaluates (a rollout
+that loads the model dir itself where one can, vLLM; else a frozen ZeRO-3 engine and a rollout over it).
 
 What gets built follows the method object (`rlad_ds.methods`): a teacher only for methods that read or sample from
 one, a reference only with `--beta_ref > 0`, old-policy scoring of the student always available. The rollout kind
-comes from `rlad_ds.rollout.registry`. Every scorer takes log-probs at the rollout temperature. The trainer, the
+comes from `rlad_ds.rollout.registry`, and learns what the run will ask of it (`rollout_context`: the longest prompt,
+the rows of one generate call). Every scorer takes log-probs at the rollout temperature. The trainer, the
 demo, the study and the benchmarks receive a `RunModels` and never build one themselves.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from rlad_ds.distributed import world
 from rlad_ds.ds_config import frozen_ds_config, resolve_precision, student_ds_config
 from rlad_ds.logprob_scorer import LogProbScorer
 from rlad_ds.models import check_tokenizers_match, choose_attention, load_causal_lm, load_tokenizer
-from rlad_ds.rollout.registry import choose_rollout
+from rlad_ds.rollout.registry import RolloutContext, choose_model_dir_rollout, choose_rollout
 
 
 @dataclass
@@ -35,6 +38,39 @@ class RunModels:
     @property
     def device(self):
         return self.student.device
+
+
+def _rows_per_call(problems: int, world_size: int, batch_size: int, samples: int) -> int:
+    """Rows of one generate call on one rank: its shard of `problems`, `batch_size` at a time (0: all at once)."""
+    shard = math.ceil(problems / world_size)
+    return min(batch_size or shard, shard) * samples
+
+
+def longest_prompt_tokens(tokenizer, records) -> int | None:
+    """The most tokens any record's "prompt_text" takes, counted as generation tokenizes it (no special tokens
+    added); None for no records."""
+    if not records:
+        return None
+    return max(map(len, tokenizer([r["prompt_text"] for r in records], add_special_tokens=False)["input_ids"]))
+
+
+def rollout_context(
+    cfg, tokenizer=None, records=(), eval_problems: int = 0, *, evaluation_only: bool = False
+) -> RolloutContext:
+    """What the run will ask of its rollout: prompts no longer than the longest of `records` (every prompt the run
+    samples from; none: not known), training calls of `--prompts_per_step` x `--group_size` rows over the ranks,
+    evaluation calls over `eval_problems` problems x `--eval_samples` (`evaluation_only`: `launchers/eval.py`)."""
+    prompt_tokens = longest_prompt_tokens(tokenizer, records) if tokenizer is not None else None
+    world_size, batch = world()[1], cfg.rollout.rollout_batch_size
+    rows = _rows_per_call(eval_problems, world_size, batch, cfg.eval.eval_samples) if eval_problems else 0
+    if not evaluation_only:
+        rows = max(rows, _rows_per_call(cfg.train.prompts_per_step, world_size, batch, cfg.rollout.group_size))
+    return RolloutContext(
+        prompt_tokens=prompt_tokens,
+        rows_per_call=rows or None,
+        group_rows=cfg.eval.eval_samples if evaluation_only else cfg.rollout.group_size,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
 
 
 def _device() -> str:
@@ -91,8 +127,11 @@ def _student(cfg, path: Path, device: str, world_size: int, attn: str):
     return engine, rollout
 
 
-def build_run_models(cfg, method, student_path: Path, teacher_path: Path | None, tokenizer) -> RunModels:
-    """Every model `method` needs, partitioned over the ranks of the (initialised) process group."""
+def build_run_models(
+    cfg, method, student_path: Path, teacher_path: Path | None, tokenizer, context: RolloutContext | None = None
+) -> RunModels:
+    """Every model `method` needs, partitioned over the ranks of the (initialised) process group; the student's
+    rollout sized by `context` (`rollout_context`; None: from the config alone)."""
     if method.needs_teacher:  # first: the log-probs of student tokens under another vocabulary would be meaningless
         check_tokenizers_match(tokenizer, load_tokenizer(teacher_path, trust_remote_code=cfg.model.trust_remote_code))
     device, world_size = _device(), world()[1]
@@ -109,7 +148,9 @@ def build_run_models(cfg, method, student_path: Path, teacher_path: Path | None,
     )
     models = RunModels(
         student,
-        rollout.from_run(student, tokenizer, student_path, cfg.rollout, cfg.train.seed),
+        rollout.from_run(
+            student, tokenizer, student_path, cfg.rollout, cfg.train.seed, context or rollout_context(cfg)
+        ),
         LogProbScorer(student, tokenizer, **scoring),
         packed=packed,
     )
@@ -131,9 +172,24 @@ def build_run_models(cfg, method, student_path: Path, teacher_path: Path | None,
     return models
 
 
-def build_eval_model(cfg, model_path: Path, tokenizer):
-    """`launchers/eval.py`'s model: a frozen ZeRO-3 inference engine and its rollout, from the same builders."""
+def build_eval_model(cfg, model_path: Path, tokenizer, context: RolloutContext | None = None):
+    """`launchers/eval.py`'s model as (device, rollout): a rollout that loads the model dir itself when one is asked
+    for or `--rollout auto` finds one that can serve it (vLLM: the real weights, loaded once, no ZeRO-3 engine);
+    else a frozen ZeRO-3 inference engine and its rollout, from the same builders as the teacher's."""
+    import torch
+    from transformers import AutoConfig
+
     device = _device()
+    context = context or rollout_context(cfg, evaluation_only=True)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    role = "evaluated model"
+    loader = choose_model_dir_rollout(cfg.rollout.rollout, config, device, cfg.rollout, role=role)
+    if loader is not None:
+        dtype = torch.bfloat16 if resolve_precision(cfg.model.precision, device) == "bf16" else torch.float32
+        rollout = loader.from_model_dir(
+            model_path, tokenizer, cfg.rollout, cfg.train.seed, context, device=device, dtype=dtype
+        )
+        return torch.device("cpu"), rollout  # vLLM takes the prompts' token ids from host memory
     engine = load_frozen(
         model_path,
         frozen_ds_config(cfg, cfg.eval.eval_offload, world()[1], device),
@@ -141,6 +197,6 @@ def build_eval_model(cfg, model_path: Path, tokenizer):
         trust_remote_code=cfg.model.trust_remote_code,
     )
     rollout = choose_rollout(
-        cfg.rollout.rollout, engine.module, device, cfg.rollout, role="evaluated model", frozen=True
+        cfg.rollout.rollout, engine.module, device, cfg.rollout, role=role, frozen=True, model_dir_tried=True
     )
-    return engine, rollout.from_run(engine, tokenizer, model_path, cfg.rollout, cfg.train.seed)
+    return engine.device, rollout.from_run(engine, tokenizer, model_path, cfg.rollout, cfg.train.seed, context)

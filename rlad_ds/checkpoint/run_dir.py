@@ -202,6 +202,7 @@ _RESUMABLE = {
         "rollout",
         "vllm_gpu_memory_utilization",
         "vllm_kv_cache_gb",
+        "vllm_sleep_level",
         "kv_cache_budget_gb",
     },  # how samples are made
     "model": {"cache_dir"},

@@ -112,10 +112,17 @@ class RolloutConfig:
         default="auto",
     )
     vllm_gpu_memory_utilization: float = _help(
-        "vllm on GPUs: fraction of device memory vLLM may take while it samples (it sleeps while the student trains)",
+        "vllm on GPUs: fraction of device memory vLLM may take while it samples, its weights included (it sleeps "
+        "while the student trains; the arithmetic behind the default: docs/gpu.md)",
+        scope="both",
         default=0.3,
     )
-    vllm_kv_cache_gb: float = _help("vllm on CPU: GiB of KV cache per rank", default=1.0)
+    vllm_kv_cache_gb: float = _help("vllm on CPU: GiB of KV cache per rank", scope="both", default=1.0)
+    vllm_sleep_level: int = _help(
+        "vllm on GPUs, while the student trains: 2 (weights and KV cache dropped; every wake streams the weights "
+        "in anyway) or 1 (weights kept in host memory)",
+        default=2,
+    )
     kv_cache_budget_gb: float | None = _help(
         "gathered and per-layer rollouts: GiB of KV cache one generate call may fill; a batch that needs more is "
         "generated in several calls of whole prompts (none: half the accelerator memory free when generation starts, "
@@ -155,6 +162,7 @@ class RolloutConfig:
             self.kv_cache_budget_gb is None or self.kv_cache_budget_gb > 0,
             f"--kv_cache_budget_gb must be > 0, or none for a share of the free memory, got {self.kv_cache_budget_gb}",
         )
+        _check(self.vllm_sleep_level in (1, 2), f"--vllm_sleep_level must be 1 or 2, got {self.vllm_sleep_level}")
         _check(self.temperature > 0, f"--temperature must be > 0 for sampled rollouts, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
         _check(0 < self.vllm_gpu_memory_utilization < 1, "--vllm_gpu_memory_utilization must be in (0, 1)")

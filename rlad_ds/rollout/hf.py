@@ -11,9 +11,9 @@ student's training engine, the frozen teacher, `launchers/eval.py`'s model) or o
 
 Each class declares what `rlad_ds.rollout.registry` asks of a rollout: why it cannot serve a model
 (`unavailable_reason`), whether its generate calls are collectives every rank must make alike
-(`collective_calls`), whether it can sample from a frozen engine (`serves_frozen`), its DeepSpeed-config patch
-(`ds_config`) and how it is built for a run (`from_run`). `session()` keeps a model ready across several generate
-calls (one gather for all of them).
+(`collective_calls`), whether it can sample from a frozen engine (`serves_frozen`) or load a model dir itself
+(`loads_model_dir`: no), its DeepSpeed-config patch (`ds_config`) and how it is built for a run (`from_run`).
+`session()` keeps a model ready across several generate calls (one gather for all of them).
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ class _HFGenerateRollout(RolloutEngine):
 
     collective_calls = False
     serves_frozen = True
+    loads_model_dir = False
     ds_config: dict = {}
 
     def __init__(self, engine, tokenizer, kv_cache_budget_gb: float | None = None):
@@ -143,7 +144,7 @@ class _HFGenerateRollout(RolloutEngine):
         return None
 
     @classmethod
-    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int):
+    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int, context=None):
         return cls(engine, tokenizer, rollout_cfg.kv_cache_budget_gb)
 
     @abstractmethod

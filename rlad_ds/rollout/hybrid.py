@@ -22,6 +22,7 @@ class HybridRollout(RolloutEngine):
     name = "hybrid_engine"
     collective_calls = True
     serves_frozen = False  # it swaps kernels into a training engine
+    loads_model_dir = False
     ds_config = {"hybrid_engine": {"enabled": True}}
 
     def __init__(self, engine, tokenizer):
@@ -50,7 +51,7 @@ class HybridRollout(RolloutEngine):
         return None
 
     @classmethod
-    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int):
+    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int, context=None):
         return cls(engine, tokenizer)
 
     @contextmanager

@@ -2,10 +2,12 @@
 
 Each kind names its class; the class declares why it cannot serve a model on a device (`unavailable_reason`), the
 patch it needs in the student's DeepSpeed config (`ds_config`, applied before `deepspeed.initialize`), how it is
-built for a run (`from_run`), whether its generate calls are collectives every rank must make alike
-(`collective_calls`) and whether it can sample from a frozen engine (`serves_frozen`: the teacher, the model of
-`launchers/eval.py`). `--rollout auto` walks the kinds marked `in_auto` in this order, once, and logs why each one
-before the chosen one was passed over; an explicit kind that cannot serve is refused in one line.
+built for a run (`from_run`, given the run's `RolloutContext`), whether its generate calls are collectives every rank
+must make alike (`collective_calls`), whether it can sample from a frozen ZeRO-3 engine (`serves_frozen`: the
+teacher, the model of `launchers/eval.py`) and whether it can load a model dir's weights itself, with no engine at all
+(`loads_model_dir`: `launchers/eval.py`'s model, through `choose_model_dir_rollout` and `from_model_dir`).
+`--rollout auto` walks the kinds marked `in_auto` in this order, once, and logs why each one before the chosen one was
+passed over; an explicit kind that cannot serve is refused in one line.
 
 Imports nothing heavy: the config tree reads `ROLLOUT_CHOICES` before DeepSpeed is imported.
 """
@@ -19,6 +21,17 @@ from dataclasses import dataclass
 from rlad_ds.errors import ConfigError
 
 logger = logging.getLogger("rlad_ds")
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """What a run tells the rollout it builds beyond the rollout flags, known once its data are loaded (None: not
+    known; a rollout that sizes itself then falls back on the model's context and its library's defaults)."""
+
+    prompt_tokens: int | None = None  # the longest prompt any generate call will carry, in tokens
+    rows_per_call: int | None = None  # the most rows (prompts x samples) one generate call submits on one rank
+    group_rows: int | None = None  # rows sampled from one prompt (None: --group_size)
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,15 +77,46 @@ ROLLOUT_CHOICES = ("auto", *KINDS)
 
 def _why_not(cls, model, device: str, rollout_cfg, frozen: bool) -> str | None:
     if frozen and not cls.serves_frozen:
-        return "it samples from a training engine only"
+        return "it follows a training engine or loads a model dir itself, never a frozen engine's weights"
     return cls.unavailable_reason(model, device, rollout_cfg)
 
 
+def choose_model_dir_rollout(requested: str, model_config, device: str, rollout_cfg, *, role: str) -> type | None:
+    """For a model no engine holds yet (`launchers/eval.py`'s): the kind that loads the model dir itself
+    (`loads_model_dir`), when `requested` names it or is "auto" and it can serve `model_config` on `device`; None
+    when none is asked for or can, and the caller builds a ZeRO-3 engine and calls `choose_rollout(frozen=True)`. An
+    explicit kind that cannot serve is refused in one line."""
+    for kind in KINDS.values():
+        if requested not in (kind.name, "auto") or (requested == "auto" and not kind.in_auto):
+            continue
+        cls = kind.load()
+        if not cls.loads_model_dir:
+            continue
+        why = cls.model_dir_unavailable_reason(model_config, device, rollout_cfg)
+        if why is None:
+            logger.info(
+                "%s rollout: %s (%s)", role, kind.name, "auto" if requested == "auto" else f"--rollout {requested}"
+            )
+            return cls
+        if requested != "auto":
+            raise ConfigError(f"--rollout {requested} cannot run here: {why}; pass --rollout auto")
+        logger.info("%s rollout: %s not used (%s)", role, kind.name, why)
+    return None
+
+
 def choose_rollout(
-    requested: str, model, device: str, rollout_cfg, *, role: str = "student", frozen: bool = False
+    requested: str,
+    model,
+    device: str,
+    rollout_cfg,
+    *,
+    role: str = "student",
+    frozen: bool = False,
+    model_dir_tried: bool = False,
 ) -> type:
     """The rollout class for `model` (an HF module, partitioned or not) on `device`: `requested`, refused in one
-    line if it cannot serve, or with "auto" the first kind of the registry that can."""
+    line if it cannot serve, or with "auto" the first kind of the registry that can (less the kinds that load a model
+    dir, when `choose_model_dir_rollout` has considered and logged them already)."""
     if requested != "auto":
         if requested not in KINDS:
             raise ConfigError(f"--rollout {requested!r} is unknown; use one of {', '.join(ROLLOUT_CHOICES)}")
@@ -84,6 +128,8 @@ def choose_rollout(
         return cls
     for kind in (k for k in KINDS.values() if k.in_auto):
         cls = kind.load()
+        if model_dir_tried and cls.loads_model_dir:
+            continue
         why = _why_not(cls, model, device, rollout_cfg, frozen)
         if why is None:
             logger.info("%s rollout: %s (auto)", role, kind.name)

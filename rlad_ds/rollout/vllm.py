@@ -1,17 +1,25 @@
-"""The vLLM rollout engine: a vLLM `LLM` inside every rank's own process, beside that rank's ZeRO-3 student.
+"""The vLLM rollout engine: a vLLM `LLM` inside every rank's own process, beside that rank's ZeRO-3 student, or
+serving `launchers/eval.py` from a model dir on its own.
 
 - Colocated and in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, vLLM's `external_launcher` backend over the
   ranks DeepSpeed started, tensor parallel size 1): each rank samples its own prompts, as with the other
-  engines, and its weights can be handed to vLLM as tensors, with no disk and no server.
-- Weight sync: whenever the student's optimizer has stepped since the last sync (DeepSpeed's
-  `global_steps`), the next rollout session (or the `sync_weights(step)` hook before it) gathers the ZeRO-3
-  partitions one decoder layer at a time and streams them into vLLM's in-place `reload_weights`, which
-  processes each layer as it completes. A rank never holds more of the full model than one layer beyond
-  vLLM's own copy. Entering a session is already a collective every rank makes (see `rlad_ds.generation`),
-  so the gathers stay in step, and an evaluation after an update samples the updated weights too.
-- Memory: on CUDA vLLM may take `--vllm_gpu_memory_utilization` of the device while awake, and sleeps
-  outside rollout sessions (level 1: weights to host memory, KV cache dropped), so the student trains in the
-  memory it had before. On CPU (no sleep mode) the KV cache is bounded by `--vllm_kv_cache_gb`.
+  engines, and its weights can be handed to vLLM as tensors, with no disk and no server. Its start and size
+  (`max_model_len` and batch limits from the run) are `rlad_ds.rollout.vllm_engine`'s.
+- Weight sync: whenever the student's optimizer has stepped since the last sync (DeepSpeed's `global_steps`), or
+  vLLM dropped its weights while asleep, the next rollout session (or the `sync_weights(step)` hook before it)
+  gathers the ZeRO-3 partitions one decoder layer at a time and streams them into vLLM's in-place
+  `reload_weights`, which processes each layer as it completes. A rank never holds more of the full model than
+  one layer beyond vLLM's own copy. Entering a session is already a collective every rank makes (see
+  `rlad_ds.generation`), so the gathers stay in step, and an evaluation after an update samples the updated
+  weights too. From a model dir (`from_model_dir`) vLLM loads the real weights itself and never syncs.
+- Memory on CUDA, beside the student: vLLM may take `--vllm_gpu_memory_utilization` of the device while awake and
+  sleeps outside rollout sessions at `--vllm_sleep_level` (2: weights and KV cache dropped, since the next wake
+  streams every weight in anyway; 1: weights kept in host memory). Waking follows the colocate order of TRL and
+  verl: empty torch's cache (the training step's activation peak sits there, where vLLM's own allocator cannot
+  reach it), wake the weights, stream the sync, empty the cache again (the gathered layers' copies), then wake
+  the KV cache. On CPU (no sleep mode) the KV cache is `--vllm_kv_cache_gb`.
+- ZeRO-3 replaces `F.linear` process-wide; vLLM's start-up (profiling, compilation, CUDA-graph capture), its
+  generation and its weight loading run with torch's own (`rlad_ds.rollout.hf.plain_linear`).
 - Sampling: each generate call maps `SamplingConfig` one to one onto vLLM's `SamplingParams`, with a seed
   drawn from torch's generator. The trainer seeds that generator per rank, checkpoints restore it, and
   evaluation seeds it per problem, so vLLM's samples follow the same seeding as the HF rollouts' and a
@@ -22,11 +30,8 @@ The returned batch is the same `RolloutOutput` as every other rollout's (`rlad_d
 
 from __future__ import annotations
 
-import gc
-import importlib.util
 import logging
 import os
-import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,65 +39,15 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.rollout import RolloutEngine, RolloutRequest, SamplingConfig
 
-from rlad_ds.distributed import world
-from rlad_ds.errors import VLLM_INSTALL, ConfigError
-from rlad_ds.rng import forked_rng
+from rlad_ds.distributed import before_end, world
+from rlad_ds.errors import ConfigError
+from rlad_ds.models import read_model_config
+from rlad_ds.rollout.hf import plain_linear
 from rlad_ds.rollout.output import finish_rollout
+from rlad_ds.rollout.vllm_engine import engine_sizing, kv_capacity, memory_knob, start_llm, vllm_unavailable_reason
 
 logger = logging.getLogger(__name__)
-
-
-def head_dim(model_config) -> int:
-    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-
-
-# vLLM's CPU attention kernels (`CPUAttentionBackend.get_supported_head_sizes()` in vLLM 0.32; a test keeps the
-# two equal). Kept here so that a model vLLM cannot run is told apart without importing vLLM (seconds per rank).
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-def vllm_unavailable_reason(model_config, device: str) -> str | None:
-    """Why the installed vLLM cannot sample from this model on this device, or None if it can.
-
-    The checks that need no vLLM import come first: importing it takes seconds, paid only when it will run.
-    """
-    if importlib.util.find_spec("vllm") is None:
-        return f"vLLM is not installed ({VLLM_INSTALL})"
-    if device not in ("cuda", "cpu"):
-        return f"rlad_ds runs vLLM on cuda and cpu only, not on {device}"
-    if device == "cpu" and head_dim(model_config) not in CPU_HEAD_SIZES:
-        return (
-            f"vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}; this model's is {head_dim(model_config)}"
-        )
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm.platforms import current_platform
-
-    if current_platform.device_type != device:
-        return (
-            f"the installed vLLM is a {current_platform.device_type or 'unknown-device'} build and this run "
-            f"is on {device} ({VLLM_INSTALL})"
-        )
-    from vllm.model_executor.models.registry import ModelRegistry
-
-    architectures = list(getattr(model_config, "architectures", None) or [])
-    if not set(architectures) & set(ModelRegistry.get_supported_archs()):
-        return f"vLLM {__import__('vllm').__version__} has no model class for {architectures or 'this model'}"
-    return None
-
-
-@contextmanager
-def _kept_process_state():
-    """vLLM's worker seeds every generator and replaces torch.set_num_threads; the trainer's own stay as they were."""
-    import numpy as np
-
-    python_state, numpy_state, set_num_threads = random.getstate(), np.random.get_state(), torch.set_num_threads
-    with forked_rng():
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-            torch.set_num_threads = set_num_threads
+SLEEP_TAGS = ("weights", "kv_cache")  # vLLM's memory pools, in the order they wake
 
 
 def layer_groups(module: torch.nn.Module) -> list[list[tuple[str, torch.nn.Parameter]]]:
@@ -120,40 +75,59 @@ def gathered_weights(module: torch.nn.Module):
         yield from copies
 
 
+def empty_device_cache(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 class VLLMRollout(RolloutEngine):
-    """Sampling with a colocated vLLM engine whose weights follow the ZeRO-3 student's."""
+    """Sampling with a colocated vLLM engine whose weights follow the ZeRO-3 student's (or a model dir's)."""
 
     name = "vllm"
     collective_calls = False  # generate runs no collectives; only the weight sync at session entry does
-    serves_frozen = False  # its weights follow a training engine's optimizer steps
+    serves_frozen = False  # it follows a training engine's optimizer steps, or loads a model dir itself
+    loads_model_dir = True  # launchers/eval.py's model: the real weights straight from the dir
     ds_config: dict = {}
 
     @staticmethod
     def unavailable_reason(model, device: str, rollout_cfg) -> str | None:
         return vllm_unavailable_reason(model.config, device)
 
-    @classmethod
-    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int):
-        return cls(engine, tokenizer, model_path, rollout_cfg, seed=seed)
+    @staticmethod
+    def model_dir_unavailable_reason(model_config, device: str, rollout_cfg) -> str | None:
+        return vllm_unavailable_reason(model_config, device)
 
-    def __init__(self, engine, tokenizer, model_path: Path, rollout_cfg, seed: int = 0):
+    @classmethod
+    def from_run(cls, engine, tokenizer, model_path, rollout_cfg, seed: int, context=None):
+        return cls(engine, tokenizer, model_path, rollout_cfg, seed=seed, context=context)
+
+    @classmethod
+    def from_model_dir(cls, model_path, tokenizer, rollout_cfg, seed: int, context, *, device: str, dtype):
+        """vLLM alone, with the model dir's own weights (no ZeRO-3 engine, no sync, no sleep)."""
+        return cls(None, tokenizer, model_path, rollout_cfg, seed=seed, context=context, device=device, dtype=dtype)
+
+    def __init__(
+        self, engine, tokenizer, model_path: Path, rollout_cfg, seed: int = 0, *, context=None, device=None, dtype=None
+    ):
+        """Beside `engine` (the student's ZeRO-3 engine: its device and dtype), or with `engine` None alone on
+        `device` in `dtype` with the model dir's weights (`from_model_dir`)."""
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token")
         self.engine, self.tokenizer = engine, tokenizer
-        self.device = engine.device.type
+        self.device = engine.device.type if engine is not None else device
+        dtype = next(engine.module.parameters()).dtype if engine is not None else dtype
+        # Sleep mode only beside a student on CUDA (vLLM's CPU worker has none; eval.py's vLLM is alone).
+        self.sleep_level = rollout_cfg.vllm_sleep_level if self.device == "cuda" and engine is not None else None
         self.synced_step: int | None = None
         self.sync_seconds = 0.0  # of the last sync that moved weights (benchmarks; the trainer times its own)
         self._in_session = False
-        self.llm = self._start(model_path, rollout_cfg, seed)
-        self._asleep = False
+        self._asleep: set[str] = set()
+        self.llm = self._start(Path(model_path), rollout_cfg, seed, dtype, context)
         self._sleep()
 
-    def _start(self, model_path: Path, cfg, seed: int):
+    def _start(self, model_path: Path, cfg, seed: int, dtype, context):
         # In-process engine: the weights are loaded by reference; a spawned engine would need a copy through IPC.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
-
         rank, world_size = world()
         for name, value in (
             ("RANK", rank),
@@ -161,73 +135,101 @@ class VLLMRollout(RolloutEngine):
             ("LOCAL_RANK", os.environ.get("LOCAL_RANK", 0)),
         ):
             os.environ.setdefault(name, str(value))
-        dtype = next(self.engine.module.parameters()).dtype
+        group_rows = getattr(context, "group_rows", None) or cfg.group_size
+        model_context = read_model_config(model_path).get("max_position_embeddings")
+        sizing = engine_sizing(
+            context,
+            cfg.max_new_tokens,
+            model_context if isinstance(model_context, int) else None,
+            group_rows,
+            "--group_size" if self.engine is not None else "--eval_samples",  # eval.py's groups are its samples
+        )
         memory = (
-            dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=True)
+            dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=self.sleep_level is not None)
             if self.device == "cuda"
             else dict(kv_cache_memory_bytes=int(cfg.vllm_kv_cache_gb * 2**30))
         )
-        start = time.perf_counter()
-        with _kept_process_state():
-            # Dummy weights: the student's own arrive by the first sync, also after a resume.
-            llm = LLM(
+        knob = memory_knob(self.device, cfg)
+        llm, seconds = start_llm(
+            dict(
                 model=str(model_path),
                 tokenizer=str(model_path),
                 dtype=dtype,
-                load_format="dummy",
+                # Beside a student, dummy weights: the student's own arrive by the first sync, also after a resume.
+                load_format="dummy" if self.engine is not None else "auto",
                 seed=seed + rank,
                 distributed_executor_backend="external_launcher" if world_size > 1 else None,
                 tensor_parallel_size=1,
                 enforce_eager=self.device == "cpu",
                 disable_log_stats=True,
-                trust_remote_code=False,
+                trust_remote_code=bool(getattr(context, "trust_remote_code", False)),
                 **memory,
-            )
-        # The engine's many long-lived objects would be re-scanned by every full garbage collection of the training
-        # loop: move them (and everything before) out of the collector's generations.
-        gc.collect()
-        gc.freeze()
-        logger.info(
-            "rollout: vLLM %s engine ready in %.1f s (%s, %s)",
-            __import__("vllm").__version__,
-            time.perf_counter() - start,
-            self.device,
-            dtype,
+            ),
+            sizing,
+            knob,
+            on_started=lambda started: before_end(lambda: self._shutdown_llm(started)),
         )
+        self._log_ready(llm, seconds, dtype, knob)
         return llm
 
-    # ---- memory: awake only inside rollout sessions (CUDA) ----------------------------------------------------
+    def _log_ready(self, llm, seconds: float, dtype, knob: str) -> None:
+        config, capacity = llm.llm_engine.vllm_config, kv_capacity(llm)
+        logger.info(
+            "rollout: vLLM %s engine ready in %.1f s (%s, %s): max_model_len %d, KV cache %s tokens (%s rows of "
+            "max_model_len; %s), max_num_seqs %d%s",
+            __import__("vllm").__version__,
+            seconds,
+            self.device,
+            dtype,
+            config.model_config.max_model_len,
+            capacity and capacity.tokens,
+            capacity and f"{capacity.rows:.1f}",
+            knob,
+            config.scheduler_config.max_num_seqs,
+            f", sleep level {self.sleep_level}" if self.sleep_level else "",
+        )
+
+    # ---- memory: on CUDA beside a student, awake only inside rollout sessions ---------------------------------
 
     def _sleep(self) -> None:
-        if self.device == "cuda" and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
+        if self.sleep_level is not None and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = set(SLEEP_TAGS)
+            if self.sleep_level == 2:
+                self.synced_step = None  # the weights are gone: the next wake streams them all in again
 
-    def _wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def _wake(self, tag: str) -> None:
+        if tag in self._asleep:
+            # Memory torch's cache holds (the training step's activation peak, the sync's layer copies) is memory
+            # vLLM's own allocator, outside torch's, cannot use.
+            empty_device_cache(self.device)
+            self.llm.wake_up(tags=[tag])
+            self._asleep.discard(tag)
 
     # ---- weights -------------------------------------------------------------------------------------------
 
     def sync_weights(self, step: int | None = None) -> None:
-        """Load the student's current weights into vLLM if its optimizer has stepped since the last load.
+        """Load the student's current weights into vLLM if its optimizer has stepped since the last load, or vLLM
+        dropped them asleep; then vLLM is awake (weights first, KV cache after the sync).
 
         Collective (ZeRO-3 gathers): every rank calls it at the same point. `step` is the trainer's; the
         check uses DeepSpeed's own count of optimizer steps, so an extra call is free and none is missed.
         """
+        if self.engine is None:  # weights from the model dir: nothing trains them
+            return
         current = int(self.engine.global_steps)
         if current == self.synced_step:
             return
         start = time.perf_counter()
-        self._wake()
-        with torch.no_grad():
+        self._wake("weights")
+        with torch.no_grad(), plain_linear():
             self.llm.collective_rpc(
                 "reload_weights",
                 kwargs=dict(weights_iterator=gathered_weights(self.engine.module), is_checkpoint_format=True),
             )
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.synced_step = current
+        self._wake("kv_cache")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.sync_seconds = time.perf_counter() - start
 
     @contextmanager
@@ -237,10 +239,12 @@ class VLLMRollout(RolloutEngine):
             yield
             return
         self.sync_weights()
-        self._wake()
+        for tag in SLEEP_TAGS:  # level 1 with no optimizer step since: the kept weights come back from host memory
+            self._wake(tag)
         self._in_session = True
         try:
-            yield
+            with plain_linear():
+                yield
         finally:
             self._in_session = False
             self._sleep()
@@ -302,4 +306,13 @@ class VLLMRollout(RolloutEngine):
         return finish_rollout(request.prompt_attention_mask, output_ids, n, self._eos_ids(), pad)
 
     def shutdown(self) -> None:
-        del self.llm
+        """End the engine (vLLM's own teardown; idempotent). That teardown ends torch's default process group too
+        (vLLM's `cleanup_dist_env_and_memory`), so it comes last: `end_process_group` calls it after the ranks' last
+        barrier."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            self._shutdown_llm(llm)
+
+    @staticmethod
+    def _shutdown_llm(llm) -> None:
+        llm.llm_engine.engine_core.shutdown()

@@ -6,11 +6,15 @@ Each rank writes OUT_DIR/rank{r}.json with what it measured; any failed check ra
 - greedy samples equal transformers' generate on the same weights (a plain, unpartitioned copy);
 - vLLM's log-prob of each token it sampled equals the trainer's chunked log-prob of that token (max |diff|);
 - after optimizer steps, every weight in vLLM equals the ZeRO-3 student's, gathered (vLLM fuses q/k/v and
-  gate/up, so its tensors are compared with the student's concatenated);
-- a response that ends with EOS is flagged as such, and the RNG of the trainer is left as it was.
+  gate/up, so its tensors are compared with the student's concatenated), also when every parameter vLLM held was
+  NaN before the sync (what sleep level 2 leaves); the buffers and loose tensors level 2 relies on are recorded;
+- a response that ends with EOS is flagged as such, and the RNG of the trainer is left as it was;
+- vLLM is sized from the run (max_model_len = longest prompt + max_new_tokens; the KV capacity is recorded), and
+  ZeRO-3's F.linear is back after vLLM's start and after each rollout session.
 """
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -20,17 +24,22 @@ import torch._dynamo  # noqa: F401  before zero.Init (CPU-NOTES)
 import deepspeed
 import torch.distributed as dist
 from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+from deepspeed.runtime.zero.linear import zero3_linear_wrap
 from transformers import AutoModelForCausalLM
 
 from rlad_ds.config.schema import RolloutConfig
 from rlad_ds.ds_config import CONFIG_DIR, fill_train_config
-from rlad_ds.distributed import init_process_group
+from rlad_ds.distributed import end_process_group, init_process_group
 from rlad_ds.logprobs import token_logprobs
 from rlad_ds.models import load_causal_lm, load_tokenizer
 from rlad_ds.rollout.hf import generation_config
 from rlad_ds.rollout.output import finish_rollout
+from rlad_ds.rollout.registry import RolloutContext
 from rlad_ds.rollout.vllm import VLLMRollout
+from rlad_ds.rollout.vllm_engine import kv_capacity
 
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+logging.getLogger("rlad_ds").setLevel(logging.INFO)  # the engine-ready line: its start time, size and KV capacity
 model_dir, out_dir = map(Path, [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
 init_process_group(1800)
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -42,15 +51,25 @@ config = fill_train_config(CONFIG_DIR / "zero3.json", world_size=world, micro_ba
 model = load_causal_lm(model_dir, config)
 engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
 
+texts = ["ab+c=", "hello", "x"] if rank == 0 else ["12*3=", "zz"]
+# Sized as a run sizes it: the longest prompt of the data (5 tokens), the most rows one call submits (3 prompts x 3
+# samples), the group (3 samples) and the longest response asked for below (16 tokens).
+context = RolloutContext(prompt_tokens=5, rows_per_call=9, group_rows=3)
 torch.manual_seed(1234 + rank)
 before = torch.get_rng_state()
 start = time.perf_counter()
-rollout = VLLMRollout(engine, tokenizer, model_dir, RolloutConfig(vllm_kv_cache_gb=0.25), seed=0)
+rollout = VLLMRollout(engine, tokenizer, model_dir, RolloutConfig(vllm_kv_cache_gb=0.25, max_new_tokens=16), seed=0,
+                      context=context)
 results["startup_seconds"] = round(time.perf_counter() - start, 2)
 assert torch.equal(torch.get_rng_state(), before), "starting vLLM changed the trainer's RNG"
 assert all(p.data.numel() == 0 for p in engine.module.parameters()), "weights stayed gathered"
-
-texts = ["ab+c=", "hello", "x"] if rank == 0 else ["12*3=", "zz"]
+vllm_config = rollout.llm.llm_engine.vllm_config
+results.update(max_model_len=vllm_config.model_config.max_model_len, kv_cache_tokens=kv_capacity(rollout.llm).tokens,
+               kv_cache_rows=kv_capacity(rollout.llm).rows,
+               max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+               max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
+assert results["max_model_len"] == 5 + 16, results
+assert torch.nn.functional.linear is zero3_linear_wrap, "ZeRO-3's F.linear did not come back after vLLM's start"
 tokenizer.padding_side = "left"
 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 request = RolloutRequest(enc.input_ids, enc.attention_mask)
@@ -139,12 +158,30 @@ for step in range(2):
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     engine.step()
+
+
+def drop_weights_as_sleep_level_2_does(model):
+    """What sleep level 2 leaves of vLLM's weights on CUDA: memory with no meaning. Every parameter vLLM holds as a
+    tensor becomes NaN (on CPU its linear layers keep their weights in their GEMM kernel's packing, rebuilt by every
+    reload); its buffers are left, as vLLM's worker copies them to host memory and back across level 2. Returns
+    the buffers and the tensors the model holds outside parameters and buffers, which level 2 would lose."""
+    for param in model.parameters():
+        param.data.fill_(float("nan"))
+    owned = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    loose = [f"{name}.{attr}" for name, module in model.named_modules() for attr, value in vars(module).items()
+             if isinstance(value, torch.Tensor) and id(value) not in owned]
+    return [name for name, _ in model.named_buffers()], loose
+
+
+# The next sync must restore every weight from nothing, as it does after a wake from sleep level 2.
+results["vllm_buffers"], results["vllm_loose_tensors"] = rollout.llm.apply_model(drop_weights_as_sleep_level_2_does)[0]
 rollout.sync_weights(2)
 results["sync_seconds"] = round(rollout.sync_seconds, 3)
 check_weights("step2")
 check_logprobs("step2")
 rollout.sync_weights(2)  # no optimizer step since: nothing to do
 assert rollout.synced_step == engine.global_steps == 2
+assert torch.nn.functional.linear is zero3_linear_wrap, "ZeRO-3's F.linear did not come back after a session"
 
 # --- sampled rows: seeded by torch's generator, different per rank, EOS flagged ------------------------
 sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, n_samples_per_prompt=3)
@@ -176,3 +213,4 @@ results["eos_rows"] = eos_batch.eos.tolist()
 out_dir.mkdir(parents=True, exist_ok=True)
 (out_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
 print(f"rank {rank}: {json.dumps({k: v for k, v in results.items() if k != 'sampled_rows'})}", flush=True)
+end_process_group()  # as the entry points end: vLLM's engine is torn down before the process group
