@@ -160,7 +160,8 @@ def _run_training(
 
     from rlad_ds.checkpoint.export import ExportHF
     from rlad_ds.checkpoint.manifest import write_json_atomic
-    from rlad_ds.checkpoint.run_dir import move_aside, run_identity
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR, RUN_RECORD, move_aside, run_identity
+    from rlad_ds.demo.summary import DemoSummary
     from rlad_ds.distributed import init_process_group
     from rlad_ds.metrics import MetricsLogger
     from rlad_ds.run_models import build_run_models
@@ -176,7 +177,7 @@ def _run_training(
     if env_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
-        write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
+        write_json_atomic(output_dir / RUN_RECORD, run_identity(cfg))
     trainer = Trainer(cfg, method, models, tokenizer, task, rewards, train_examples, eval_examples)
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -188,17 +189,38 @@ def _run_training(
         report_to=cfg.train.report_to,
         config=cfg.to_dict(),
     )
-    callbacks = [metrics, ExportHF(output_dir / "student_hf")]
+    callbacks = [metrics, ExportHF(output_dir / EXPORT_DIR)]
     if cfg.is_demo:
-        from rlad_ds.demo.summary import DemoSummary
-
         callbacks.append(DemoSummary(output_dir))
     try:
-        trainer.fit(callbacks)
+        history = trainer.fit(callbacks)
     finally:
         metrics.close()
     end_process_group()
+    if env_rank() == 0:
+        print(_final_line(cfg, trainer, history), flush=True)
     return 0
+
+
+def _final_line(cfg, trainer, history: dict) -> str:
+    """A run's last line: the step and held-out accuracy it reached, where its model and metrics are, and what its
+    health still warns about."""
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR
+    from rlad_ds.metrics import initial_eval_accuracy
+
+    out = Path(cfg.train.output_dir)
+    resumed = f" (resumed at step {history['start_step']})" if history["start_step"] else ""
+    parts = [f"rlad_ds: done: step {trainer.step} of {cfg.train.max_steps}, --method {cfg.loss.method}{resumed}"]
+    if trainer.eval_examples:
+        before = history["eval_before"] if history["eval_before"] is not None else initial_eval_accuracy(out)
+        shown = [f"{a:.3f}" if a is not None else "not measured" for a in (before, history["eval_after"])]
+        parts.append(f"held-out accuracy {shown[0]} -> {shown[1]} ({len(trainer.eval_examples)} prompts)")
+    else:
+        parts.append("held-out accuracy not measured (--eval_size 0)")
+    if history.get("reward_mean") is not None:
+        parts.append(f"training reward {history['reward_mean']:.3f} at the last step")
+    parts.append(f"model {out / EXPORT_DIR}, metrics {out / 'metrics.jsonl'}")
+    return "; ".join(parts + [f"warning: {w}" for w in trainer.health.warnings()])
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------

@@ -52,10 +52,14 @@ def init_process_group(timeout_s: int) -> None:
     """DeepSpeed's process group; a collective waiting longer than `timeout_s` fails (a dead rank)."""
     import deepspeed
 
+    hygiene.use_environment_build_dir()
     hygiene.check_build_locks()  # DeepSpeed JIT-builds its CPU comm op right here; a stale lock would hang it forever
     hygiene.remove_stale_shm_buffers()
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    # Registered before the buffer exists: a signal that lands while the op is built or the ranks map each other's
+    # buffers exits from inside init_distributed, and the buffer it created must go too.
     atexit.register(hygiene.remove_own_shm_buffer)
+    hygiene.announce_op_build("ShareMemCommBuilder", "its CPU all-reduce through shared memory")
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
 
 
 def end_process_group(barrier: bool = True) -> None:

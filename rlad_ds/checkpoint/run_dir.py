@@ -17,6 +17,8 @@ from rlad_ds.distributed import env_rank, world
 from rlad_ds.errors import ConfigError, reason_line
 
 logger = logging.getLogger("rlad_ds")
+RUN_RECORD = "run_config.json"  # in every run's output dir: the run's identity
+EXPORT_DIR = "student_hf"  # in every finished run's output dir: the trained student as a transformers model dir
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -163,7 +165,7 @@ def run_identity(cfg) -> dict:
 
 def check_output_dir(cfg) -> None:
     """Refuse an output dir that holds a different run, unless told to overwrite (then it is moved aside later)."""
-    record = Path(cfg.train.output_dir) / "run_config.json"
+    record = Path(cfg.train.output_dir) / RUN_RECORD
     if not record.is_file() or cfg.train.overwrite_output_dir:
         return
     try:
