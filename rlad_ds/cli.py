@@ -87,7 +87,9 @@ def _model_paths(cfg) -> tuple[Path, Path | None]:
     from rlad_ds.demo.cache import cache_dir, prepare_demo
 
     # A file lock inside prepare_demo makes one process build the cache while the others wait for it.
-    paths = prepare_demo(cache_dir(cfg.model.cache_dir), seed=0, progress=env_rank() == 0)
+    paths = prepare_demo(
+        cache_dir(cfg.model.cache_dir), seed=0, progress=env_rank() == 0, shipped=not cfg.model.demo_build
+    )
     return paths["student"], paths["teacher"]
 
 
@@ -112,13 +114,13 @@ def _train_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None):
 def _train(argv: list[str]) -> int:
     from rlad_ds.checkpoint.run_dir import resume_point
     from rlad_ds.config.parsing import parse_config
-    from rlad_ds.demo.recipe import PROFILE
+    from rlad_ds.demo.recipe import demo_profile
     from rlad_ds.methods import get_method
     from rlad_ds.models import check_tokenizers_match, prompt_budget
     from rlad_ds.rewards import RewardRunner
     from rlad_ds.tasks import get_task
 
-    cfg, _ = parse_config(argv, profile=PROFILE)
+    cfg, _ = parse_config(argv, profile=demo_profile)
     method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
     check_train_inputs(cfg)
     # This run's newest checkpoint that verifies; refused here, before any model: a finished run, another run's
