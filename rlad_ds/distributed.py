@@ -53,6 +53,7 @@ def init_process_group(timeout_s: int) -> None:
     import deepspeed
 
     hygiene.use_environment_build_dir()
+    hygiene.adopt_orphaned_descendants()  # a signal during the op's build leaves no compiler running
     hygiene.check_build_locks()  # DeepSpeed JIT-builds its CPU comm op right here; a stale lock would hang it forever
     hygiene.remove_stale_shm_buffers()
     # Registered before the buffer exists: a signal that lands while the op is built or the ranks map each other's

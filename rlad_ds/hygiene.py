@@ -5,6 +5,7 @@ group."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ from rlad_ds.errors import ConfigError
 
 logger = logging.getLogger("rlad_ds")
 SHM_DIR = Path("/dev/shm")
+_ADOPTING = False  # adopt_orphaned_descendants has run in this process
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -24,6 +26,41 @@ def set_parent_death_signal(signum: int) -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1 = PR_SET_PDEATHSIG
+
+
+def adopt_orphaned_descendants() -> None:
+    """Linux: this process becomes the reaper of its orphaned descendants, and ends every descendant still running
+    when it exits. A signal during a JIT build exits the rank from inside `subprocess.run`, which SIGKILLs ninja;
+    the compilers ninja started (each in its own process group) would otherwise compile on, orphaned, for minutes."""
+    global _ADOPTING
+    if _ADOPTING:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # 36 = PR_SET_CHILD_SUBREAPER
+    atexit.register(end_descendants)
+    _ADOPTING = True
+
+
+def end_descendants(timeout_s: float = 3.0) -> None:
+    """SIGTERM every descendant of this process, SIGKILL those still there after `timeout_s`."""
+    import psutil
+
+    try:
+        descendants = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for process in descendants:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    for process in psutil.wait_procs(descendants, timeout=timeout_s)[1]:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def _shm_prefix() -> str:
@@ -137,8 +174,7 @@ def announce_op_build(builder_class: str, why: str) -> bool:
         return False
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info(
-            "compiling DeepSpeed's %s op (%s) for this environment: once, about a minute or two; later runs load "
-            "it from %s",
+            "compiling DeepSpeed's %s op (%s) for this environment: once, a minute or more; later runs load it from %s",
             builder.name,
             why,
             root / builder.name,

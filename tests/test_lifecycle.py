@@ -517,6 +517,45 @@ def test_a_signal_while_the_process_group_starts_leaves_no_shm_buffer(tmp_path):
         buffer.unlink(missing_ok=True)
 
 
+def test_a_signal_during_a_build_leaves_no_compiler_running(tmp_path):
+    """A signal during a JIT build exits the rank inside `subprocess.run`, which SIGKILLs ninja; the compiler ninja
+    started in its own process group is orphaned. The rank adopts it and ends it at exit."""
+    import psutil
+
+    pid_file = tmp_path / "compiler.pid"
+    ninja = (
+        "import subprocess, sys, time; p = subprocess.Popen(['sleep', '300'], process_group=0); "
+        "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(300)"
+    )
+    code = (
+        "import os, signal, subprocess, sys, threading, time, deepspeed\n"
+        "from rlad_ds import distributed, signals\n"
+        "signals.guard_signals()\n"
+        "def interrupt():\n"
+        f"    while not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "def init_distributed(**kwargs):  # where DeepSpeed compiles its comm op: ninja, which starts the compiler\n"
+        "    threading.Thread(target=interrupt, daemon=True).start()\n"
+        f"    subprocess.run([sys.executable, '-c', {ninja!r}, {str(pid_file)!r}])\n"
+        "deepspeed.init_distributed = init_distributed\n"
+        "distributed.init_process_group(60)\n"
+    )
+    env = {**_script_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT=str(free_port()), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    with open(tmp_path / "stderr", "w") as stderr:  # not a pipe: an orphaned compiler would hold it open
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=120
+        )
+    compiler = int(pid_file.read_text())
+    try:
+        assert proc.returncode == 130, (tmp_path / "stderr").read_text()[-3000:]
+        time.sleep(0.5)  # init reaps it
+        assert not psutil.pid_exists(compiler) or psutil.Process(compiler).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if psutil.pid_exists(compiler):
+            os.kill(compiler, signal.SIGKILL)
+
+
 # ---- every run's last line --------------------------------------------------------------------------------------
 
 
