@@ -3,9 +3,9 @@
 `launchers/train.py` runs the demo's task and recipe (`rlad_ds.demo.recipe.PROFILE`: arith, 16 prompts x G=8 per step,
 48 new tokens, lr 1e-5) with `--rollout gathered` and `--rollout vllm`, seed by seed, on the same SFT models. The
 demo's own student has head_dim 16, below the 32 that vLLM's CPU attention needs, so these runs use
-`VLLM_RECIPE`: the demo recipe with the student's 4 x 16 query heads (2 x 16 key/value) regrouped as 2 x 32
-(1 x 32): the same hidden size, layers and parameter count give or take the q/k norms, SFT-trained once by
-the demo's recipe (`vllm_recipe`) and cached beside the demo models.
+`rlad_ds.demo.recipe.VLLM_RECIPE`: the demo recipe with the student's 4 x 16 query heads (2 x 16 key/value)
+regrouped as 2 x 32 (1 x 32): the same hidden size, layers and parameter count give or take the q/k norms,
+SFT-trained once (`python -m rlad_ds.demo --vllm` builds the same) and cached beside the demo models.
 
 From each run's metrics.jsonl: the median step time (first step excluded: warm-up), the median share of the
 weight sync in the step, and the held-out greedy accuracy at the end (`eval_accuracy`, 200 problems).
@@ -13,7 +13,6 @@ weight sync in the step, and the held-out greedy accuracy at the end (`eval_accu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -22,18 +21,6 @@ from pathlib import Path
 from benchmarks.common import ROOT, deepspeed_cmd, make_record, worker_env
 
 VLLM_SKIP = "vLLM not installed"
-
-
-def vllm_recipe():
-    """The demo recipe with the student regrouped to head_dim 32. Its SFT gets up to 1200 steps (the demo's: 400)
-    to reach the same early-stop target (sampled accuracy 0.25): with 400 this build stopped at 0.04."""
-    from rlad_ds.demo.recipe import DEFAULT_RECIPE
-
-    return dataclasses.replace(
-        DEFAULT_RECIPE,
-        student=dataclasses.replace(DEFAULT_RECIPE.student, heads=2, kv_heads=1),
-        student_sft=dataclasses.replace(DEFAULT_RECIPE.student_sft, steps=1200),
-    )
 
 
 def train_flags(models: dict, out: Path, engine: str, seed: int, steps: int) -> list[str]:
@@ -94,10 +81,11 @@ def run_p5(steps: int, seeds: int, work: Path) -> dict:
     import importlib.util
 
     from rlad_ds.demo.cache import cache_dir, prepare_demo
+    from rlad_ds.demo.recipe import VLLM_RECIPE
 
     if importlib.util.find_spec("vllm") is None:
         return {"skipped": VLLM_SKIP}
-    models = {k: str(v) for k, v in prepare_demo(cache_dir(), recipe=vllm_recipe()).items()}
+    models = {k: str(v) for k, v in prepare_demo(cache_dir(), recipe=VLLM_RECIPE).items()}
     runs = [run_one(models, work, engine, seed, steps) for seed in range(seeds) for engine in ("gathered", "vllm")]
     return {"steps": steps, "seeds": seeds, "runs": runs}
 

@@ -20,4 +20,5 @@ class Callback:
         """After a complete checkpoint of `step` was written to `path`."""
 
     def on_train_end(self, trainer, history: dict) -> None:
-        """After the last step; `history` holds `eval_before` and `eval_after` (accuracies or None)."""
+        """After the last step; `history` holds `eval_before` and `eval_after` (accuracies or None; `eval_before` is
+        None for a resumed run), `reward_mean` (the last step's) and `start_step` (0, or the step resumed from)."""

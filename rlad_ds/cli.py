@@ -91,7 +91,9 @@ def _model_paths(cfg) -> tuple[Path, Path | None]:
     from rlad_ds.demo.cache import cache_dir, prepare_demo
 
     # A file lock inside prepare_demo makes one process build the cache while the others wait for it.
-    paths = prepare_demo(cache_dir(cfg.model.cache_dir), seed=0, progress=env_rank() == 0)
+    paths = prepare_demo(
+        cache_dir(cfg.model.cache_dir), seed=0, progress=env_rank() == 0, shipped=not cfg.model.demo_build
+    )
     return paths["student"], paths["teacher"]
 
 
@@ -116,11 +118,11 @@ def _train_examples(cfg, tokenizer, rewards, max_prompt_tokens: int | None):
 def _train(argv: list[str]) -> int:
     from rlad_ds.checkpoint.lock import OutputDirLock
     from rlad_ds.config.parsing import parse_config
-    from rlad_ds.demo.recipe import PROFILE
+    from rlad_ds.demo.recipe import demo_profile
     from rlad_ds.methods import get_method
     from rlad_ds.tasks import get_task
 
-    cfg, _ = parse_config(argv, profile=PROFILE)
+    cfg, _ = parse_config(argv, profile=demo_profile)
     method, task = get_method(cfg.loss.method), get_task(cfg.data.task, cfg.data.task_args)
     check_train_inputs(cfg)
     # One run per output dir: rank 0 holds its lock for the life of the run; a second run stops here, in one line.
@@ -172,7 +174,8 @@ def _run_training(
 
     from rlad_ds.checkpoint.export import ExportHF
     from rlad_ds.checkpoint.manifest import write_json_atomic
-    from rlad_ds.checkpoint.run_dir import run_identity, settle_output_dir
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR, RUN_RECORD, run_identity, settle_output_dir
+    from rlad_ds.demo.summary import DemoSummary
     from rlad_ds.distributed import init_process_group
     from rlad_ds.metrics import MetricsLogger
     from rlad_ds.run_models import build_run_models, rollout_context
@@ -189,7 +192,7 @@ def _run_training(
     if env_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed mid-write must not leave a truncated record that blocks its own resumption.
-        write_json_atomic(output_dir / "run_config.json", run_identity(cfg))
+        write_json_atomic(output_dir / RUN_RECORD, run_identity(cfg))
     trainer = Trainer(cfg, method, models, tokenizer, task, rewards, train_examples, eval_examples)
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -201,16 +204,16 @@ def _run_training(
         report_to=cfg.train.report_to,
         config=cfg.to_dict(),
     )
-    callbacks = [metrics, ExportHF(output_dir / "student_hf")]
+    callbacks = [metrics, ExportHF(output_dir / EXPORT_DIR)]
     if cfg.is_demo:
-        from rlad_ds.demo.summary import DemoSummary
-
         callbacks.append(DemoSummary(output_dir))
     try:
-        trainer.fit(callbacks)
+        history = trainer.fit(callbacks)
     finally:
         metrics.close()
     end_process_group()
+    if env_rank() == 0:
+        print(_final_line(cfg, trainer, history), flush=True)
     return 0
 
 
@@ -218,23 +221,44 @@ def _export(argv: list[str]) -> int:
     """A finished (or stopped) run's student from its checkpoint: the training command's flags, one process."""
     from rlad_ds.checkpoint.export import export_checkpoint
     from rlad_ds.checkpoint.lock import OutputDirLock
-    from rlad_ds.checkpoint.run_dir import EXPORT, export_source
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR, export_source
     from rlad_ds.config.parsing import parse_config
-    from rlad_ds.demo.recipe import PROFILE
+    from rlad_ds.demo.recipe import demo_profile
 
-    cfg, _ = parse_config(argv, profile=PROFILE)
+    cfg, _ = parse_config(argv, profile=demo_profile)
     out = Path(cfg.train.output_dir)
     lock = OutputDirLock(out).acquire() if (out / "run_config.json").is_file() else None  # not while a run writes
     try:
         directory = export_source(cfg)
         student_path, _ = _model_paths(cfg)
         tokenizer = checked_tokenizer(student_path, "student", cfg)
-        path = export_checkpoint(directory, student_path, tokenizer, out / EXPORT, cfg.model.trust_remote_code)
+        path = export_checkpoint(directory, student_path, tokenizer, out / EXPORT_DIR, cfg.model.trust_remote_code)
     finally:
         if lock is not None:
             lock.release()
     print(f"exported {directory} to {path}", flush=True)
     return 0
+
+
+def _final_line(cfg, trainer, history: dict) -> str:
+    """A run's last line: the step and held-out accuracy it reached, where its model and metrics are, and what its
+    health still warns about."""
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR
+    from rlad_ds.metrics import initial_eval_accuracy
+
+    out = Path(cfg.train.output_dir)
+    resumed = f" (resumed at step {history['start_step']})" if history["start_step"] else ""
+    parts = [f"rlad_ds: done: step {trainer.step} of {cfg.train.max_steps}, --method {cfg.loss.method}{resumed}"]
+    if trainer.eval_examples:
+        before = history["eval_before"] if history["eval_before"] is not None else initial_eval_accuracy(out)
+        shown = [f"{a:.3f}" if a is not None else "not measured" for a in (before, history["eval_after"])]
+        parts.append(f"held-out accuracy {shown[0]} -> {shown[1]} ({len(trainer.eval_examples)} prompts)")
+    else:
+        parts.append("held-out accuracy not measured (--eval_size 0)")
+    if history.get("reward_mean") is not None:
+        parts.append(f"training reward {history['reward_mean']:.3f} at the last step")
+    parts.append(f"model {out / EXPORT_DIR}, metrics {out / 'metrics.jsonl'}")
+    return "; ".join(parts + [f"warning: {w}" for w in trainer.health.warnings()])
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------

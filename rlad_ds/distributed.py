@@ -54,13 +54,18 @@ def init_process_group(timeout_s: int) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    hygiene.use_environment_build_dir()
+    hygiene.adopt_orphaned_descendants()  # a signal during the op's build leaves no compiler running
     hygiene.check_build_locks()  # DeepSpeed JIT-builds its CPU comm op right here; a stale lock would hang it forever
     hygiene.remove_stale_shm_buffers()
     # Each rank on its own device from the start (the engine sets the same later): object collectives before any
     # engine exists (a checkpoint verified together) run on the current device, which NCCL needs to be this rank's.
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    # Registered before the buffer exists: a signal that lands while the op is built or the ranks map each other's
+    # buffers exits from inside init_distributed, and the buffer it created must go too.
     atexit.register(hygiene.remove_own_shm_buffer)
+    hygiene.announce_op_build("ShareMemCommBuilder", "its CPU all-reduce through shared memory")
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
 
 
 _BEFORE_END: list[Callable[[], None]] = []

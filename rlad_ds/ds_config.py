@@ -115,6 +115,23 @@ def _torch_adamw(config: dict, device: str) -> None:
         params.setdefault("fused", True)  # torch's fused AdamW: one kernel per parameter group
 
 
+def jit_built_ops(config: dict) -> list[tuple[str, str]]:
+    """The optimizer op DeepSpeed JIT-compiles for a filled student config, as (op builder class, why), or none:
+    CPU Adam / Adagrad / Lion when the optimizer is offloaded (`zero3_offload.json`), FusedAdam for Adam / AdamW
+    that is not `torch_adam`."""
+    optimizer = config.get("optimizer")
+    kind = str(optimizer.get("type", "")).lower() if isinstance(optimizer, dict) else ""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer")
+    if isinstance(offload, dict) and offload.get("device", "none") != "none":
+        builders = {"adam": "CPUAdamBuilder", "adamw": "CPUAdamBuilder", "adagrad": "CPUAdagradBuilder"}
+        builders["lion"] = "CPULionBuilder"
+        why = f"the {optimizer['type']} step of the optimizer your DeepSpeed config offloads to the CPU"
+        return [(builders[kind], why)] if kind in builders else []
+    if kind in ("adam", "adamw") and not optimizer.get("params", {}).get("torch_adam", False):
+        return [("FusedAdamBuilder", f"the {optimizer['type']} step of your DeepSpeed config's optimizer")]
+    return []
+
+
 def _fill_zero(config: dict, device: str, persistence_threshold: int | None) -> None:
     zero = config.setdefault("zero_optimization", {})
     if persistence_threshold is not None:

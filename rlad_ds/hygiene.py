@@ -1,9 +1,13 @@
 """What a run leaves on the machine, and what killed runs left: DeepSpeed's CPU all-reduce buffers in /dev/shm,
-JIT-build locks that no process holds, and child processes whose parent died (the kernel's parent-death
-signal). Reads /proc; needs no process group."""
+JIT-built ops (one build dir per environment, announced when a build is due) and their locks that no process
+holds, and child processes whose parent died (the kernel's parent-death signal). Reads /proc; needs no process
+group."""
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import logging
 import os
 import sys
 import time
@@ -11,7 +15,9 @@ from pathlib import Path
 
 from rlad_ds.errors import ConfigError
 
+logger = logging.getLogger("rlad_ds")
 SHM_DIR = Path("/dev/shm")
+_ADOPTING = False  # adopt_orphaned_descendants has run in this process
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -20,6 +26,41 @@ def set_parent_death_signal(signum: int) -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1 = PR_SET_PDEATHSIG
+
+
+def adopt_orphaned_descendants() -> None:
+    """Linux: this process becomes the reaper of its orphaned descendants, and ends every descendant still running
+    when it exits. A signal during a JIT build exits the rank from inside `subprocess.run`, which SIGKILLs ninja;
+    the compilers ninja started (each in its own process group) would otherwise compile on, orphaned, for minutes."""
+    global _ADOPTING
+    if _ADOPTING:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # 36 = PR_SET_CHILD_SUBREAPER
+    atexit.register(end_descendants)
+    _ADOPTING = True
+
+
+def end_descendants(timeout_s: float = 3.0) -> None:
+    """SIGTERM every descendant of this process, SIGKILL those still there after `timeout_s`."""
+    import psutil
+
+    try:
+        descendants = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for process in descendants:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    for process in psutil.wait_procs(descendants, timeout=timeout_s)[1]:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def _shm_prefix() -> str:
@@ -97,3 +138,45 @@ def check_build_locks() -> None:
             f"{stale[0]} is the lock of a JIT build that was killed mid-way (no process holds it); "
             f"every start-up would wait on it forever: delete it (rm {stale[0]}) and start again"
         )
+
+
+def use_environment_build_dir() -> Path:
+    """Where torch JIT-builds DeepSpeed's ops for this process: TORCH_EXTENSIONS_DIR when the user set it, else a dir
+    of this environment under torch's default root, named by Python, torch, DeepSpeed and `sys.prefix`, and set as
+    TORCH_EXTENSIONS_DIR. torch's own default is one dir per Python and CUDA version, whose ninja file records the
+    source paths of one DeepSpeed install: two environments sharing it rebuild the same op alternately, a minute
+    or more on every start."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from importlib.metadata import version
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    prefix = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    name = f"py{sys.version_info.major}{sys.version_info.minor}-torch{version('torch')}-deepspeed{version('deepspeed')}"
+    path = Path(get_default_build_root()) / f"{name}-{prefix}"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    return path
+
+
+def announce_op_build(builder_class: str, why: str) -> bool:
+    """Say once (rank 0), before DeepSpeed compiles an op, what it builds, why, for how long and where it is kept;
+    silent when the op is prebuilt, already built for this environment, or not built on this accelerator. True
+    when a build is due."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    builder = get_accelerator().create_op_builder(builder_class)
+    if builder is None or installed_ops.get(builder.name, False) or not builder.is_compatible(False):
+        return False
+    root = use_environment_build_dir()
+    if (root / builder.name / f"{builder.name}.so").is_file():
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info(
+            "compiling DeepSpeed's %s op (%s) for this environment: once, a minute or more; later runs load it from %s",
+            builder.name,
+            why,
+            root / builder.name,
+        )
+    return True

@@ -91,6 +91,15 @@ class MetricsLogger(Callback):
             self.wandb.finish()
 
 
+def initial_eval_accuracy(output_dir: str | Path) -> float | None:
+    """The held-out accuracy evaluated before the run's first step, from its metrics.jsonl (a resumed run does not
+    evaluate it again); None when it was not evaluated."""
+    path = Path(output_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    first = json.loads(lines[0]) if lines and lines[0].strip() else {}
+    return first.get("eval_accuracy") if first.get("step") == 0 else None
+
+
 def _plain(value):
     """JSON-safe scalars: tensors and numpy numbers become floats, non-finite floats become strings."""
     if hasattr(value, "item"):

@@ -36,7 +36,7 @@ def read_model_config(path: str | Path, role: str = "model") -> dict:
     """A model dir's config.json as a dict; missing or unreadable is a ConfigError naming the file."""
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise ConfigError(f"{role} dir {path} has no config.json; save the model with save_pretrained")
+        raise ConfigError(_without_config(Path(path), role))
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
@@ -48,6 +48,26 @@ def read_model_config(path: str | Path, role: str = "model") -> dict:
             f"{file} holds a {type(config).__name__}, not a JSON object; save the model again with save_pretrained"
         )
     return config
+
+
+def _without_config(path: Path, role: str) -> str:
+    """What to do about a dir without config.json: a training run's output dir, or a dir inside one (its
+    checkpoints), holds its trained student in `student_hf/`; anything else must be saved with save_pretrained."""
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR, RUN_RECORD
+
+    for run in [path, *path.resolve().parents[:3]]:
+        if not (run / RUN_RECORD).is_file():
+            continue
+        where = "a training run's output dir" if run == path else f"inside the training run {run} (a checkpoint)"
+        if (run / EXPORT_DIR / "config.json").is_file():
+            return (
+                f"{role} dir {path} is {where}, not a model dir; its trained student is {run / EXPORT_DIR}: pass that"
+            )
+        return (
+            f"{role} dir {path} is {where}, not a model dir; the run writes its trained student to "
+            f"{run / EXPORT_DIR} when it ends: finish the run (its command again resumes it), then pass that"
+        )
+    return f"{role} dir {path} has no config.json; save the model with save_pretrained"
 
 
 def _check_weights(path: Path, role: str) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlad_ds.distributed import world
-from rlad_ds.ds_config import frozen_ds_config, resolve_precision, student_ds_config
+from rlad_ds.ds_config import frozen_ds_config, jit_built_ops, resolve_precision, student_ds_config
+from rlad_ds.hygiene import announce_op_build
 from rlad_ds.logprob_scorer import LogProbScorer
 from rlad_ds.models import check_tokenizers_match, choose_attention, load_causal_lm, load_tokenizer
 from rlad_ds.rollout.registry import RolloutContext, choose_model_dir_rollout, choose_rollout
@@ -120,6 +121,8 @@ def _student(cfg, path: Path, device: str, world_size: int, attn: str):
         trust_remote_code=cfg.model.trust_remote_code,
     )
     rollout = choose_rollout(cfg.rollout.rollout, model, device, cfg.rollout)
+    for builder, why in jit_built_ops(student_ds):  # compiled inside deepspeed.initialize, silently otherwise
+        announce_op_build(builder, why)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params, config={**student_ds, **copy.deepcopy(rollout.ds_config)}

@@ -293,10 +293,11 @@ class Trainer:
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def fit(self, callbacks=()) -> dict:
-        """Train until `max_steps`, evaluating and saving as configured; returns the accuracies before and after."""
+        """Train until `max_steps`, evaluating and saving as configured; returns the accuracies before and after, the
+        last step's training reward and the step it started from."""
         self.callbacks, train = list(callbacks), self.cfg.train
         signals.STOP.save, signals.STOP.grace_s = train.save_on_signal, train.signal_grace_s
-        history = {"eval_before": None, "eval_after": None}
+        history = {"eval_before": None, "eval_after": None, "reward_mean": None, "start_step": self.step}
         if self.step == 0:
             history["eval_before"] = self._evaluate(0, {})
         while self.step < train.max_steps:
@@ -312,14 +313,19 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_step_end(self, self.step, metrics)
             self.health.check_rewards(metrics, self.reward_error)
+            self.health.check_signal(self.step, metrics)
+            history["reward_mean"] = metrics.get("reward_mean")
             save_due = train.save_steps > 0 and self.step % train.save_steps == 0
             saved = train.save_steps >= 0 and (save_due or self.step == train.max_steps)
             if saved:
                 self._save()
             signals.STOP.seconds_needed = metrics["time/step"] + (self.save_seconds or metrics["time/step"])
             self._stop_if_asked(saved)
-        for callback in self.callbacks:
+        for callback in self.callbacks:  # the export and the summary also of a run that learned nothing
             callback.on_train_end(self, history)
+        failed = self.health.end_of_run()
+        if failed is not None:
+            raise failed
         return history
 
     def _save(self) -> None:

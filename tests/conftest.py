@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_finish(session):
-    # DeepSpeed JIT-compiles its CPU shared-memory comm op on first distributed init (~25 s once, cached).
-    # Build it here, outside every test's timeout, when a multi-rank test is about to run.
+    # DeepSpeed JIT-compiles its CPU shared-memory comm op on first distributed init (once per environment, cached).
+    # Build it here, outside every test's timeout, when a multi-rank test is about to run, into the dir every run
+    # of this environment uses (the runs the tests start inherit TORCH_EXTENSIONS_DIR).
     if any(item.get_closest_marker("slow") for item in session.items):
         from deepspeed.accelerator import get_accelerator
 
+        from rlad_ds.hygiene import use_environment_build_dir
+
+        use_environment_build_dir()
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is not None:
             builder.load(verbose=False)

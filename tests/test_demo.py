@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+from conftest import ROOT
 
 from rlad_ds.demo import cache, recipe, sft
 from rlad_ds.errors import ConfigError
@@ -266,3 +267,139 @@ def test_evaluate_accuracy_matches_one_by_one_generation(tmp_path, monkeypatch):
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
     assert sampled == sft.accuracy(model, tokenizer, examples, greedy=False, seed=3)
     assert sft.accuracy(model, tokenizer, [], greedy=True) == 0.0
+
+
+# ---- the shipped build, each method's own dir, a resumed demo's summary, a model for vLLM --------------------------
+
+
+def test_the_shipped_models_are_the_pinned_recipes_build_and_the_demo_loads_them(tmp_path, monkeypatch):
+    """The package ships one build: the one the pinned recipe's key names, whose demo.json records that recipe, whose
+    files SHA256SUMS pins (its own sum pinned in recipe.py), and which the demo loads without building anything."""
+    import configparser
+    import hashlib
+    import shutil
+
+    from transformers import AutoConfig
+
+    from rlad_ds.cli import _model_paths
+    from rlad_ds.config.parsing import parse_config
+    from rlad_ds.errors import ConfigError
+
+    root = cache.SHIPPED_ROOT / f"arith-{recipe.recipe_key(recipe.DEFAULT_RECIPE, 0)}"
+    assert sorted(cache.SHIPPED_ROOT.glob("arith-*")) == [root]
+    info = json.loads((root / "demo.json").read_text())
+    assert info["recipe"] == dataclasses.asdict(recipe.DEFAULT_RECIPE) and info["seed"] == 0
+    assert info["format_version"] == recipe.FORMAT_VERSION and info["tokenizer_size"] == 17
+    sums = (root / cache.SUMS).read_text()
+    assert hashlib.sha256(sums.encode()).hexdigest() == recipe.SHIPPED_SHA256SUMS
+    listed = {line.split("  ", 1)[1] for line in sums.splitlines()}
+    assert listed == {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != cache.SUMS}
+    for role in ("student", "teacher"):
+        spec, config = getattr(recipe.DEFAULT_RECIPE, role), AutoConfig.from_pretrained(root / role)
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+            spec.hidden,
+            spec.layers,
+            spec.heads,
+        )
+    # setup.cfg's package data takes every shipped file into a wheel.
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    patterns = [p.strip() for p in setup["options.package_data"]["rlad_ds.demo"].split(",")]
+    packaged = {p for pattern in patterns for p in cache.SHIPPED_ROOT.parent.glob(pattern) if p.is_file()}
+    assert packaged == {p for p in root.rglob("*") if p.is_file()}
+
+    # The demo (no --student) loads them, and builds nothing in the cache; --demo_build takes the cache's build.
+    cfg, _ = parse_config(["--cache_dir", str(tmp_path)], profile=recipe.demo_profile)
+    assert _model_paths(cfg) == (root / "student", root / "teacher") and not any(tmp_path.iterdir())
+    built = tmp_path / "demo" / root.name
+    shutil.copytree(root, built)  # stands for this machine's build, complete in the cache
+    cfg, _ = parse_config(["--cache_dir", str(tmp_path), "--demo_build"], profile=recipe.demo_profile)
+    assert _model_paths(cfg) == (built / "student", built / "teacher")
+    with pytest.raises(ConfigError, match="--demo_build trains the built-in demo's models; with --student"):
+        parse_config(["--student", "s", "--demo_build"], profile=recipe.demo_profile)
+
+    # A damaged (or swapped) file is refused by name of the check, never loaded.
+    monkeypatch.setattr(cache, "SHIPPED_ROOT", tmp_path / "shipped")
+    shutil.copytree(root, tmp_path / "shipped" / root.name)
+    weights = tmp_path / "shipped" / root.name / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ConfigError, match=r"shipped in .* are damaged or not the pinned ones \(sha256sum -c"):
+        cache.prepare_demo(tmp_path / "cache", progress=False)
+
+
+def test_each_methods_demo_has_its_own_default_output_dir(tmp_path, monkeypatch, no_init):
+    """After the rlad demo, `--method grpo` (the README's next step) runs, in outputs/demo-grpo; an explicit
+    --output_dir (flag or file) still wins."""
+    from conftest import ReachedInit
+
+    from rlad_ds.checkpoint.run_dir import run_identity
+    from rlad_ds.cli import train_main
+    from rlad_ds.config.parsing import parse_config
+
+    def output_dir(*argv):
+        return parse_config(list(argv), profile=recipe.demo_profile)[0].train.output_dir
+
+    assert output_dir() == "outputs/demo" and output_dir("--method", "rlad") == "outputs/demo"
+    assert [output_dir("--method", m) for m in ("grpo", "kdrl", "kd", "sft")] == [
+        f"outputs/demo-{m}" for m in ("grpo", "kdrl", "kd", "sft")
+    ]
+    assert output_dir("--method", "grpo", "--output_dir", "mine") == "mine"
+    (tmp_path / "run.yaml").write_text("loss:\n  method: grpo\ntrain:\n  output_dir: from_file\n")
+    assert output_dir("--config", str(tmp_path / "run.yaml")) == "from_file"
+    assert parse_config(["--student", "s", "--teacher", "t"], profile=recipe.demo_profile)[0].train.output_dir == (
+        "outputs/rlad"
+    )
+
+    monkeypatch.chdir(tmp_path)
+    small = ["--train_size", "64", "--eval_size", "4", "--report_to", "none"]
+    small += ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")]
+    rlad = parse_config(small, profile=recipe.demo_profile)[0]
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    (tmp_path / "outputs" / "demo" / "run_config.json").write_text(json.dumps(run_identity(rlad)))
+    with pytest.raises(ReachedInit):  # not "holds a different run"
+        train_main(["--method", "grpo", *small])
+
+
+def test_resuming_a_finished_demo_keeps_the_student_before(tmp_path, capsys):
+    """More steps for a finished demo resume it (no evaluation at step 0): summary.json keeps the initial student's
+    accuracy from the run's metrics.jsonl instead of writing null."""
+    from types import SimpleNamespace
+
+    from rlad_ds.demo.summary import DemoSummary
+
+    records = [{"step": 0, "eval_accuracy": 0.545}] + [{"step": s, "reward_mean": 0.5} for s in range(1, 81)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    trainer = SimpleNamespace(
+        models=SimpleNamespace(teacher_rollout=None),
+        eval_examples=[{}] * 4,
+        rank=0,
+        method=SimpleNamespace(name="rlad"),
+        step=80,
+    )
+    DemoSummary(tmp_path).on_train_end(trainer, {"eval_before": None, "eval_after": 0.9})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["student_before"] == 0.545 and summary["student_after"] == 0.9 and summary["steps"] == 80
+    assert "| student before | 0.545 |" in capsys.readouterr().out
+
+
+def test_one_command_makes_a_student_vllm_runs_and_says_how_to_train_it(tmp_path, no_init):
+    """`python -m rlad_ds.demo --vllm` builds VLLM_RECIPE (the demo's student with head size 32, which vLLM's CPU
+    attention runs) and prints `demo_command`: the same path, on a recipe that trains in a second, reaches the
+    process group with --rollout vllm."""
+    from conftest import ReachedInit
+    from transformers import AutoConfig
+
+    from rlad_ds.cli import train_main
+    from rlad_ds.rollout.vllm import CPU_HEAD_SIZES, head_dim
+
+    spec = recipe.VLLM_RECIPE.student
+    assert spec.hidden // spec.heads in CPU_HEAD_SIZES and recipe.DEFAULT_RECIPE.student.hidden == spec.hidden
+    mini = dataclasses.replace(
+        MINI, student=recipe.ModelSpec(hidden=32, layers=1, heads=1, kv_heads=1, intermediate=32)
+    )
+    paths = cache.prepare_demo(tmp_path / "cache", progress=False, recipe=mini, shipped=False)
+    assert head_dim(AutoConfig.from_pretrained(paths["student"])) == 32
+    command = recipe.demo_command(paths, str(tmp_path / "out"), "--rollout", "vllm")
+    assert command[:2] == ["deepspeed", "launchers/train.py"]
+    with pytest.raises(ReachedInit):
+        train_main([*command[2:], "--train_size", "64", "--eval_size", "4", "--report_to", "none"])

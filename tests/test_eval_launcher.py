@@ -201,3 +201,37 @@ def test_bad_input_in_process(tiny_models, capsys, args, message):
     assert eval_main(["--model", str(tiny_models["student"]), "--eval_size", "2", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rlad_ds: error:") and message in err[0], err
+
+
+def test_a_run_or_checkpoint_dir_as_the_model_points_at_its_student_hf(tiny_models, tmp_path, capsys):
+    """`--model OUTPUT_DIR` (or one of its checkpoints) is what a newcomer tries first after training: the line names
+    the run's exported student, or says it is written when the run ends, instead of "save_pretrained"."""
+    import shutil
+
+    from rlad_ds.cli import eval_main
+
+    def refusal(model) -> str:
+        assert eval_main(["--model", str(model), "--task", "arith", "--eval_size", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("rlad_ds: error: model dir "), err
+        return err[0]
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000002"
+    (step / "universal").mkdir(parents=True)  # another number of ranks resumes through this one
+    (run / "run_config.json").write_text("{}")
+    (step / "COMPLETE").write_text("{}")
+    assert (
+        f"{run} is a training run's output dir, not a model dir; the run writes its trained student to "
+        in (line := refusal(run))
+        and f"{run / 'student_hf'} when it ends: finish the run" in line
+    )
+    assert (
+        f"{step} is inside the training run {run.resolve()} (a checkpoint), not a model dir; the run writes its"
+        in (line := refusal(step))
+        and f"{run.resolve() / 'student_hf'} when it ends" in line
+    )
+    shutil.copytree(tiny_models["student"], run / "student_hf")
+    assert f"its trained student is {run / 'student_hf'}: pass that" in refusal(run)
+    assert f"its trained student is {run.resolve() / 'student_hf'}: pass that" in refusal(step / "universal")
+    assert f"{tmp_path} has no config.json; save the model with save_pretrained" in refusal(tmp_path)

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, ReachedInit, free_port
 from test_reliability import _script_env, base_args, expect_one_line
 
 from rlad_ds import hygiene, signals
@@ -154,6 +154,78 @@ def test_a_run_whose_every_reward_call_fails_stops_naming_the_error(tmp_path, ca
     assert trainer.step == 6  # a step with some rewards breaks the streak
     assert "every reward call failed in 3 consecutive steps" in str(error.value)
     assert "verifier bug on prompt 4" in str(error.value) and "--reward_timeout_s" in str(error.value)
+
+
+class _EndOfRun:
+    def __init__(self):
+        self.ended = False
+
+    def on_step_end(self, trainer, step, metrics):
+        pass
+
+    def on_train_end(self, trainer, history):
+        self.ended = True
+
+
+def test_a_short_run_whose_every_reward_call_fails_ends_with_an_error(tmp_path):
+    """Fewer steps than --max_failed_reward_steps, every reward call failed in each: the run still exports (the
+    end-of-run callbacks run), then ends with one error naming the verifier's error (exit 1), not a silent 0."""
+    trainer = _fake_trainer(tmp_path, "--save_steps", "-1", "--max_failed_reward_steps", "3", "--max_steps", "2")
+
+    def train_step(step):
+        trainer.reward_error = "#0: RuntimeError: verifier bug on prompt 4"
+        return _step_metrics(1.0)
+
+    trainer.train_step, end = train_step, _EndOfRun()
+    with pytest.raises(TrainingError) as error:
+        trainer.fit([end])
+    assert trainer.step == 2 and end.ended
+    assert "every reward call failed in all 2 steps of this run" in str(error.value)
+    assert "verifier bug on prompt 4" in str(error.value)
+    # One step with rewards, or --max_failed_reward_steps 0 (never stop): the run ends normally.
+    for flags, fractions in (
+        (["--max_failed_reward_steps", "3"], [0.5, 1.0]),
+        (["--max_failed_reward_steps", "0"], [1.0, 1.0]),
+    ):
+        trainer = _fake_trainer(tmp_path, "--save_steps", "-1", "--max_steps", "2", *flags)
+        steps = iter(fractions)
+        trainer.train_step = lambda step, steps=steps: _step_metrics(next(steps))
+        trainer.fit([])
+
+
+def _signal_metrics(zero_std_frac, reward_mean):
+    return {**_step_metrics(), "zero_std_frac": zero_std_frac, "reward_mean": reward_mean}
+
+
+@pytest.mark.parametrize(
+    "pattern,warned_at,words",
+    [
+        # --lr 1000: reward 0 and every group alike from step 3 on
+        (
+            [(0.5, 0.4), (0.25, 0.5)] + [(1.0, 0.0)] * 8,
+            7,
+            "the reward fell from 0.450 (mean of the 2 steps that had signal): the policy collapsed, lower --lr",
+        ),
+        ([(0.5, 0.4)] + [(1.0, 1.0)] * 9, 6, "the reward rose from 0.400"),
+        ([(1.0, 0.0)] * 10, 5, "too hard or too easy for this student"),
+        ([(0.5, 0.4)] + [(1.0, 0.0)] * 4 + [(0.5, 0.4)] + [(1.0, 0.0)] * 4, None, ""),  # never 5 in a row
+    ],
+)
+def test_a_vanished_learning_signal_is_warned_once_and_the_run_goes_on(tmp_path, caplog, pattern, warned_at, words):
+    trainer = _fake_trainer(tmp_path, "--save_steps", "-1", "--max_steps", str(len(pattern)))
+    steps = iter(pattern)
+    trainer.train_step = lambda step: _signal_metrics(*next(steps))
+    with caplog.at_level(logging.WARNING, logger="rlad_ds"):
+        trainer.fit([])
+    warned = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+    if warned_at is None:
+        assert warned == [] and trainer.health.warnings() == []
+        return
+    assert len(warned) == 1 and warned[0].startswith(f"step {warned_at}: no learning signal for 5 steps"), warned
+    assert words in warned[0]
+    # Still vanished at the end: the run's last line repeats it, with the whole stretch.
+    assert trainer.health.warnings() == [trainer.health.no_signal_line()]
+    assert f"no learning signal for {len(pattern) - warned_at + 5} steps" in trainer.health.warnings()[0]
 
 
 def test_a_stale_jit_lock_is_named_and_a_held_one_is_not(tmp_path, monkeypatch):
@@ -366,3 +438,176 @@ def test_launcher_sigterm_launch_kill_9_and_failing_rewards_end_cleanly(tiny_mod
         if any(f"_{job.port}_" in p.name for job in jobs.values())
     ]
     assert not leftovers
+
+
+# ---- JIT builds: one build dir per environment, announced; a signal inside the process group's start ----------
+
+
+def test_jit_builds_are_kept_per_environment(tmp_path, monkeypatch):
+    """Two environments (sys.prefix) sharing torch's default build root get a dir each, named by Python, torch and
+    DeepSpeed; the same environment gets the same dir; a TORCH_EXTENSIONS_DIR the user set wins."""
+    from importlib.metadata import version
+
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+    dirs = {}
+    for prefix in ("/envs/a", "/envs/b", "/envs/a"):
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        monkeypatch.setattr(sys, "prefix", prefix)
+        path = hygiene.use_environment_build_dir()
+        assert os.environ["TORCH_EXTENSIONS_DIR"] == str(path) and path.parent == tmp_path
+        assert f"torch{version('torch')}" in path.name and f"deepspeed{version('deepspeed')}" in path.name
+        assert dirs.setdefault(prefix, path) == path
+    assert dirs["/envs/a"] != dirs["/envs/b"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert hygiene.use_environment_build_dir() == tmp_path / "mine"
+
+
+def test_training_builds_ops_in_its_environments_dir_and_says_so_once(
+    tiny_models, tmp_path, no_init, monkeypatch, caplog
+):
+    """Before DeepSpeed starts the process group (where it compiles its CPU comm op), the build dir is this
+    environment's and, when the op is not built there yet, one line says what is compiled, why and where."""
+    import torch.utils.cpp_extension
+
+    from rlad_ds.cli import train_main
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "get_default_build_root", lambda: str(tmp_path / "ext"))
+    with caplog.at_level(logging.INFO, logger="rlad_ds"), pytest.raises(ReachedInit):
+        train_main(base_args(tiny_models, tmp_path / "out", "--eval_size", "0"))
+    build_dir = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert build_dir.parent == tmp_path / "ext"
+    said = [r.getMessage() for r in caplog.records if "compiling DeepSpeed's" in r.getMessage()]
+    assert len(said) == 1 and "deepspeed_shm_comm" in said[0] and str(build_dir / "deepspeed_shm_comm") in said[0]
+    caplog.clear()
+    (build_dir / "deepspeed_shm_comm").mkdir(parents=True)
+    (build_dir / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")  # built: nothing to say
+    with caplog.at_level(logging.INFO, logger="rlad_ds"), pytest.raises(ReachedInit):
+        train_main(base_args(tiny_models, tmp_path / "out", "--eval_size", "0"))
+    assert not [r for r in caplog.records if "compiling DeepSpeed's" in r.getMessage()]
+
+
+def test_the_offloaded_optimizers_build_is_announced(tmp_path, monkeypatch, caplog):
+    """zero3_offload.json makes DeepSpeed compile cpu_adam in deepspeed.initialize: said before, like the comm op."""
+    from rlad_ds.ds_config import jit_built_ops, student_ds_config
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    def ops_of(ds_config: str, device: str = "cpu"):
+        cfg, _ = parse_config(["--deepspeed", str(ROOT / "ds_configs" / ds_config)])
+        return jit_built_ops(student_ds_config(cfg, 1, device))
+
+    assert ops_of("zero3.json") == []  # torch's AdamW on CPU: nothing to compile
+    assert [builder for builder, _ in ops_of("zero3.json", "cuda")] == ["FusedAdamBuilder"]
+    ops = ops_of("zero3_offload.json")
+    assert [builder for builder, _ in ops] == ["CPUAdamBuilder"]
+    with caplog.at_level(logging.INFO, logger="rlad_ds"):
+        assert hygiene.announce_op_build(*ops[0])
+    assert "compiling DeepSpeed's cpu_adam op" in caplog.text and str(tmp_path / "cpu_adam") in caplog.text
+
+
+def test_a_signal_while_the_process_group_starts_leaves_no_shm_buffer(tmp_path):
+    """Ctrl-C while DeepSpeed builds its comm op or the ranks map each other's buffers exits from inside
+    init_distributed, after the op may have created this rank's 69 MB buffer: it is removed at exit all the same."""
+    port = str(free_port())
+    buffer = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0"
+    code = (
+        "import os, signal, time, deepspeed\n"
+        "from rlad_ds import distributed, signals\n"
+        "signals.guard_signals()\n"
+        "def init_distributed(**kwargs):\n"
+        f"    open({str(buffer)!r}, 'wb').close()  # what the comm op's initialize does first\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "deepspeed.init_distributed = init_distributed\n"
+        "distributed.init_process_group(60)\n"
+    )
+    env = {
+        **_script_env(),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+    }
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 130, proc.stderr[-3000:]
+        assert not buffer.exists()
+    finally:
+        buffer.unlink(missing_ok=True)
+
+
+def test_a_signal_during_a_build_leaves_no_compiler_running(tmp_path):
+    """A signal during a JIT build exits the rank inside `subprocess.run`, which SIGKILLs ninja; the compiler ninja
+    started in its own process group is orphaned. The rank adopts it and ends it at exit."""
+    import psutil
+
+    pid_file = tmp_path / "compiler.pid"
+    ninja = (
+        "import subprocess, sys, time; p = subprocess.Popen(['sleep', '300'], process_group=0); "
+        "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(300)"
+    )
+    code = (
+        "import os, signal, subprocess, sys, threading, time, deepspeed\n"
+        "from rlad_ds import distributed, signals\n"
+        "signals.guard_signals()\n"
+        "def interrupt():\n"
+        f"    while not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "def init_distributed(**kwargs):  # where DeepSpeed compiles its comm op: ninja, which starts the compiler\n"
+        "    threading.Thread(target=interrupt, daemon=True).start()\n"
+        f"    subprocess.run([sys.executable, '-c', {ninja!r}, {str(pid_file)!r}])\n"
+        "deepspeed.init_distributed = init_distributed\n"
+        "distributed.init_process_group(60)\n"
+    )
+    env = {**_script_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT=str(free_port()), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    with open(tmp_path / "stderr", "w") as stderr:  # not a pipe: an orphaned compiler would hold it open
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=120
+        )
+    compiler = int(pid_file.read_text())
+    try:
+        assert proc.returncode == 130, (tmp_path / "stderr").read_text()[-3000:]
+        time.sleep(0.5)  # init reaps it
+        assert not psutil.pid_exists(compiler) or psutil.Process(compiler).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if psutil.pid_exists(compiler):
+            os.kill(compiler, signal.SIGKILL)
+
+
+# ---- every run's last line --------------------------------------------------------------------------------------
+
+
+def test_every_run_ends_with_a_line_of_what_it_reached_and_where_its_model_is(tmp_path):
+    """Not only the demo: the last line names the step, the held-out accuracy before and after (a resumed run's
+    "before" from its metrics.jsonl), the last training reward, the model and metrics paths, and what the run's
+    health still warns about."""
+    from rlad_ds.cli import _final_line
+
+    trainer = _fake_trainer(tmp_path, "--save_steps", "-1", "--max_steps", "3", "--eval_size", "0")
+    trainer.train_step = lambda step: _signal_metrics(0.5, 0.25)
+    history = trainer.fit([])
+    assert _final_line(trainer.cfg, trainer, history) == (
+        f"rlad_ds: done: step 3 of 3, --method rlad; held-out accuracy not measured (--eval_size 0); training "
+        f"reward 0.250 at the last step; model {tmp_path / 'student_hf'}, metrics {tmp_path / 'metrics.jsonl'}"
+    )
+    # Resumed at step 3 of a run that evaluated at step 0, to step 10 with the signal gone from step 5.
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_accuracy": 0.545}) + "\n")
+    trainer = _fake_trainer(tmp_path, "--save_steps", "-1", "--max_steps", "10", "--max_failed_reward_steps", "0")
+    trainer.step, trainer.eval_examples = 3, [{}] * 200
+    steps = iter([(0.5, 0.5)] + [(1.0, 0.0)] * 6)
+    trainer.train_step = lambda step: _signal_metrics(*next(steps))
+    trainer.evaluate = lambda: {"overall": {"mean@1": 0.9}, "ks": [1], "score_errors": 0, "score_messages": []}
+    trainer._evaluate = lambda step, metrics: 0.9
+    history = trainer.fit([])
+    line = _final_line(trainer.cfg, trainer, history)
+    assert line.startswith(
+        "rlad_ds: done: step 10 of 10, --method rlad (resumed at step 3); held-out accuracy 0.545 -> 0.900 "
+        "(200 prompts); training reward 0.000 at the last step; model "
+    )
+    assert line.endswith("; warning: " + trainer.health.no_signal_line()) and "for 6 steps" in line

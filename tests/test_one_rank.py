@@ -5,7 +5,6 @@ time (two cores)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -69,8 +68,12 @@ def test_every_method_one_rank_and_the_same_accuracy_in_training_and_eval(tiny_m
         "--output",
         tmp_path / "eval.json",
     ]
-    run_all(commands)
+    done = run_all(commands)
     for method in METHODS:
+        # Every run ends with one line: what it reached and where its model and metrics are.
+        last = done[method].stdout.strip().splitlines()[-1]
+        assert last.startswith(f"rlad_ds: done: step 2 of 2, --method {method}; held-out accuracy "), last
+        assert last.endswith(f"model {tmp_path / method / 'student_hf'}, metrics {tmp_path / method / 'metrics.jsonl'}")
         records = read_metrics(tmp_path / method)
         steps = [r for r in records if "loss" in r]
         assert [r["step"] for r in steps] == [1, 2], method
@@ -109,22 +112,9 @@ def check_plain_transformers_export(export, initial):
     assert exported_config["use_cache"] == initial_config.get("use_cache", True)
 
 
-@pytest.fixture(scope="module")
-def mini_demo_cache(tmp_path_factory):
-    """The demo's cache with a second-long recipe stored under the real recipe's key, so that the demo command
-    (no model arguments) runs its whole path in seconds."""
-    from test_demo import MINI
-
-    from rlad_ds.demo import cache, recipe
-
-    root = tmp_path_factory.mktemp("rlad_cache")
-    built = cache.prepare_demo(root / "build", seed=0, progress=False, recipe=MINI)["student"].parent
-    shutil.copytree(built, root / "demo" / f"arith-{recipe.recipe_key(recipe.DEFAULT_RECIPE, 0)}")
-    return root
-
-
 @pytest.mark.slow
-def test_the_demo_of_every_method_runs_to_its_summary(mini_demo_cache, tmp_path):
+def test_the_demo_of_every_method_runs_to_its_summary(tmp_path):
+    """The demo command with the models shipped with the package (no build), 2 steps of each method."""
     commands = {
         m: [
             "launchers/train.py",
@@ -139,16 +129,19 @@ def test_the_demo_of_every_method_runs_to_its_summary(mini_demo_cache, tmp_path)
             "--output_dir",
             tmp_path / m,
             "--cache_dir",
-            mini_demo_cache,
+            tmp_path / "cache",  # stays empty: the demo builds nothing
         ]
         for m in METHODS
     }
     done = run_all(commands)
+    assert not (tmp_path / "cache").exists()
     for method, proc in done.items():
         summary = json.loads((tmp_path / method / "summary.json").read_text())
         assert summary["method"] == method and summary["steps"] == 2 and summary["eval_prompts"] == 8
         assert summary["student_before"] is not None and summary["student_after"] is not None
         assert (summary["teacher"] is None) == (method == "grpo"), summary  # GRPO loads no teacher
         assert "| student after |" in proc.stdout and (tmp_path / method / "curves.png").is_file()
+        last = proc.stdout.strip().splitlines()[-1]
+        assert last.startswith(f"rlad_ds: done: step 2 of 2, --method {method}; held-out accuracy "), last
         if method == "grpo":
             assert "| teacher | not loaded (--method grpo uses none) |" in proc.stdout

@@ -22,7 +22,7 @@ from rlad_ds.errors import ConfigError, reason_line
 
 logger = logging.getLogger("rlad_ds")
 RUN_RECORD = "run_config.json"  # written by every run before its first step: what makes a dir a run's
-EXPORT = "student_hf"
+EXPORT_DIR = "student_hf"  # in every finished run's output dir: the trained student as a transformers model dir
 
 
 def _differences(old: dict, new: dict, limit: int = 4) -> str:
@@ -62,8 +62,8 @@ def _unfinished(directory: Path, max_steps: int | None) -> Path:
         output_dir = directory.parent.parent
         export = (
             ""
-            if (output_dir / EXPORT).is_dir()
-            else f", export it (no {EXPORT}/ there) by running the same command with launchers/export.py"
+            if (output_dir / EXPORT_DIR).is_dir()
+            else f", export it (no {EXPORT_DIR}/ there) by running the same command with launchers/export.py"
         )
         raise ConfigError(
             f"run in {output_dir} already finished step {step} (--max_steps {max_steps}); raise --max_steps to "

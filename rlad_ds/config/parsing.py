@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from rlad_ds.config.schema import SECTIONS, Config, Switch
@@ -199,9 +200,14 @@ def _deepspeed_path(value) -> str:
     return value
 
 
-def parse_config(argv: list[str], profile: dict | None = None) -> tuple[Config, argparse.Namespace]:
-    """The training Config from `argv`; `profile` (the demo's layers) sits under file and flags without --student."""
+def parse_config(
+    argv: list[str], profile: dict | Callable[[dict], dict] | None = None
+) -> tuple[Config, argparse.Namespace]:
+    """The training Config from `argv`; `profile` (the demo's layers, or a function of the user's layers that gives
+    them) sits under file and flags without --student."""
     args = build_parser("train").parse_args(argv)
     layers = read_layers(args)
     demo = (layers.get("model") or {}).get("student") in (None, "none")
+    if demo and callable(profile):
+        profile = profile(layers)
     return config_from_layers(profile if demo else None, layers), args

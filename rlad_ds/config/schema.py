@@ -78,6 +78,11 @@ class ModelConfig:
         "allow model code from the model dir (off: only transformers' own code)", scope="both", default=False
     )
     cache_dir: str = _help("where the built-in demo's SFT models are built once and reused", default="~/.cache/rlad_ds")
+    demo_build: bool = _help(
+        "the built-in demo trains its SFT models on this machine (once, cached under --cache_dir) instead of "
+        "loading those shipped with the package; an SFT build's floats differ between CPUs",
+        default=False,
+    )
     logprob_chunk_size: int = _help(
         "tokens per lm-head chunk when computing log-probs (bounds logits memory); 0 = about 2^26 logits per chunk",
         default=0,
@@ -96,6 +101,10 @@ class ModelConfig:
         _check(self.pack_sequences in ("auto", "on", "off"), "--pack_sequences must be auto, on or off")
         _check(self.teacher_offload in ("auto", "on", "off"), "--teacher_offload must be auto, on or off")
         _check(self.logprob_chunk_size >= 0, "--logprob_chunk_size must be >= 0 (0 = automatic)")
+        _check(
+            not self.demo_build or self.student is None,
+            "--demo_build trains the built-in demo's models; with --student there is no demo: drop it",
+        )
         _check(
             self.param_persistence_threshold is None or self.param_persistence_threshold >= 0,
             "--param_persistence_threshold must be >= 0, or none",

@@ -1,10 +1,14 @@
-"""The demo's SFT teacher and student, built once per recipe and machine and reused: `prepare_demo`.
+"""The demo's SFT teacher and student: shipped with the package for the demo's recipe, built once per recipe and
+machine and reused for any other (or when asked): `prepare_demo`.
 
-The models are written under ``cache_dir/arith-<key>/``, where `key` hashes the recipe, the seed, the tokenizer and
-a format version (`rlad_ds.demo.recipe.recipe_key`), so changing any of them trains anew. A build happens in a
-temporary directory that is renamed into place only when complete, under a file lock, so an interrupted run never
-leaves a half cache that would be reused and concurrent callers (e.g. two ranks) train once. ``demo.json`` beside
-the model dirs records the recipe, parameter counts, timings and held-out accuracies.
+A build is named ``arith-<key>``, where `key` hashes the recipe, the seed, the tokenizer and a format version
+(`rlad_ds.demo.recipe.recipe_key`), so changing any of them trains anew. The demo recipe's build is shipped in
+``rlad_ds/demo/models/arith-<key>/`` (its files pinned by SHA256SUMS, checked on use): an SFT build's floats
+differ between CPUs, so the demo starts from the same models on every machine. Other builds are written under
+``cache_dir/arith-<key>/``, in a temporary directory that is renamed into place only when complete, under a file
+lock, so an interrupted run never leaves a half cache that would be reused and concurrent callers (e.g. two ranks)
+train once. ``demo.json`` beside the model dirs records the recipe, parameter counts, timings and held-out
+accuracies.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +26,7 @@ from pathlib import Path
 from rlad_ds.demo.recipe import (
     DEFAULT_RECIPE,
     FORMAT_VERSION,
+    SHIPPED_SHA256SUMS,
     DemoRecipe,
     build_model,
     count_parameters,
@@ -28,7 +34,11 @@ from rlad_ds.demo.recipe import (
     recipe_key,
 )
 from rlad_ds.demo.sft import accuracy, train_sft
+from rlad_ds.errors import ConfigError
 from rlad_ds.tasks import arith
+
+SHIPPED_ROOT = Path(__file__).resolve().parent / "models"
+SUMS = "SHA256SUMS"
 
 
 def cache_dir(root: str | Path | None = None) -> Path:
@@ -143,18 +153,55 @@ def build_cached(cache_dir: Path, name: str, complete, build) -> Path:
     return root
 
 
+def _sums(root: Path) -> str:
+    """A SHA256SUMS file's text for every file under `root` (`sha256sum -c SHA256SUMS` checks it)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != SUMS)
+    return "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root)}\n" for p in files)
+
+
+def shipped_build(recipe: DemoRecipe = DEFAULT_RECIPE, seed: int = 0) -> Path | None:
+    """The build of `recipe` shipped with the package, its files checked against the pinned SHA256SUMS; None when
+    the package ships no build of this recipe and seed."""
+    root = SHIPPED_ROOT / f"arith-{recipe_key(recipe, seed)}"
+    if not root.is_dir():
+        return None
+    recorded = (root / SUMS).read_bytes() if (root / SUMS).is_file() else b""
+    if hashlib.sha256(recorded).hexdigest() != SHIPPED_SHA256SUMS or _sums(root).encode() != recorded:
+        raise ConfigError(
+            f"the demo's models shipped in {root} are damaged or not the pinned ones (sha256sum -c {SUMS} there "
+            f"says which file); reinstall rlad_ds, or pass --demo_build to train them on this machine"
+        )
+    return root
+
+
+def ship(build: Path) -> str:
+    """Copy a build into the package as the shipped one (a maintainer's step after a recipe change); returns the
+    sha256 of its SHA256SUMS, to pin as `SHIPPED_SHA256SUMS` in recipe.py."""
+    target = SHIPPED_ROOT / build.name
+    for old in SHIPPED_ROOT.glob("arith-*"):
+        shutil.rmtree(old)
+    shutil.copytree(build, target)
+    (target / SUMS).write_text(_sums(target))
+    return hashlib.sha256((target / SUMS).read_bytes()).hexdigest()
+
+
 def prepare_demo(
     cache_dir: str | Path,
     seed: int = 0,
     progress: bool = True,
     recipe: DemoRecipe = DEFAULT_RECIPE,
     num_threads: int | None = None,
+    shipped: bool = True,
 ) -> dict[str, Path]:
-    """HF dirs of the demo's SFT student and teacher, trained on the first call and cached after.
+    """HF dirs of the demo's SFT student and teacher: the package's own for the demo recipe (unless `shipped` is
+    False), else trained on the first call and cached after.
 
     `num_threads` (default: every CPU) applies only while training. ``demo.json`` beside the returned dirs
     records parameter counts, SFT time and held-out accuracy (greedy and sampled at temperature 1).
     """
+    root = shipped_build(recipe, seed) if shipped else None
+    if root is not None:
+        return {"student": root / "student", "teacher": root / "teacher"}
     cache_dir = Path(cache_dir)
     name = f"arith-{recipe_key(recipe, seed)}"
 

@@ -1,6 +1,7 @@
 """The demo's recipe: the task's tokenizer and chat template, the sizes and SFT schedules of its teacher and
 student, and the RL run it starts (`PROFILE`, a profile of the config tree). Everything here decides the demo's
-models, so `recipe_key` hashes it to key their cache."""
+models, so `recipe_key` hashes it to key their cache, and names the build shipped with the package
+(`SHIPPED_SHA256SUMS` pins its files)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ DEMO_CHAT_TEMPLATE = (
     "{% elif m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
 )
 MAX_NEW_TOKENS = 48  # the worked solution is 32 characters + EOS
+# The sha256 of the SHA256SUMS file of the build shipped in rlad_ds/demo/models/arith-<key of DEFAULT_RECIPE, seed 0>/
+# (one machine's build: a few hundred SFT steps on a CPU are not bit-identical between CPUs, and the demo's
+# numbers follow its models). A change of the recipe makes the shipped build another recipe's: rebuild it with
+# `python -m rlad_ds.demo --ship` and pin the new sum here.
+SHIPPED_SHA256SUMS = "77fd8276211370ba9caeac11d68082e3e28c5e4563793bd6e6673267d8a7f00c"
 # The demo's recipe, a profile of the config tree (`rlad_ds.config`): `launchers/train.py` with no --student
 # starts from these values, under the user's --config file and flags, which still override any of them.
 PROFILE = {
@@ -27,6 +33,17 @@ PROFILE = {
     "train": {"prompts_per_step": 16, "lr": 1e-5, "max_steps": 60, "save_steps": 0, "output_dir": "outputs/demo"},
     "eval": {"eval_size": 200, "eval_steps": 20},
 }
+
+
+def demo_profile(layers: dict) -> dict:
+    """`PROFILE` under the user's layers ({section: {field: value}}): the demo of another method than the default
+    writes to its own dir (outputs/demo-grpo, ...), so that trying it is not refused as another run in outputs/demo."""
+    from rlad_ds.config.schema import LossConfig
+
+    method = (layers.get("loss") or {}).get("method", LossConfig.method)
+    if method == LossConfig.method:
+        return PROFILE
+    return {**PROFILE, "train": {**PROFILE["train"], "output_dir": f"{PROFILE['train']['output_dir']}-{method}"}}
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,33 @@ class DemoRecipe:
 
 
 DEFAULT_RECIPE = DemoRecipe()
+# The demo recipe with the student's 4 x 16 query heads (2 x 16 key/value) regrouped as 2 x 32 (1 x 32), the head
+# size vLLM's CPU attention needs (>= 32): the same hidden size, layers and parameter count give or take the q/k
+# norms. Its SFT gets up to 1200 steps (the demo's: 400) to reach the same early-stop target (sampled accuracy
+# 0.25): with 400 this build stopped at 0.04. `python -m rlad_ds.demo --vllm` builds it.
+VLLM_RECIPE = dataclasses.replace(
+    DEFAULT_RECIPE,
+    student=dataclasses.replace(DEFAULT_RECIPE.student, heads=2, kv_heads=1),
+    student_sft=dataclasses.replace(DEFAULT_RECIPE.student_sft, steps=1200),
+)
+
+
+def demo_command(paths: dict, output_dir: str, *extra: str) -> list[str]:
+    """The training command of the demo's recipe (`PROFILE`) on the models in `paths` (e.g. another recipe's build:
+    with --student given, the profile does not apply by itself)."""
+    flags = [
+        "deepspeed",
+        "launchers/train.py",
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        "--student",
+        str(paths["student"]),
+        "--teacher",
+        str(paths["teacher"]),
+    ]
+    for values in PROFILE.values():
+        flags += [item for name, value in values.items() if name != "output_dir" for item in (f"--{name}", str(value))]
+    return [*flags, "--output_dir", output_dir, *extra]
 
 
 def demo_tokenizer():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rlad_ds.callbacks import Callback
 from rlad_ds.generation import evaluate_examples
+from rlad_ds.metrics import initial_eval_accuracy
 
 
 class DemoSummary(Callback):
@@ -33,8 +34,10 @@ class DemoSummary(Callback):
             teacher = results["overall"][f"mean@{results['ks'][0]}"]
         if trainer.rank != 0:
             return
+        before = history["eval_before"]
         summary = {
-            "student_before": history["eval_before"],
+            # A resumed run (more steps for a finished demo) evaluated the initial student in its first part.
+            "student_before": before if before is not None else initial_eval_accuracy(self.output_dir),
             "student_after": history["eval_after"],
             "teacher": teacher,
             "method": trainer.method.name,
@@ -56,10 +59,7 @@ class DemoSummary(Callback):
                 else "n/a"
             )
             print(f"| {key.replace('_', ' ')} | {shown} |")
-        print(
-            f"\nwrote {self.output_dir / 'summary.json'}, {self.output_dir / 'curves.png'}, "
-            f"{self.output_dir / 'student_hf'}"
-        )
+        print(f"\nwrote {self.output_dir / 'summary.json'}, {self.output_dir / 'curves.png'}")
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
