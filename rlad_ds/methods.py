@@ -37,7 +37,7 @@ _KL = frozenset({"beta_kd", "kl_estimator"})
 _TRRD = frozenset({"alpha", "adaptive_alpha", "alpha_min", "alpha_max", "teacher_log_ratio_clip"})
 METHOD_FIELDS = _POLICY | _KL | _TRRD
 # Filters: (config section, fields) and why a method without group advantages / the student's rollouts refuses it.
-_REWARD_SIGNAL = "acts on the reward's group-advantage signal, which this method's loss does not use"
+_REWARD_SIGNAL = "it acts on the reward's group-advantage signal, which this method's loss does not use"
 FILTERS = {
     "mask_truncated": ("loss", ("mask_truncated",), _REWARD_SIGNAL),
     "soft_overlong_tokens": ("loss", ("soft_overlong_tokens",), _REWARD_SIGNAL),
