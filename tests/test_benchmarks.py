@@ -265,3 +265,20 @@ def test_correction_agreement_inputs_stay_within_verl_bound_and_our_side_follows
         agreement.table(rows).splitlines()[2]
         == "| tis | trl | token_truncate | none, 3 | 0.0e+00 | 0.0e+00 | 0.00 / 0.25 |"
     )
+
+
+def test_p5_correction_summary_says_whether_vllm_is_within_the_seed_spread():
+    from benchmarks.engine_e2e import CORRECTION_RUNS, correction_summary
+
+    def runs(accuracies):
+        return [
+            {"label": label, "eval_after": acc, "step_s": 1.0, "sampling_rounds": 2.0}
+            for label, accs in zip(CORRECTION_RUNS, accuracies)
+            for acc in accs
+        ]
+
+    close = correction_summary({"runs": runs([(0.70, 0.74), (0.73, 0.71), (0.72, 0.72)])})
+    assert "| gathered | 0.700, 0.740 | 0.720 | 0.040 | 1.00 | - |" in close
+    assert close.endswith("= 0.000; largest seed spread 0.040: within the seed spread")
+    far = correction_summary({"runs": runs([(0.70, 0.71), (0.50, 0.51), (0.72, 0.72)])})
+    assert far.endswith("outside the seed spread")

@@ -164,6 +164,8 @@ def test_vllm_samples_logprobs_and_weights_match_the_zero3_student(vllm_models, 
         assert result["weights_max_abs_diff_step0"] == result["weights_max_abs_diff_step2"] == 0.0
         assert result["logprob_max_abs_diff_step0"] < 1e-4 and result["logprob_max_abs_diff_step2"] < 1e-4
         assert result["logprob_tokens_step2"] > 0 and any(result["eos_rows"])
+        for tag in ("T0.7_top0", "T0.7_top5"):  # processed log-probs: tempered (and top-k renormalised), not raw
+            assert result[f"sampler_logprob_max_abs_diff_{tag}"] < 1e-4 < result[f"raw_logprob_gap_{tag}"], tag
         print(
             f"rank {rank}: log-prob max |vLLM - trainer| {result['logprob_max_abs_diff_step2']:.2e} over "
             f"{result['logprob_tokens_step2']} tokens; start {result['startup_seconds']} s, "
@@ -208,12 +210,16 @@ def test_rlad_trains_with_vllm_rollouts_and_resumes_exactly_two_ranks(vllm_model
         return proc
 
     straight = tmp_path / "straight"
-    assert "student rollout: vllm (--rollout vllm)" in train(straight).stdout
+    log = train(straight).stdout
+    assert "student rollout: vllm (--rollout vllm)" in log
+    assert "rollout correction: tis [None, 2.0] (--rollout_correction auto; the sampler returns its log-probs)" in log
     metrics = read_metrics(straight)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "reward_mean", "time/weight_sync"))
         assert 0 < m["time/weight_sync"] < m["time/step"]
+        # fp32: vLLM's log-probs are the trainer's to 1e-4 (test above), so the mismatch is next to nothing
+        assert 0 <= m["rollout_kl"] < 1e-6 and m["rollout_ratio_max"] < 1.01 and m["rollout_corrected_frac"] == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000003")
@@ -222,3 +228,44 @@ def test_rlad_trains_with_vllm_rollouts_and_resumes_exactly_two_ranks(vllm_model
     assert [m["step"] for m in again] == [1, 2, 3]
     for key in ("loss", "reward_mean", "response_len", "grad_norm"):
         assert again[2][key] == pytest.approx(metrics[2][key], rel=1e-5, abs=1e-7), key
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_sampler_mismatch_is_measured_and_corrected_in_bf16_two_ranks(vllm_models, tmp_path):
+    """bf16 on DeepSpeed's CPU accelerator with --rollout_correction tis: vLLM's and the trainer's bf16 kernels differ,
+    the mismatch metrics are logged every step, finite, and the loss trains with the correction's weights."""
+    out = tmp_path / "bf16"
+    args = [
+        "launchers/train.py",
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        "--student",
+        vllm_models["student"],
+        "--teacher",
+        vllm_models["teacher"],
+        "--output_dir",
+        out,
+        *TINY_RUN,
+        "--max_steps",
+        "2",
+        "--eval_size",
+        "0",
+        "--rollout",
+        "vllm",
+        "--vllm_kv_cache_gb",
+        "0.25",
+        "--precision",
+        "bf16",
+        "--rollout_correction",
+        "tis",
+    ]
+    check_ok(run_deepspeed(args, nprocs=2, timeout=300))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("loss", "grad_norm", "rollout_kl", "rollout_ratio_max", "rollout_corrected_frac"):
+            assert torch.isfinite(torch.tensor(m[key])), (key, m)
+        assert m["rollout_kl"] >= 0 and m["rollout_ratio_max"] > 0 and 0 <= m["rollout_corrected_frac"] <= 1
+        print(f"bf16 step {m['step']}: rollout_kl {m['rollout_kl']:.2e}, ratio max {m['rollout_ratio_max']:.4f}, "
+              f"corrected {m['rollout_corrected_frac']:.4f}")  # fmt: skip
