@@ -15,7 +15,8 @@ The rollout-correction comparison (docs/rollout_correction.md) runs the same rec
 and `vllm` with `--dynamic_sampling`, and reports each one's held-out accuracy per seed, the mismatch metrics and
 the sampling rounds:
 
-    python -m benchmarks.engine_e2e --correction [--steps 60] [--seeds 3] [--student DIR --teacher DIR] [--json F]
+    python -m benchmarks.engine_e2e --correction [--steps 60] [--seeds 3] [--dynamic_seeds N]
+        [--student DIR --teacher DIR] [--json F]
 """
 
 from __future__ import annotations
@@ -145,12 +146,13 @@ CORRECTION_RUNS = {
 }
 
 
-def correction_comparison(models: dict, steps: int, seeds: int, work: Path) -> dict:
-    """Each of CORRECTION_RUNS on each seed, one run at a time."""
+def correction_comparison(models: dict, steps: int, seeds: int, work: Path, dynamic_seeds: int | None = None) -> dict:
+    """Each of CORRECTION_RUNS on each seed (`vllm+dynamic` on the first `dynamic_seeds`), one run at a time."""
     runs = [
         run_one(models, work, engine, seed, steps, extra=extra, label=label)
         for seed in range(seeds)
         for label, (engine, extra) in CORRECTION_RUNS.items()
+        if label != "vllm+dynamic" or dynamic_seeds is None or seed < dynamic_seeds
     ]
     return {"steps": steps, "seeds": seeds, "models": models, "runs": runs}
 
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--correction", action="store_true", required=True)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--dynamic_seeds", type=int, help="seeds of the vllm+dynamic run (default: every seed)")
     parser.add_argument("--student", help="the head_dim-32 student (default: vllm_recipe's, built and cached)")
     parser.add_argument("--teacher", help="its teacher (default: vllm_recipe's)")
     parser.add_argument("--workdir", default="/tmp/rlad_ds_p5_correction")
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
         models = {k: str(v) for k, v in prepare_demo(cache_dir(), recipe=vllm_recipe()).items()}
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    result = correction_comparison(models, args.steps, args.seeds, work)
+    result = correction_comparison(models, args.steps, args.seeds, work, args.dynamic_seeds)
     print(correction_summary(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -1,7 +1,8 @@
 """How far vLLM's sampler is from the trainer, and what each rollout-correction preset would do about it, measured on
 the demo recipe's head_dim-32 student (the one P5 trains): the measurement behind `--rollout_correction auto`.
 
-    python -m benchmarks.rollout_mismatch --precision bf16 [--max_new_tokens 48] [--json FILE]
+    python -m benchmarks.rollout_mismatch --precision bf16 [--max_new_tokens 48] [--student DIR --teacher DIR]
+        [--json FILE]
 
 One process, one rank: `launchers/train.py`'s own path builds the run (`parse_config` of the demo recipe's flags with
 `--rollout vllm`, `build_run_models`, `Trainer.make_batch`), vLLM samples one step's prompts (16 x G=8 at temperature
@@ -59,7 +60,7 @@ def mismatch(old, rollout_logp, mask) -> dict:
     }
 
 
-def measure(precision: str, max_new_tokens: int, seed: int) -> dict:
+def measure(precision: str, max_new_tokens: int, seed: int, models: dict | None = None) -> dict:
     from benchmarks.engine_e2e import train_flags, vllm_recipe
     from rlad_ds.config.parsing import parse_config
     from rlad_ds.data import load_train_examples
@@ -74,7 +75,7 @@ def measure(precision: str, max_new_tokens: int, seed: int) -> dict:
     from rlad_ds.timing import Timer
     from rlad_ds.trainer import Trainer
 
-    models = {k: str(v) for k, v in prepare_demo(cache_dir(), recipe=vllm_recipe()).items()}
+    models = models or {k: str(v) for k, v in prepare_demo(cache_dir(), recipe=vllm_recipe()).items()}
     flags = train_flags(models, Path("/tmp/rlad_ds_rollout_mismatch"), "vllm", seed, 1)
     cfg, _ = parse_config([*flags, "--precision", precision, "--max_new_tokens", str(max_new_tokens)])
     single_process_env()
@@ -98,9 +99,12 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--student", help="a head_dim >= 32 student (default: vllm_recipe's, built and cached)")
+    parser.add_argument("--teacher", help="its teacher (default: vllm_recipe's)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    result = measure(args.precision, args.max_new_tokens, args.seed)
+    models = {"student": args.student, "teacher": args.teacher} if args.student and args.teacher else None
+    result = measure(args.precision, args.max_new_tokens, args.seed, models)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
