@@ -49,6 +49,17 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few floats over ranks in one collective (loss normalisers, a stop request, a sampling round's need)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def init_process_group(timeout_s: int) -> None:
     """DeepSpeed's process group; a collective waiting longer than `timeout_s` fails (a dead rank)."""
     import deepspeed

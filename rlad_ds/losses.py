@@ -1,5 +1,6 @@
-"""Every loss of the trainer: TRRD (the RLAD method), GRPO, KDRL, KD and SFT, with their KL estimators and
-aggregations. docs/method.md derives each formula and its conventions.
+"""Every loss of the trainer: TRRD (the RLAD method), GRPO, KDRL, KD and SFT, and the rollout correction for
+tokens a sampler other than the old policy drew (`rollout_correction`). docs/method.md derives each formula and
+its conventions; the KL estimators and aggregations they are built of are `rlad_ds.loss_terms`'.
 
 Pure torch, no DeepSpeed. Shapes: log-prob tensors are `[B, T]` (any float dtype) on the *sampled*
 tokens; `advantages` is `[B]` (one per sequence) or `[B, T]`; `mask` is `[B, T]` (bool or float), 1 on
@@ -8,7 +9,9 @@ detached 0-dim tensors (or floats), so that a trainer can reduce them without a 
 
     log r_TRRD = alpha * (logp - old_logp) + (1 - alpha) * clamp(logp - teacher_logp, -c, c)
     surr       = min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
-    loss       = -aggregate(surr) + beta_ref * aggregate(KL_k3(pi_S || pi_ref))
+    loss       = -aggregate(w * surr) + beta_ref * aggregate(w * KL_k3(pi_S || pi_ref))
+
+with `w` the rollout correction's weights (`is_weights`, 1 when none) and `aggregate` over its `keep` mask.
 
 Convention for alpha: **alpha = 1 is exactly GRPO** (the teacher drops out); alpha -> 0 centres the
 trust region entirely on the teacher. (The paper's Section 4.1 prose states the ends the other way
@@ -33,61 +36,10 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from rlad_ds.loss_terms import aggregate, kl_estimate, masked_mean
+
 # Metrics that are shares of the batch loss (normalised by the whole batch): micro-batch values add up.
 LOSS_PARTS = ("policy_loss", "kd_loss")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is set (0 when nothing is)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def kl_estimate(logp: torch.Tensor, other_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_other) from tokens sampled from pi (Schulman's k1 / k2 / k3)."""
-    if estimator == "k1":
-        return logp - other_logp
-    if estimator == "k2":
-        return 0.5 * (logp - other_logp).square()
-    if estimator == "k3":
-        q = other_logp - logp
-        return torch.expm1(q) - q
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose from {KL_ESTIMATORS}")
-
-
-def aggregate(
-    per_token: torch.Tensor,
-    mask: torch.Tensor,
-    loss_agg: str = "seq-mean-token-mean",
-    *,
-    max_len: int | None = None,
-    loss_norm: float | None = None,
-) -> torch.Tensor:
-    """Reduce a per-token `[B, T]` quantity to a scalar.
-
-    - "seq-mean-token-mean" (the paper): mean over tokens of each sequence, then mean over sequences.
-    - "token-mean" (DAPO): mean over every response token of the batch.
-    - "seq-mean-token-sum-norm" (Dr.GRPO): sum over tokens / `max_len` (a constant: the generation
-      budget; defaults to T), then mean over sequences.
-
-    `loss_norm` replaces the final denominator (number of sequences, or of tokens for "token-mean"):
-    a trainer splitting a batch into micro-batches passes the whole batch's count so that the
-    micro-batch losses add up to the batch loss exactly. Sequences with no response token count as
-    sequences (with zero loss), so that this holds for any split.
-    """
-    mask = mask.to(per_token.dtype)
-    summed = per_token * mask
-    if loss_agg == "token-mean":
-        return summed.sum() / (mask.sum().clamp_min(1) if loss_norm is None else loss_norm)
-    if loss_agg == "seq-mean-token-mean":
-        per_seq = summed.sum(-1) / mask.sum(-1).clamp_min(1)
-    elif loss_agg == "seq-mean-token-sum-norm":
-        per_seq = summed.sum(-1) / (max_len or per_token.shape[-1])
-    else:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; choose from {LOSS_AGGS}")
-    return per_seq.sum() / (per_seq.shape[0] if loss_norm is None else loss_norm)
 
 
 def _clipped_surrogate(log_ratio, advantages, mask, clip_low, clip_high, dual_clip):
@@ -128,20 +80,35 @@ def _policy_loss(
     loss_norm,
     ref_logp,
     beta_ref,
+    is_weights,
     extra_per_token=None,
 ):
-    """-aggregate(surrogate) [+ extra per-token penalty] [+ beta_ref * KL_k3(pi || pi_ref)], with metrics."""
+    """-aggregate(w * surrogate) [+ w * extra per-token penalty] [+ beta_ref * w * KL_k3(pi || pi_ref)], with
+    metrics; `w` = `is_weights`, the rollout correction's (none: 1)."""
     surrogate, metrics = _clipped_surrogate(log_ratio, advantages, mask, clip_low, clip_high, dual_clip)
+    surrogate = _weighted(surrogate, is_weights)
     per_token = -surrogate
     if extra_per_token is not None:
-        per_token = per_token + extra_per_token
-    if ref_logp is not None and beta_ref:
-        ref_kl = kl_estimate(logp, ref_logp, "k3")
-        per_token = per_token + beta_ref * ref_kl
-        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask)
+        per_token = per_token + _weighted(extra_per_token, is_weights)
+    per_token = per_token + _reference_term(logp, ref_logp, beta_ref, mask, is_weights, metrics)
     loss = aggregate(per_token, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     metrics["policy_loss"] = aggregate(-surrogate.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     return loss, metrics
+
+
+def _weighted(per_token, is_weights):
+    """A per-token term whose estimator assumes the old policy drew the tokens, reweighted for the sampler that did
+    (docs/method.md#rollout-correction); unchanged without weights."""
+    return per_token if is_weights is None else per_token * is_weights
+
+
+def _reference_term(logp, ref_logp, beta_ref, mask, is_weights, metrics):
+    """beta_ref * w * KL_k3(pi || pi_ref) per token (0 without a reference), its mean into `metrics`."""
+    if ref_logp is None or not beta_ref:
+        return 0.0
+    ref_kl = kl_estimate(logp, ref_logp, "k3")
+    metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask)
+    return beta_ref * _weighted(ref_kl, is_weights)
 
 
 def _old_and_teacher_metrics(logp, old_logp, teacher_logp, mask):
@@ -166,6 +133,7 @@ def grpo_loss(
     beta_ref=0.0,
     max_len=None,
     loss_norm=None,
+    is_weights=None,
 ):
     """GRPO (clipped PPO surrogate on group advantages), optionally with a k3 KL to a reference."""
     loss, metrics = _policy_loss(
@@ -181,6 +149,7 @@ def grpo_loss(
         loss_norm=loss_norm,
         ref_logp=ref_logp,
         beta_ref=beta_ref,
+        is_weights=is_weights,
     )
     metrics.update(_old_and_teacher_metrics(logp, old_logp, None, mask))
     return loss, metrics
@@ -203,6 +172,7 @@ def trrd_loss(
     beta_ref=0.0,
     max_len=None,
     loss_norm=None,
+    is_weights=None,
 ):
     """TRRD, the RLAD objective: a PPO ratio whose trust region is centred on old^alpha * teacher^(1-alpha).
 
@@ -223,6 +193,7 @@ def trrd_loss(
         loss_norm=loss_norm,
         ref_logp=ref_logp,
         beta_ref=beta_ref,
+        is_weights=is_weights,
     )
     metrics.update(_teacher_ratio_metrics(teacher_log_ratio, teacher_log_ratio_clip, mask))
     metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
@@ -270,6 +241,7 @@ def kdrl_loss(
     beta_ref=0.0,
     max_len=None,
     loss_norm=None,
+    is_weights=None,
 ):
     """KDRL: GRPO plus `beta_kd` * KL(pi_S || pi_T) estimated on the sampled tokens.
 
@@ -289,9 +261,11 @@ def kdrl_loss(
         loss_norm=loss_norm,
         ref_logp=ref_logp,
         beta_ref=beta_ref,
+        is_weights=is_weights,
         extra_per_token=beta_kd * teacher_kl,
     )
-    metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
+    weighted_kl = _weighted(teacher_kl.detach(), is_weights)
+    metrics["kd_loss"] = aggregate(weighted_kl, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     metrics.update(_old_and_teacher_metrics(logp, old_logp, teacher_logp, mask))
     return loss, metrics
 
@@ -308,6 +282,7 @@ def kd_loss(
     beta_ref=0.0,
     max_len=None,
     loss_norm=None,
+    is_weights=None,
 ):
     """On-policy distillation with no reward: `beta_kd` * KL(pi_S || pi_T) on the student's own samples.
 
@@ -315,13 +290,9 @@ def kd_loss(
     per-token gradient is `(logp - teacher_logp) * grad(logp)`, the score-function gradient of the reverse
     KL; k1's gradient, `grad(logp)`, has zero expectation on on-policy samples and trains nothing.
     """
-    teacher_kl = kl_estimate(logp, teacher_logp, kl_estimator)
-    per_token = beta_kd * teacher_kl
+    teacher_kl = _weighted(kl_estimate(logp, teacher_logp, kl_estimator), is_weights)
     metrics = {}
-    if ref_logp is not None and beta_ref:
-        ref_kl = kl_estimate(logp, ref_logp, "k3")
-        per_token = per_token + beta_ref * ref_kl
-        metrics["kl_ref"] = masked_mean(ref_kl.detach(), mask)
+    per_token = beta_kd * teacher_kl + _reference_term(logp, ref_logp, beta_ref, mask, is_weights, metrics)
     loss = aggregate(per_token, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     metrics["kd_loss"] = aggregate(teacher_kl.detach(), mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     with torch.no_grad():
@@ -333,3 +304,77 @@ def sft_loss(logp, mask, *, loss_agg="seq-mean-token-mean", max_len=None, loss_n
     """Negative log-likelihood of the given (teacher-written, reward-filtered) tokens: offline distillation."""
     loss = aggregate(-logp, mask, loss_agg, max_len=max_len, loss_norm=loss_norm)
     return loss, {"policy_loss": loss.detach()}
+
+
+# ---- rollout correction: the sampler is not the trainer -----------------------------------------------------
+
+
+def rollout_ratio(old_logp, rollout_logp, mask, level: str = "token", statistic: str = "sum") -> torch.Tensor:
+    """The quantity `rollout_correction` tests, `[B, T]` (no grad): with l_t = old_logp - rollout_logp on the
+    tokens of `mask` (0 elsewhere), r_t = exp(l_t) per token (`level="token"`), or one value per row broadcast over
+    it (`level="sequence"`): exp(sum_t l_t), the product of the ratios (`statistic="sum"`), or exp(mean_t l_t),
+    their geometric mean (`"mean"`)."""
+    if level not in ("token", "sequence") or statistic not in ("sum", "mean"):
+        raise ValueError(f"level must be token or sequence and statistic sum or mean, got {level!r}, {statistic!r}")
+    with torch.no_grad():
+        mask = mask.to(old_logp.dtype)
+        log_ratio = (old_logp - rollout_logp) * mask
+        if level == "token":
+            return log_ratio.exp()
+        total = log_ratio.sum(-1, keepdim=True)
+        if statistic == "mean":
+            total = total / mask.sum(-1, keepdim=True).clamp_min(1)
+        return total.exp().expand_as(log_ratio)
+
+
+def within(x: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    """low <= x <= high elementwise, both bounds inclusive; a bound of None is no bound."""
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if low is not None:
+        inside = inside & (x >= low)
+    if high is not None:
+        inside = inside & (x <= high)
+    return inside
+
+
+def rollout_correction(
+    old_logp,
+    rollout_logp,
+    mask,
+    *,
+    level="token",
+    statistic="sum",
+    action="truncate",
+    low=None,
+    high=2.0,
+    weight="ratio",
+    drop_rejected=False,
+):
+    """`(weights, keep)`, both `[B, T]`, that correct a loss for tokens drawn by a sampler (`rollout_logp`, e.g.
+    vLLM's) other than the old policy the loss assumes drew them (`old_logp`, the trainer's own forward).
+
+    x is `rollout_ratio(old_logp, rollout_logp, mask, level, statistic)`. `action="truncate"`: weights =
+    clamp(x, low, high), keep = mask. `action="mask"`: a token passes iff low <= x <= high (inclusive); weights =
+    base where it passes and 0 elsewhere, base being x (`weight="ratio"`), the token's own exp(l_t) (`"token"`) or
+    1 (`"one"`); keep = mask where it passes if `drop_rejected` (the rejected tokens leave the loss's normaliser
+    too), else mask. A bound of None is no bound. `weights` carries no gradient and is 0 where `mask` is 0; `keep`
+    has `mask`'s dtype. Every peer's correction is one setting of these (`rlad_ds.sampler_mismatch.PRESETS`;
+    docs/rollout_correction.md); docs/method.md#rollout-correction derives where the weights enter the loss.
+    """
+    if action not in ("truncate", "mask") or weight not in ("ratio", "token", "one"):
+        raise ValueError(f"action must be truncate or mask and weight ratio, token or one, got {action!r}, {weight!r}")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"the lower bound {low} is above the upper bound {high}")
+    x = rollout_ratio(old_logp, rollout_logp, mask, level, statistic)
+    on = mask.bool()
+    with torch.no_grad():
+        if action == "truncate":
+            weights, keep = (x if low is None and high is None else x.clamp(low, high)), on
+        else:
+            passed = within(x, low, high)
+            bases = {"ratio": x, "one": torch.ones_like(x)}
+            base = bases[weight] if weight in bases else rollout_ratio(old_logp, rollout_logp, mask)
+            weights = torch.where(passed, base, torch.zeros_like(x))
+            keep = on & passed if drop_rejected else on
+        # where(), not a product: a weight of inf (exp of a huge sum) off the mask must give 0, not nan.
+        return torch.where(on, weights, torch.zeros_like(weights)), keep.to(mask.dtype)

@@ -9,7 +9,15 @@
 
 The trainer never asks which method it runs: it reads these attributes and calls `loss`. `check_config`
 refuses, with one line, an option the chosen method would silently ignore (a loss field changed from its
-default, a teacher for a method without one, adaptive alpha outside RLAD).
+default, a teacher for a method without one, adaptive alpha outside RLAD, a filter it does not accept).
+
+Filters on what the loss learns from (`FILTERS`), accepted where they make sense:
+- DAPO's `--mask_truncated`, `--soft_overlong_tokens` and `--dynamic_sampling` act on the reward's signal, which
+  reaches the loss only through group advantages: rlad, grpo and kdrl take them. kd learns the teacher's view of
+  every token the student writes, with no reward (dropping truncated or all-equal groups would only bias it
+  towards short, easy prompts); sft learns the teacher's accepted traces, already chosen by the reward.
+- `--rollout_correction` reweights estimators that assume the student drew the tokens: every method whose
+  rollouts are the student's (rlad, grpo, kdrl, kd); sft's tokens are the teacher's, learnt by likelihood.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from dataclasses import dataclass
 
 from rlad_ds.errors import ConfigError
 from rlad_ds.losses import grpo_loss, kd_loss, kdrl_loss, sft_loss, trrd_loss
+from rlad_ds.sampler_mismatch import PRESETS, SAMPLER_LOGPROB_ROLLOUTS
 from rlad_ds.tasks.base import correct
 
 # Loss fields that only some methods read; `loss_agg` is read by every method.
@@ -27,6 +36,19 @@ _POLICY = frozenset({"clip_low", "clip_high", "dual_clip", "beta_ref", "scale_ad
 _KL = frozenset({"beta_kd", "kl_estimator"})
 _TRRD = frozenset({"alpha", "adaptive_alpha", "alpha_min", "alpha_max", "teacher_log_ratio_clip"})
 METHOD_FIELDS = _POLICY | _KL | _TRRD
+# Filters: (config section, fields) and why a method without group advantages / the student's rollouts refuses it.
+_REWARD_SIGNAL = "it acts on the reward's group-advantage signal, which this method's loss does not use"
+FILTERS = {
+    "mask_truncated": ("loss", ("mask_truncated",), _REWARD_SIGNAL),
+    "soft_overlong_tokens": ("loss", ("soft_overlong_tokens",), _REWARD_SIGNAL),
+    "dynamic_sampling": ("train", ("dynamic_sampling", "max_sampling_rounds"), _REWARD_SIGNAL),
+    "rollout_correction": (
+        "loss",
+        ("rollout_correction", "rollout_correction_low", "rollout_correction_high"),
+        "it reweights estimators over the student's own samples, and this method learns the teacher's tokens",
+    ),
+}
+_REWARD_FILTERS = frozenset({"mask_truncated", "soft_overlong_tokens", "dynamic_sampling", "rollout_correction"})
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,7 @@ class Method:
     uses_advantages: bool = True  # the reward enters the loss through group advantages
     uses_ratio: bool = True  # an importance ratio: old-policy log-probs are needed when ppo_epochs > 1
     reads: frozenset = frozenset()  # the METHOD_FIELDS it reads
+    accepts: frozenset = frozenset()  # the FILTERS it takes
 
     @property
     def needs_teacher(self) -> bool:
@@ -66,6 +89,7 @@ def _policy_options(batch, cfg) -> dict:
         dual_clip=cfg.dual_clip,
         ref_logp=batch.ref_logp,
         beta_ref=cfg.beta_ref,
+        is_weights=batch.correction_weights,
     )
 
 
@@ -138,6 +162,7 @@ class KD(Method):
             kl_estimator=cfg.kl_estimator,
             ref_logp=batch.ref_logp,
             beta_ref=cfg.beta_ref,
+            is_weights=batch.correction_weights,
             **reduce,
         )
 
@@ -159,13 +184,15 @@ METHODS = {
             "TRRD: the teacher enters the PPO ratio (the paper's method)",
             teacher_scores=True,
             reads=_POLICY | _TRRD,
+            accepts=_REWARD_FILTERS,
         ),
-        GRPO("grpo", "GRPO on the student's rollouts; no teacher", reads=_POLICY),
+        GRPO("grpo", "GRPO on the student's rollouts; no teacher", reads=_POLICY, accepts=_REWARD_FILTERS),
         KDRL(
             "kdrl",
             "GRPO + beta_kd * KL(student || teacher) on the sampled tokens",
             teacher_scores=True,
             reads=_POLICY | _KL,
+            accepts=_REWARD_FILTERS,
         ),
         KD(
             "kd",
@@ -174,6 +201,7 @@ METHODS = {
             uses_advantages=False,
             uses_ratio=False,
             reads=_KL | {"beta_ref"},
+            accepts=frozenset({"rollout_correction"}),
         ),
         SFT(
             "sft",
@@ -219,10 +247,39 @@ def check_config(cfg) -> None:
             raise ConfigError(f"--method {method.name} uses no teacher: drop --teacher_offload")
     if cfg.loss.beta_ref == 0 and cfg.model.reference_offload != _default(cfg.model, "reference_offload"):
         raise ConfigError("--reference_offload places the reference model, which only --beta_ref > 0 loads")
+    _check_filters(cfg, method)
     if method.uses_advantages and cfg.rollout.group_size < 2:
         raise ConfigError(
             f"--group_size must be >= 2 for --method {method.name} (group-relative advantages), "
             f"got {cfg.rollout.group_size}"
+        )
+
+
+def _check_filters(cfg, method: Method) -> None:
+    """Refuse a filter the method does not accept, and filter options that would do nothing."""
+    for name, (section, fields, why) in FILTERS.items():
+        group = getattr(cfg, section)
+        changed = [f for f in fields if getattr(group, f) not in (_default(group, f), "none")]
+        if changed and name not in method.accepts:
+            takers = ", ".join(m.name for m in METHODS.values() if name in m.accepts)
+            raise ConfigError(
+                f"--{changed[0]} does nothing with --method {method.name}: {why}; drop it or use --method {takers}"
+            )
+    loss, rollout = cfg.loss, cfg.rollout
+    bounds = (loss.rollout_correction_low, loss.rollout_correction_high) != (None, None)
+    if bounds and loss.rollout_correction == "none":
+        raise ConfigError("--rollout_correction_low / _high bound a correction: drop them or choose a preset")
+    if loss.rollout_correction in PRESETS and rollout.rollout not in ("auto", *SAMPLER_LOGPROB_ROLLOUTS):
+        raise ConfigError(
+            f"--rollout_correction {loss.rollout_correction} needs the sampler's log-probs, which --rollout "
+            f"{rollout.rollout} does not return (it samples with the trainer's own model): drop it or use vllm"
+        )
+    if cfg.train.max_sampling_rounds != _default(cfg.train, "max_sampling_rounds") and not cfg.train.dynamic_sampling:
+        raise ConfigError("--max_sampling_rounds bounds --dynamic_sampling only: add --dynamic_sampling or drop it")
+    if loss.soft_overlong_tokens > rollout.max_new_tokens:
+        raise ConfigError(
+            f"--soft_overlong_tokens {loss.soft_overlong_tokens} is over --max_new_tokens {rollout.max_new_tokens}; "
+            f"it is the last part of the response budget"
         )
 
 

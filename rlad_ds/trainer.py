@@ -1,8 +1,10 @@
 """The trainer: one timed step, read as its phases, and the loop with callbacks.
 
     prompts (DistributedSampler shard) -> rollout (the student's, or the teacher's for sft) -> reward
+    [-> more rounds with --dynamic_sampling]                                     (rlad_ds.experience)
     -> teacher / reference / old-policy log-probs of the sampled tokens
-    -> ppo_epochs x token-budget micro-batches of the method's loss -> optimizer step
+    -> ppo_epochs x token-budget micro-batches of the method's loss, reweighted by the rollout correction when
+       the sampler gave its own log-probs (rlad_ds.sampler_mismatch) -> optimizer step
 
 The trainer receives its models (`rlad_ds.run_models`), its method object (`rlad_ds.methods`), its reward
 runner and its data; it never asks which method it runs. A step's metrics go into one `StepMetrics`, reduced over
@@ -18,37 +20,27 @@ import logging
 import math
 import time
 
-import torch
-import torch.distributed as dist
-
 from rlad_ds import signals
-from rlad_ds.advantages import group_advantages
 from rlad_ds.batch import Batch
 from rlad_ds.callbacks import Callback
 from rlad_ds.checkpoint.protocol import load_checkpoint, save_checkpoint
 from rlad_ds.checkpoint.run_dir import run_identity
-from rlad_ds.distributed import world
-from rlad_ds.errors import ConfigError, Interrupted
+from rlad_ds.distributed import all_reduce_sum, world
+from rlad_ds.errors import Interrupted
 from rlad_ds.evaluation import eval_metrics
-from rlad_ds.generation import decode_responses, evaluate_examples, generate, training_sampling
+from rlad_ds.experience import StepExperience
+from rlad_ds.generation import evaluate_examples
 from rlad_ds.health import RunHealth
-from rlad_ds.losses import LOSS_PARTS, masked_mean
-from rlad_ds.step_metrics import LOSS_SHARE, SUM, TOKEN_MEAN, StepMetrics
-from rlad_ds.tasks.base import correct
+from rlad_ds.loss_terms import loss_denominator, masked_mean
+from rlad_ds.losses import LOSS_PARTS
+from rlad_ds.sampler_mismatch import SamplerCorrection
+from rlad_ds.step_metrics import LOSS_SHARE, MAX, SUM, TOKEN_MEAN, StepMetrics
 from rlad_ds.timing import Timer
 
 logger = logging.getLogger("rlad_ds")
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few floats over ranks in one collective (the loss normalisers, a stop request)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-class Trainer:
+class Trainer(StepExperience):
     def __init__(
         self, cfg, method, models, tokenizer, task, rewards, train_examples: list[dict], eval_examples: list[dict]
     ):
@@ -62,6 +54,9 @@ class Trainer:
         self.reward_error: str | None = None  # this step's first failed reward call on this rank, for the log
         self.controls = method.initial_controls(cfg.loss)
         self.callbacks: list[Callback] = []
+        sampler_logprobs = getattr(getattr(models, "student_rollout", None), "sampler_logprobs", False)
+        accepted = "rollout_correction" in method.accepts
+        self.correction = SamplerCorrection(cfg.loss, sampler_logprobs, accepted, self.rank)
 
     # ---- one step ----------------------------------------------------------------------------------------------
 
@@ -69,21 +64,7 @@ class Trainer:
         """Rollout, reward, teacher (and reference, old-policy) log-probs, update: one optimizer step."""
         timer, start = Timer(), time.perf_counter()
         totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs)
-        examples = self.prompts_for_step(step)
-        sampler = self.models.teacher_rollout if self.method.teacher_generates else self.models.student_rollout
-        with timer("weight_sync"):
-            sampler.sync_weights(step)  # a no-op for rollouts that read the training weights in place
-        with timer("rollout"):
-            rollout = generate(
-                sampler,
-                self.tokenizer,
-                [e["prompt_text"] for e in examples],
-                training_sampling(self.cfg.rollout),
-                self.models.device,
-                batch_size=self.cfg.rollout.rollout_batch_size,
-            )
-        with timer("reward"):
-            batch = self.reward(rollout, examples, totals)
+        batch = self.make_batch(step, timer, totals)
         self.score(batch, timer)
         for callback in self.callbacks:
             callback.on_batch(self, batch)
@@ -91,67 +72,9 @@ class Trainer:
         metrics = self.step_metrics(totals, grad_norm)
         metrics.update({**self.controls, **timer.times})
         metrics["time/step"] = time.perf_counter() - start
-        metrics["tokens_per_s"] = float(rollout.attention_mask.sum()) / metrics["time/step"]
+        metrics["tokens_per_s"] = metrics["tokens"] / self.world_size / metrics["time/step"]  # per rank
         self.controls = self.method.update_controls(self.controls, metrics, self.cfg.loss)
         return metrics
-
-    def prompts_for_step(self, step: int) -> list[dict]:
-        """This rank's prompts of `step`: a DistributedSampler epoch order, the same on resume."""
-        from torch.utils.data import DistributedSampler
-
-        per_rank = self.cfg.train.prompts_per_step // self.world_size
-        sampler = DistributedSampler(
-            range(len(self.train_examples)),
-            num_replicas=self.world_size,
-            rank=self.rank,
-            shuffle=True,
-            seed=self.cfg.train.seed,
-            drop_last=True,
-        )
-        steps_per_epoch = len(sampler) // per_rank
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                f"{len(self.train_examples)} training prompts are fewer than --prompts_per_step "
-                f"{self.cfg.train.prompts_per_step}; add data or lower --prompts_per_step"
-            )
-        sampler.set_epoch(step // steps_per_epoch)
-        position = step % steps_per_epoch
-        return [self.train_examples[i] for i in list(sampler)[position * per_rank : (position + 1) * per_rank]]
-
-    def reward(self, rollout, examples: list[dict], totals: StepMetrics) -> Batch:
-        """Verifier scores of the rollouts, group advantages, the loss mask; their totals into `totals`."""
-        G, device = self.cfg.rollout.group_size, self.models.device
-        scored = self.rewards.run(decode_responses(self.tokenizer, rollout), [e for e in examples for _ in range(G)])
-        self.reward_error = scored.messages[0] if scored.failed else None
-        if scored.errors or scored.timeouts:
-            logger.warning(
-                "rank %d: %d reward calls raised and %d timed out; they score 0 (first: %s)",
-                self.rank,
-                scored.errors,
-                scored.timeouts,
-                scored.messages[0],
-            )
-        rewards = torch.tensor(scored.scores, dtype=torch.float32, device=device)
-        advantages, adv_stats = (
-            group_advantages(rewards, G, scale_by_std=self.cfg.loss.scale_adv_by_std)
-            if self.method.uses_advantages
-            else (torch.zeros_like(rewards), {"zero_std_frac": float("nan")})
-        )
-        loss_mask = self.method.loss_mask(rollout.response_mask[:, 1:].clone(), rewards)
-        for name, value in (
-            ("reward_sum", rewards.sum()),
-            ("reward_sq_sum", (rewards**2).sum()),
-            ("correct", correct(rewards).sum()),
-            ("samples", len(rewards)),
-            ("response_len_sum", rollout.response_lengths.float().sum()),
-            ("truncated", rollout.truncated.sum()),
-            ("reward_errors", scored.errors + scored.timeouts),
-            ("zero_std_groups", adv_stats["zero_std_frac"] * len(examples)),
-            ("groups", len(examples)),
-            ("tokens", rollout.attention_mask.sum()),
-        ):
-            totals.add(name, value, SUM)
-        return Batch(rollout.input_ids, rollout.attention_mask, loss_mask, advantages.to(device), rewards)
 
     def score(self, batch: Batch, timer: Timer) -> None:
         """The frozen models' (and, with several PPO epochs, the old policy's) log-probs of the sampled tokens."""
@@ -162,21 +85,26 @@ class Trainer:
         if models.reference_scorer is not None:
             with timer("reference"):
                 batch.ref_logp = models.reference_scorer.logprobs(ids, mask)
-        if self.method.uses_ratio and self.cfg.train.ppo_epochs > 1:
+        several_epochs = self.method.uses_ratio and self.cfg.train.ppo_epochs > 1
+        if several_epochs or (self.correction.drops_rows and batch.rollout_logp is not None):
             # With one epoch every micro-batch is seen once before the update, so the policy that sampled it is
-            # the one being trained: old_logp == logp.detach() and this pass is skipped.
+            # the one being trained: old_logp == logp.detach() and this pass is skipped, unless the rollout
+            # correction must weigh the whole batch before the update (it can drop rows from the normaliser).
             with timer("old_logprobs"):
                 batch.old_logp = models.student_scorer.logprobs(ids, mask)
+            self.correction.weigh_batch(batch)
 
     def update(self, batch: Batch, timer: Timer, totals: StepMetrics) -> float:
         """ppo_epochs passes of token-budget micro-batches, one optimizer step per pass; the last gradient norm."""
         from rlad_ds.microbatches import microbatch_slices, synced_microbatch_count
 
         engine, device = self.models.student, self.models.device
-        # Global normalisers, divided by the world size because DeepSpeed averages gradients over ranks: the
-        # micro-batch losses of all ranks then add up to the loss of the whole batch exactly.
-        n_rows, n_tokens = all_reduce_sum([batch.loss_mask.shape[0], float(batch.loss_mask.sum())], device)
-        loss_norm = (n_tokens if self.cfg.loss.loss_agg == "token-mean" else n_rows) / self.world_size
+        # Global normaliser (loss tokens, or rows with a loss token), divided by the world size because DeepSpeed
+        # averages gradients over ranks: the micro-batch losses of all ranks then add up to the loss of the whole
+        # batch exactly. Rows the rollout correction drops are counted out already (`correction_keep`).
+        mask = batch.loss_mask if batch.correction_keep is None else batch.correction_keep
+        (count,) = all_reduce_sum([float(loss_denominator(mask, self.cfg.loss.loss_agg))], device)
+        loss_norm = max(count, 1.0) / self.world_size
         slices = microbatch_slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.models.packed)
         n_micro = synced_microbatch_count(len(slices))
         grad_norm = 0.0
@@ -218,17 +146,20 @@ class Trainer:
                 with_entropy=True,
             )
             reduce = dict(loss_agg=cfg.loss.loss_agg, max_len=cfg.rollout.max_new_tokens, loss_norm=loss_norm)
-            loss, metrics = self.method.loss(out.logprobs, micro, cfg.loss, self.controls, reduce)
+            corrected, mismatch = self.correction.for_loss(micro, out.logprobs)
+            loss, metrics = self.method.loss(out.logprobs, corrected, cfg.loss, self.controls, reduce)
             loss = loss * (1.0 if counts else 0.0)
         with timer("train_backward"):
             self.models.student.backward(loss, scale_wrt_gas=False)
         if not counts:
             return
-        tokens = micro.loss_mask.sum()
-        metrics["entropy"] = masked_mean(out.entropy.detach(), micro.loss_mask)
+        tokens, sampled = corrected.loss_mask.sum(), micro.loss_mask.sum()
+        metrics["entropy"] = masked_mean(out.entropy.detach(), corrected.loss_mask)
         for key, value in metrics.items():
             totals.add(key, value, LOSS_SHARE if key in LOSS_PARTS else TOKEN_MEAN, weight=tokens)
         totals.add("loss", loss.detach(), LOSS_SHARE)
+        for key, value in mismatch.items():  # over the response tokens before the correction kept some
+            totals.add(key, value, MAX if key == "rollout_ratio_max" else TOKEN_MEAN, weight=sampled)
 
     def step_metrics(self, totals: StepMetrics, grad_norm: float) -> dict:
         """The step's logged metrics, reduced over all ranks in one collective: rollout and reward rates, the loss
@@ -247,9 +178,12 @@ class Trainer:
             "lr": self.models.student.get_lr()[0],
             "tokens": reduced["tokens"],
         }
-        if self.method.uses_advantages:
+        if self.method.uses_advantages:  # over the groups the loss learns from
             metrics["zero_std_frac"] = reduced["zero_std_groups"] / max(reduced["groups"], 1.0)
-        for kind in (TOKEN_MEAN, LOSS_SHARE):
+        if self.cfg.train.dynamic_sampling:
+            metrics["sampling_rounds"] = reduced["sampling_rounds"]
+            metrics["discarded_group_frac"] = 1.0 - reduced["groups_kept"] / max(reduced["groups_drawn"], 1.0)
+        for kind in (TOKEN_MEAN, LOSS_SHARE, MAX):
             metrics.update({k: v for k, v in reduced.items() if totals.kinds[k] == kind})
         metrics.update(grad_norm=grad_norm, finite=reduced["non_finite"] == 0 and math.isfinite(metrics["loss"]))
         return metrics

@@ -192,3 +192,50 @@ def test_quick_settings_are_smaller_than_full():
     assert quick.p2_tokens == full.p2_tokens == 8192 and quick.p2_vocab == 151936
     assert quick.p4_lengths == (2048, 8192)
     assert quick.p1_model["hidden"] < full.p1_model["hidden"] and quick.p3_steps < full.p3_steps
+
+
+# ---- benchmarks/correction_agreement.py: the parts that need no peer installed -------------------------------------
+
+
+def test_correction_agreement_inputs_stay_within_verl_bound_and_our_side_follows_the_presets():
+    import torch
+
+    from benchmarks import correction_agreement as agreement
+    from rlad_ds.losses import rollout_correction
+
+    old, rollout, mask = agreement.inputs(1.0, seed=2)
+    assert old.dtype == torch.float64 and mask[0].sum() == 0 and mask.sum(-1).max() == agreement.WIDTH
+    assert ((old - rollout) * mask).sum(-1).abs().max() <= 19.5 + 1e-9  # where verl's exp(+-20) clamp never acts
+    wild, _, wild_mask = agreement.inputs(3.0, seed=2, within_verl_bound=False)
+    assert ((wild - rollout) * wild_mask).sum(-1).abs().max() > agreement.VERL_SAFETY_BOUND
+    # Exact bounds, None included (a preset's own default is not substituted for a peer's "no bound").
+    assert agreement.options("icepop", (None, 3.0))["low"] is None
+    effective, keep = agreement.ours("geo_rs", (0.9, 1.1), old, rollout, mask)
+    weights, expected_keep = rollout_correction(old, rollout, mask, level="sequence", statistic="mean", action="mask",
+                                                weight="one", low=0.9, high=1.1, drop_rejected=True)  # fmt: skip
+    assert torch.equal(keep, expected_keep) and torch.equal(effective, weights * expected_keep)
+    # Every preset has at least one peer mode it is compared with.
+    assert {case[0] for case in agreement.CASES} == set(agreement.PRESETS)
+    diffs = {"weights_keep_max_abs_diff": 0.0, "keep_max_abs_diff": 0.0, "outside_bounds_frac": [0.0, 0.25]}
+    rows = [{"preset": "tis", "peer": "trl", "mode": "token_truncate", "bounds": [None, 3.0], **diffs}]
+    assert (
+        agreement.table(rows).splitlines()[2]
+        == "| tis | trl | token_truncate | none, 3 | 0.0e+00 | 0.0e+00 | 0.00 / 0.25 |"
+    )
+
+
+def test_p5_correction_summary_says_whether_vllm_is_within_the_seed_spread():
+    from benchmarks.engine_e2e import CORRECTION_RUNS, correction_summary
+
+    def runs(accuracies):
+        return [
+            {"label": label, "eval_after": acc, "step_s": 1.0, "sampling_rounds": 2.0}
+            for label, accs in zip(CORRECTION_RUNS, accuracies)
+            for acc in accs
+        ]
+
+    close = correction_summary({"runs": runs([(0.70, 0.74), (0.73, 0.71), (0.72, 0.72)])})
+    assert "| gathered | 0.700, 0.740 | 0.720 | 0.040 | 1.00 | - |" in close
+    assert close.endswith("= 0.000; largest seed spread 0.040: within the seed spread")
+    far = correction_summary({"runs": runs([(0.70, 0.71), (0.50, 0.51), (0.72, 0.72)])})
+    assert far.endswith("outside the seed spread")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from test_train import check_method_metrics, read_metrics, train_args
+from test_train import DAPO_FILTERS, check_filtered_run, check_method_metrics, read_metrics, train_args
 
 METHODS = ("rlad", "grpo", "kdrl", "kd", "sft")
 
@@ -110,6 +110,18 @@ def check_plain_transformers_export(export, initial):
     # The config is the student's own: training's settings (no KV cache) do not leak into what users load.
     exported_config, initial_config = (json.loads((Path(d) / "config.json").read_text()) for d in (export, initial))
     assert exported_config["use_cache"] == initial_config.get("use_cache", True)
+
+
+@pytest.mark.slow
+def test_dapo_filters_on_grpo_and_kdrl_one_rank(tiny_models, tmp_path):
+    """The other methods that take DAPO's filters (rlad: tests/test_train.py, on two ranks), two steps each."""
+    commands = {
+        m: train_args(tiny_models, tmp_path / m, "--max_steps", "2", "--eval_size", "0", *DAPO_FILTERS, method=m)
+        for m in ("grpo", "kdrl")
+    }
+    run_all(commands)
+    for method in commands:
+        check_filtered_run(read_metrics(tmp_path / method))
 
 
 @pytest.mark.slow

@@ -108,6 +108,14 @@ BAD_INPUTS = {
     ),
     "beta_kd_with_rlad": (["--beta_kd", "0.5"], "--beta_kd does nothing with --method rlad"),
     "teacher_with_grpo": (["--method", "grpo"], "--method grpo uses no teacher: drop --teacher"),
+    "dynamic_sampling_with_kd": (
+        ["--method", "kd", "--dynamic_sampling"],
+        "--dynamic_sampling does nothing with --method kd: it acts on the reward's group-advantage signal",
+    ),
+    "rollout_correction_without_sampler_logprobs": (
+        ["--rollout", "gathered", "--rollout_correction", "icepop"],
+        "--rollout_correction icepop needs the sampler's log-probs, which --rollout gathered does not return",
+    ),
     "yaml_type": (["--max_steps", "1.5"], "--max_steps must be int, got '1.5'"),
     "unknown_task": (["--task", "nope"], "unknown task 'nope'; choose one of"),
     "unknown_task_module": (["--task", "no_such_module_xyz:task"], "cannot import module 'no_such_module_xyz'"),

@@ -131,6 +131,37 @@ def test_each_method_two_ranks(tiny_models, tmp_path, case):
     assert str(dtype) == ("torch.bfloat16" if case.endswith("bf16") else "torch.float32")
 
 
+DAPO_FILTERS = [
+    "--task",
+    "toy_task:binary_task",
+    "--dynamic_sampling",
+    "--mask_truncated",
+    "--soft_overlong_tokens",
+    "4",
+]
+
+
+def check_filtered_run(records: list[dict]) -> None:
+    """A run with DAPO's filters: finite, every group in the loss carries a signal, the rounds it drew logged."""
+    import math
+
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        for key in ("loss", "grad_norm", "reward_mean", "entropy", "sampling_rounds", "discarded_group_frac"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["zero_std_frac"] == 0 and 1 <= r["sampling_rounds"] <= 4 and 0 <= r["discarded_group_frac"] < 1
+
+
+@pytest.mark.slow
+def test_dapo_filters_two_ranks(tiny_models, tmp_path):
+    """rlad with --dynamic_sampling, --mask_truncated and --soft_overlong_tokens on a 0/1 task whose groups are often
+    all equal: the ranks agree on every extra round (a disagreement would hang a collective), and finish."""
+    out = tmp_path / "dapo"
+    check_ok(run_deepspeed(train_args(tiny_models, out, "--max_steps", "2", "--eval_size", "0", *DAPO_FILTERS)))
+    check_filtered_run(read_metrics(out))
+
+
 def check_method_metrics(method: str, r: dict) -> None:
     """What every step logs, and what each method object implies about its metrics."""
     import math

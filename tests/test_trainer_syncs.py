@@ -1,6 +1,7 @@
 """A training step's host synchronisations do not grow with its number of micro-batches (tests/dist/host_sync_check.py
 counts them in one process). kdrl with two PPO epochs and packed micro-batches runs every phase that has
-micro-batches: teacher scoring, old-policy scoring, and the update with a ratio and a teacher term."""
+micro-batches: teacher scoring, old-policy scoring, and the update with a ratio and a teacher term, reweighted
+by the rollout correction (icepop) of rollouts that carry sampler log-probs."""
 
 import json
 import os
@@ -29,6 +30,8 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tiny_models, tmp_pat
         "2",
         "--pack_sequences",
         "on",
+        "--rollout_correction",
+        "icepop",
     ]
     env = {
         **os.environ,

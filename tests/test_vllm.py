@@ -175,6 +175,8 @@ def test_vllm_samples_logprobs_and_weights_match_the_zero3_student(vllm_models, 
         # and buffers is the KV cache (its own pool, emptied by any sleep) and host copies of attention scales.
         assert "model.layers.0.self_attn.rotary_emb.cos_sin_cache" in result["vllm_buffers"]
         assert all(name.endswith((".kv_cache", "_scale_cpu")) for name in result["vllm_loose_tensors"])
+        for tag in ("T0.7_top0", "T0.7_top5"):  # processed log-probs: tempered (and top-k renormalised), not raw
+            assert result[f"sampler_logprob_max_abs_diff_{tag}"] < 1e-4 < result[f"raw_logprob_gap_{tag}"], tag
         print(
             f"rank {rank}: log-prob max |vLLM - trainer| {result['logprob_max_abs_diff_step2']:.2e} over "
             f"{result['logprob_tokens_step2']} tokens; start {result['startup_seconds']} s, "
@@ -227,11 +229,14 @@ def test_rlad_trains_with_vllm_rollouts_and_resumes_exactly_two_ranks(vllm_model
     ready = re.search(r"engine ready in .*: max_model_len (\d+), KV cache (\d+) tokens .*max_num_seqs (\d+)", out)
     assert ready and 12 < int(ready.group(1)) < 4096 and int(ready.group(3)) == 2 * 4, out[-3000:]
     assert not VLLM_WARNING.findall(out) and "Invalid process group" not in out, out[-3000:]
+    assert "rollout correction: tis [None, 2.0] (--rollout_correction auto; the sampler returns its log-probs)" in out
     metrics = read_metrics(straight)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "reward_mean", "time/weight_sync"))
         assert 0 < m["time/weight_sync"] < m["time/step"]
+        # fp32: vLLM's log-probs are the trainer's to 1e-4 (test above), so the mismatch is next to nothing
+        assert 0 <= m["rollout_kl"] < 1e-6 and m["rollout_ratio_max"] < 1.01 and m["rollout_corrected_frac"] == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000003")
@@ -358,3 +363,44 @@ def test_a_kv_cache_short_of_one_group_is_refused_when_vllm_starts(vllm_models, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith("rlad_ds: error: ")]
     assert len(errors) == 1 and piece in errors[0] and proc.stderr.strip().endswith(errors[0]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr and "Invalid process group" not in proc.stdout + proc.stderr
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_sampler_mismatch_is_measured_and_corrected_in_bf16_two_ranks(vllm_models, tmp_path):
+    """bf16 on DeepSpeed's CPU accelerator with --rollout_correction tis: vLLM's and the trainer's bf16 kernels differ,
+    the mismatch metrics are logged every step, finite, and the loss trains with the correction's weights."""
+    out = tmp_path / "bf16"
+    args = [
+        "launchers/train.py",
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        "--student",
+        vllm_models["student"],
+        "--teacher",
+        vllm_models["teacher"],
+        "--output_dir",
+        out,
+        *TINY_RUN,
+        "--max_steps",
+        "2",
+        "--eval_size",
+        "0",
+        "--rollout",
+        "vllm",
+        "--vllm_kv_cache_gb",
+        "0.25",
+        "--precision",
+        "bf16",
+        "--rollout_correction",
+        "tis",
+    ]
+    check_ok(run_deepspeed(args, nprocs=2, timeout=300))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("loss", "grad_norm", "rollout_kl", "rollout_ratio_max", "rollout_corrected_frac"):
+            assert torch.isfinite(torch.tensor(m[key])), (key, m)
+        assert m["rollout_kl"] >= 0 and m["rollout_ratio_max"] > 0 and 0 <= m["rollout_corrected_frac"] <= 1
+        print(f"bf16 step {m['step']}: rollout_kl {m['rollout_kl']:.2e}, ratio max {m['rollout_ratio_max']:.4f}, "
+              f"corrected {m['rollout_corrected_frac']:.4f}")  # fmt: skip

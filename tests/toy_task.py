@@ -19,3 +19,12 @@ def _score(completion: str, example: dict) -> float:
 
 def task() -> Task:
     return Task(name="toy", prompt=lambda example: example["prompt"], score=_score, generate=_generate)
+
+
+def _any_digit(completion: str, example: dict) -> float:
+    """1 if the completion holds a digit: a 0/1 reward whose groups are often all equal (for --dynamic_sampling)."""
+    return float(any(c.isdigit() for c in completion))
+
+
+def binary_task() -> Task:
+    return Task(name="toy_binary", prompt=lambda example: example["prompt"], score=_any_digit, generate=_generate)

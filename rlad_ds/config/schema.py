@@ -13,29 +13,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from rlad_ds.errors import ConfigError
-from rlad_ds.losses import KL_ESTIMATORS, LOSS_AGGS
+from rlad_ds.config.data_eval import DataConfig, EvalConfig
+from rlad_ds.config.fields import Switch
+from rlad_ds.config.fields import check as _check
+from rlad_ds.config.fields import field_help as _help
+from rlad_ds.loss_terms import KL_ESTIMATORS, LOSS_AGGS
 from rlad_ds.methods import METHODS, check_config, get_method
 from rlad_ds.models import ATTENTION_BACKENDS
 from rlad_ds.rollout.registry import KINDS, ROLLOUT_CHOICES
+from rlad_ds.sampler_mismatch import CORRECTION_CHOICES, PRESETS
 
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 # --seed reaches numpy (through vLLM), whose seeds are 32-bit; torch's and Python's take any of these too.
 MAX_SEED = 2**32 - 1
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-class Switch(str):
-    """auto / on / off; a boolean (`false`, `--teacher_offload no`) reads as on / off, never as another choice."""
-
-
-def _help(text: str, scope: str = "train", **kwargs):
-    return field(metadata={"help": text, "scope": scope}, **kwargs)
-
-
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -203,6 +194,22 @@ class LossConfig:
         default="seq-mean-token-mean",
     )
     scale_adv_by_std: bool = _help("divide group-centred rewards by the group std", default=True)
+    rollout_correction: str = _help(
+        "reweighting of tokens the sampler drew for the trainer's old policy (docs/rollout_correction.md): auto "
+        "(tis when the rollout returns the sampler's log-probs, i.e. vllm; else none), none, "
+        + ", ".join(f"{p.name} ({p.equals})" for p in PRESETS.values()),
+        default="auto",
+    )
+    rollout_correction_low: float | None = _help("lower bound of the correction; none = the preset's", default=None)
+    rollout_correction_high: float | None = _help("upper bound of the correction; none = the preset's", default=None)
+    mask_truncated: bool = _help(
+        "leave responses that hit max_new_tokens out of the loss (DAPO's overlong filtering)", default=False
+    )
+    soft_overlong_tokens: int = _help(
+        "DAPO's soft overlong punishment: over the last N tokens of max_new_tokens the reward falls linearly by up "
+        "to 1 (0: off)",
+        default=0,
+    )
 
     def __post_init__(self):
         get_method(self.method)
@@ -220,6 +227,16 @@ class LossConfig:
         _check(self.beta_kd >= 0 and self.beta_ref >= 0, "--beta_kd and --beta_ref must be >= 0")
         _check(self.kl_estimator in KL_ESTIMATORS, f"--kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
         _check(self.loss_agg in LOSS_AGGS, f"--loss_agg {self.loss_agg!r} is unknown; use one of {LOSS_AGGS}")
+        _check(
+            self.rollout_correction in CORRECTION_CHOICES,
+            f"--rollout_correction {self.rollout_correction!r} is unknown; use one of {', '.join(CORRECTION_CHOICES)}",
+        )
+        low, high = self.rollout_correction_low, self.rollout_correction_high
+        _check(
+            (low is None or low >= 0) and (high is None or high > 0) and (low is None or high is None or low <= high),
+            "--rollout_correction_low must be >= 0 and --rollout_correction_high > 0, low <= high (none: the preset's)",
+        )
+        _check(self.soft_overlong_tokens >= 0, "--soft_overlong_tokens must be >= 0 (0: off)")
 
 
 @dataclass
@@ -258,6 +275,12 @@ class TrainConfig:
         default=30.0,
     )
     report_to: str = _help("tensorboard, wandb, or none (metrics.jsonl is always written)", default="tensorboard")
+    dynamic_sampling: bool = _help(
+        "DAPO's dynamic sampling: leave out groups whose rewards are all equal and draw more prompts until the step "
+        "holds --prompts_per_step groups that carry a signal",
+        default=False,
+    )
+    max_sampling_rounds: int = _help("most rollout rounds a step draws with --dynamic_sampling", default=4)
     collective_timeout_s: int = _help(
         "seconds a collective may wait before the job fails (a dead rank)", scope="both", default=1800
     )
@@ -272,6 +295,7 @@ class TrainConfig:
             "collective_timeout_s",
             "lr",
             "max_bad_steps",
+            "max_sampling_rounds",
         ):
             _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
@@ -283,84 +307,6 @@ class TrainConfig:
             "--max_failed_reward_steps and --signal_grace_s must be >= 0",
         )
         _check(self.report_to in ("tensorboard", "wandb", "none"), "--report_to must be tensorboard, wandb or none")
-
-
-@dataclass
-class DataConfig:
-    task: str = _help(
-        "kk, math, arith, rg:<dataset> (any reasoning-gym dataset), or module:function returning a Task",
-        scope="both",
-        default="kk",
-    )
-    task_args: str | None = _help(
-        "the task's config: JSON object or key=value,key=value (reasoning-gym dataset "
-        "config, e.g. n_people=3; keyword arguments of a module:function task)",
-        scope="both",
-        default=None,
-    )
-    dataset: str | None = _help(
-        "training data: local jsonl/json/parquet/csv file or saved dataset dir (or a hub "
-        "name when online); none = the task's generated prompts",
-        default=None,
-    )
-    columns: str | None = _help("column mapping, e.g. prompt=question,answer=answer", scope="both", default=None)
-    system_prompt: str | None = _help("system message for the chat template", scope="both", default=None)
-    prompt_template: str | None = _help(
-        "raw template with {prompt} instead of the tokenizer's chat template", scope="both", default=None
-    )
-    skip_bad_rows: bool = _help(
-        "skip malformed dataset rows (counted) instead of stopping", scope="both", default=False
-    )
-    train_size: int = _help("generated training prompts when no dataset is given", default=10000)
-    reward_timeout_s: float = _help(
-        "seconds one reward call may take; a slower call is stopped, scores 0 and is counted in reward_errors",
-        scope="both",
-        default=10.0,
-    )
-    reward_workers: int = _help("verifier processes per rank", scope="both", default=2)
-
-    def __post_init__(self):
-        for name in ("reward_timeout_s", "reward_workers", "train_size"):
-            _check(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-
-
-@dataclass
-class EvalConfig:
-    eval_size: int | None = _help(
-        "held-out problems: the first N usable rows of the eval data, or N generated; "
-        "0 = no evaluation; none = every row",
-        scope="both",
-        default=64,
-    )
-    eval_steps: int = _help("evaluate every N training steps (0: at the start and the end only)", default=0)
-    eval_dataset: str | None = _help(
-        "held-out data file or saved dataset dir; none = the task's generated test "
-        "split, or the test split of a saved --dataset",
-        scope="both",
-        default=None,
-    )
-    eval_split: str = _help("split of a saved dataset dict (or hub dataset) to evaluate", scope="both", default="test")
-    eval_samples: int = _help("samples per problem (n of Mean@k / Pass@k)", scope="both", default=1)
-    eval_k: tuple[int, ...] = _help(
-        "comma-separated k of Mean@k / Pass@k (each <= eval_samples)", scope="both", default=(1,)
-    )
-    eval_temperature: float = _help("sampling temperature of evaluation (0: greedy)", scope="both", default=0.0)
-    eval_top_p: float = _help("nucleus sampling of evaluation", scope="both", default=1.0)
-    eval_top_k: int = _help("top-k sampling of evaluation (<= 0: off)", scope="both", default=0)
-    eval_offload: bool = _help(
-        "parameters of the evaluated model on CPU (launchers/eval.py)", scope="eval", default=False
-    )
-
-    def __post_init__(self):
-        _check(self.eval_size is None or self.eval_size >= 0, "--eval_size must be >= 0, or none for every row")
-        _check(self.eval_steps >= 0, "--eval_steps must be >= 0")
-        _check(self.eval_samples >= 1, f"--eval_samples must be >= 1, got {self.eval_samples}")
-        _check(
-            bool(self.eval_k) and min(self.eval_k) >= 1 and max(self.eval_k) <= self.eval_samples,
-            f"every --eval_k must be in 1..eval_samples={self.eval_samples}, got {list(self.eval_k)}",
-        )
-        _check(self.eval_temperature >= 0, f"--eval_temperature must be >= 0, got {self.eval_temperature}")
-        _check(0 < self.eval_top_p <= 1, f"--eval_top_p must be in (0, 1], got {self.eval_top_p}")
 
 
 @dataclass

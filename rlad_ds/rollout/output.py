@@ -1,6 +1,6 @@
 """What every rollout returns: `RolloutOutput`, DeepSpeed's `RolloutBatch` plus response masks, how each response
-ended and which prompt it answers; built from generate's output ids by `finish_rollout`, several joined by
-`concat_rollouts`. Pure tensor code."""
+ended, which prompt it answers and, from a sampler that gives them, its own log-probs of the tokens; built from
+generate's output ids by `finish_rollout`, several joined by `concat_rollouts`. Pure tensor code."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ class RolloutOutput(RolloutBatch):
     eos: torch.Tensor  # [B'] bool: the response ended with EOS
     truncated: torch.Tensor  # [B'] bool: the response hit max_new_tokens without EOS
     prompt_index: torch.Tensor  # [B'] long: the request row each sample answers
+    # [B', T] float32: the sampler's log-prob of each generated token at the sampling temperature (after top-k / top-p),
+    # 0 elsewhere; None from a rollout that does not return them (transformers' generate runs the trainer's model).
+    rollout_logprobs: torch.Tensor | None = None
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -25,9 +28,15 @@ class RolloutOutput(RolloutBatch):
 
 
 def finish_rollout(
-    prompt_mask: torch.Tensor, output_ids: torch.Tensor, n_samples: int, eos_token_ids, pad_token_id: int
+    prompt_mask: torch.Tensor,
+    output_ids: torch.Tensor,
+    n_samples: int,
+    eos_token_ids,
+    pad_token_id: int,
+    response_logprobs: torch.Tensor | None = None,
 ) -> RolloutOutput:
-    """Turn generate's [B', T_p + T_r] output into a RolloutOutput: keep the first EOS, pad after it."""
+    """Turn generate's [B', T_p + T_r] output into a RolloutOutput: keep the first EOS, pad after it.
+    `response_logprobs` ([B', T_r], the sampler's) become `rollout_logprobs`, 0 after the first EOS."""
     prompt_len = prompt_mask.shape[1]
     response = output_ids[:, prompt_len:]
     eos_ids = torch.as_tensor(eos_token_ids, device=output_ids.device).flatten()
@@ -43,6 +52,10 @@ def finish_rollout(
     response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), kept], dim=1)
     attention_mask = torch.cat([prompt_mask.long(), kept.long()], dim=1)
     rows = output_ids.shape[0]
+    rollout_logprobs = None
+    if response_logprobs is not None:
+        rollout_logprobs = torch.zeros(output_ids.shape, dtype=torch.float32, device=output_ids.device)
+        rollout_logprobs[:, prompt_len:] = response_logprobs.to(rollout_logprobs) * kept
     return RolloutOutput(
         input_ids=output_ids,
         attention_mask=attention_mask,
@@ -51,6 +64,7 @@ def finish_rollout(
         eos=eos,
         truncated=~eos,
         prompt_index=torch.arange(rows, device=output_ids.device) // n_samples,
+        rollout_logprobs=rollout_logprobs,
     )
 
 
@@ -83,4 +97,5 @@ def concat_rollouts(outputs: list[RolloutOutput], pad_token_id: int) -> RolloutO
         eos=torch.cat([o.eos for o in outputs]),
         truncated=torch.cat([o.truncated for o in outputs]),
         prompt_index=torch.cat([o.prompt_index + k for o, k in zip(outputs, offsets)]),
+        rollout_logprobs=None if outputs[0].rollout_logprobs is None else stacked("rollout_logprobs", 0.0),
     )

@@ -21,7 +21,10 @@ serving `launchers/eval.py` from a model dir on its own.
 - ZeRO-3 replaces `F.linear` process-wide; vLLM's start-up (profiling, compilation, CUDA-graph capture), its
   generation and its weight loading run with torch's own (`rlad_ds.rollout.hf.plain_linear`).
 - Sampling: each generate call maps `SamplingConfig` one to one onto vLLM's `SamplingParams`, with a seed
-  drawn from torch's generator. The trainer seeds that generator per rank, checkpoints restore it, and
+  drawn from torch's generator. Sampled (not greedy) rows come back with vLLM's log-prob of each token it drew,
+  taken from the distribution it drew from (the engine's `logprobs_mode="processed_logprobs"`: after the
+  temperature and top-k / top-p; the default raw mode would give the untempered log-probs), for the rollout
+  correction (`rlad_ds.sampler_mismatch`). The trainer seeds that generator per rank, checkpoints restore it, and
   evaluation seeds it per problem, so vLLM's samples follow the same seeding as the HF rollouts' and a
   resumed run draws the same seeds.
 
@@ -87,6 +90,7 @@ class VLLMRollout(RolloutEngine):
     collective_calls = False  # generate runs no collectives; only the weight sync at session entry does
     serves_frozen = False  # it follows a training engine's optimizer steps, or loads a model dir itself
     loads_model_dir = True  # launchers/eval.py's model: the real weights straight from the dir
+    sampler_logprobs = True  # sampled rows carry vLLM's own log-probs of their tokens
     ds_config: dict = {}
 
     @staticmethod
@@ -163,6 +167,7 @@ class VLLMRollout(RolloutEngine):
                 enforce_eager=self.device == "cpu",
                 disable_log_stats=True,
                 trust_remote_code=bool(getattr(context, "trust_remote_code", False)),
+                logprobs_mode="processed_logprobs",  # of the tempered, top-k / top-p distribution it samples
                 **memory,
             ),
             sizing,
@@ -258,6 +263,8 @@ class VLLMRollout(RolloutEngine):
         # ignore_eos: stop at the tokenizer's EOS only (stop_token_ids), as the HF rollouts do, not also at ids
         # the model's generation_config adds.
         # vLLM refuses n > 1 with greedy decoding: one greedy sample per prompt, repeated by `generate`.
+        # logprobs=0: the sampled token's own log-prob only (none for greedy rows, which have no sampler ratio).
+        extra = {"logprobs": None if greedy else 0, **extra}
         return SamplingParams(
             n=1 if greedy else sampling.n_samples_per_prompt,
             max_tokens=sampling.max_new_tokens,
@@ -290,20 +297,23 @@ class VLLMRollout(RolloutEngine):
         n = sampling.n_samples_per_prompt
         outputs = self.generate_raw(request, self.sampling_params(sampling))
         copies = n if sampling.temperature <= 0.0 else 1
-        responses = [
-            list(sample.token_ids)
-            for out in outputs
-            for sample in sorted(out.outputs, key=lambda s: s.index)
-            for _ in range(copies)
+        samples = [
+            sample for out in outputs for sample in sorted(out.outputs, key=lambda s: s.index) for _ in range(copies)
         ]
-        width = max(1, max(map(len, responses)))
+        width = max(1, max(len(sample.token_ids) for sample in samples))
         pad = self.tokenizer.pad_token_id
-        response_ids = torch.full((len(responses), width), pad, dtype=torch.long)
-        for row, ids in enumerate(responses):
-            response_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+        logprobs = torch.zeros(len(samples), width) if samples[0].logprobs is not None else None
+        for row, sample in enumerate(samples):
+            response_ids[row, : len(sample.token_ids)] = torch.tensor(sample.token_ids, dtype=torch.long)
+            if logprobs is not None:  # one {token: Logprob} per position, holding the sampled token
+                chosen = [entry[token].logprob for entry, token in zip(sample.logprobs, sample.token_ids)]
+                logprobs[row, : len(chosen)] = torch.tensor(chosen)
         prompt_ids = request.prompt_ids.repeat_interleave(n, dim=0)
         output_ids = torch.cat([prompt_ids, response_ids.to(prompt_ids.device)], dim=1)
-        return finish_rollout(request.prompt_attention_mask, output_ids, n, self._eos_ids(), pad)
+        if logprobs is not None:
+            logprobs = logprobs.to(prompt_ids.device)
+        return finish_rollout(request.prompt_attention_mask, output_ids, n, self._eos_ids(), pad, logprobs)
 
     def shutdown(self) -> None:
         """End the engine (vLLM's own teardown; idempotent). That teardown ends torch's default process group too

@@ -3,6 +3,9 @@ many. Run by tests/test_trainer_syncs.py in one process:
 
     python tests/dist/host_sync_check.py OUT.json TRAIN_FLAGS...
 
+The student's rollouts are given sampler log-probs (as vLLM's carry), so that the rollout correction and the
+mismatch metrics run in every micro-batch too.
+
 A synchronisation is a call, from a frame of the rlad_ds package, of a tensor method that waits for the device and
 copies to the host (item, tolist, cpu, numpy, float(), int(), bool(), nonzero). On a CPU they cost nothing; on an
 accelerator each one stalls the host, so their number must not grow with the number of micro-batches.
@@ -51,6 +54,16 @@ init_process_group(120)
 tokenizer, method = load_tokenizer(cfg.model.student), get_method(cfg.loss.method)
 teacher = Path(cfg.model.teacher) if cfg.model.teacher else None
 models = build_run_models(cfg, method, Path(cfg.model.student), teacher, tokenizer)
+sample = models.student_rollout.generate
+
+
+def with_sampler_logprobs(request, sampling):
+    out = sample(request, sampling)
+    out.rollout_logprobs = -torch.rand(out.input_ids.shape) * out.response_mask
+    return out
+
+
+models.student_rollout.generate, models.student_rollout.sampler_logprobs = with_sampler_logprobs, True
 result = {}
 with RewardRunner.from_config(cfg.data) as rewards:
     train = load_train_examples(cfg.data, tokenizer, seed=cfg.train.seed, rewards=rewards)

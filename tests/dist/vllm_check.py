@@ -10,7 +10,10 @@ Each rank writes OUT_DIR/rank{r}.json with what it measured; any failed check ra
   NaN before the sync (what sleep level 2 leaves); the buffers and loose tensors level 2 relies on are recorded;
 - a response that ends with EOS is flagged as such, and the RNG of the trainer is left as it was;
 - vLLM is sized from the run (max_model_len = longest prompt + max_new_tokens; the KV capacity is recorded), and
-  ZeRO-3's F.linear is back after vLLM's start and after each rollout session.
+  ZeRO-3's F.linear is back after vLLM's start and after each rollout session;
+- the log-probs a sampled rollout carries (vLLM's processed-logprobs mode) are those of the distribution vLLM drew
+  from: the model's at the sampling temperature, renormalised over the top-k when top-k is on (not the raw,
+  untempered ones).
 """
 
 import json
@@ -151,6 +154,36 @@ results["greedy_equal_hf"] = True
 
 check_weights("step0")
 check_logprobs("step0")
+
+
+def check_sampler_logprobs(temperature: float, top_k: int) -> None:
+    """A sampled rollout's `rollout_logprobs` against log_softmax(logits / T) of the plain model on each row's real
+    tokens, restricted to the top-k logits and renormalised when top-k is on."""
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_k=top_k, n_samples_per_prompt=2)
+    torch.manual_seed(11)
+    batch = rollout.generate(request, sampling)
+    worst = raw_gap = 0.0
+    for ids, mask, response, theirs in zip(batch.input_ids, batch.attention_mask, batch.response_mask,
+                                           batch.rollout_logprobs):
+        real = mask.bool()
+        with torch.no_grad():
+            logits = plain(ids[real][None]).logits[0, :-1].float()
+        targets = ids[real][1:]
+        scaled = logits / temperature
+        if top_k > 0:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k, -1).values[:, -1:], float("-inf"))
+        expected = scaled.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        untempered = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        sampled = response[real][1:]
+        worst = max(worst, (expected[sampled] - theirs[real][1:][sampled]).abs().max().item())
+        raw_gap = max(raw_gap, (untempered[sampled] - theirs[real][1:][sampled]).abs().max().item())
+    tag = f"T{temperature}_top{top_k}"
+    results[f"sampler_logprob_max_abs_diff_{tag}"], results[f"raw_logprob_gap_{tag}"] = worst, raw_gap
+    assert worst < 1e-4 < raw_gap, (tag, worst, raw_gap)
+
+
+check_sampler_logprobs(0.7, 0)
+check_sampler_logprobs(0.7, 5)
 
 # --- train: after N optimizer steps vLLM holds the new weights ------------------------------------------
 ids = torch.randint(3, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(rank))
