@@ -169,8 +169,9 @@ def _run_training(
     init_process_group(cfg.train.collective_timeout_s)
     if cfg.train.overwrite_output_dir:  # the old run is renamed aside, never deleted; this one starts at step 0
         move_aside(cfg.train.output_dir)
-    random.seed(cfg.train.seed + env_rank())
-    torch.manual_seed(cfg.train.seed + env_rank())
+    data_rank = env_rank() // cfg.train.sequence_parallel_size  # a sequence-parallel group's ranks sample alike
+    random.seed(cfg.train.seed + data_rank)
+    torch.manual_seed(cfg.train.seed + data_rank)
     models = build_run_models(cfg, method, student_path, teacher_path, tokenizer)
     output_dir = Path(cfg.train.output_dir)
     if env_rank() == 0:

@@ -68,7 +68,8 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Rollout, reward, teacher (and reference, old-policy) log-probs, update: one optimizer step."""
         timer, start = Timer(), time.perf_counter()
-        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs)
+        group = self.models.long_context.group  # its ranks hold the same samples: their sums count once
+        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs, copies=group.size)
         examples = self.prompts_for_step(step)
         sampler = self.models.teacher_rollout if self.method.teacher_generates else self.models.student_rollout
         with timer("weight_sync"):
@@ -82,6 +83,7 @@ class Trainer:
                 self.models.device,
                 batch_size=self.cfg.rollout.rollout_batch_size,
             )
+            rollout = self.models.long_context.same_in_group(rollout)
         with timer("reward"):
             batch = self.reward(rollout, examples, totals)
         self.score(batch, timer)
@@ -96,14 +98,16 @@ class Trainer:
         return metrics
 
     def prompts_for_step(self, step: int) -> list[dict]:
-        """This rank's prompts of `step`: a DistributedSampler epoch order, the same on resume."""
+        """This rank's prompts of `step`: a DistributedSampler epoch order over the data-parallel ranks (a
+        sequence-parallel group's ranks read the same prompts), the same on resume."""
         from torch.utils.data import DistributedSampler
 
-        per_rank = self.cfg.train.prompts_per_step // self.world_size
+        group = self.models.long_context.group
+        per_rank = self.cfg.train.prompts_per_step // group.data_size
         sampler = DistributedSampler(
             range(len(self.train_examples)),
-            num_replicas=self.world_size,
-            rank=self.rank,
+            num_replicas=group.data_size,
+            rank=group.data_rank,
             shuffle=True,
             seed=self.cfg.train.seed,
             drop_last=True,
@@ -122,6 +126,7 @@ class Trainer:
         """Verifier scores of the rollouts, group advantages, the loss mask; their totals into `totals`."""
         G, device = self.cfg.rollout.group_size, self.models.device
         scored = self.rewards.run(decode_responses(self.tokenizer, rollout), [e for e in examples for _ in range(G)])
+        scored = self.models.long_context.same_in_group(scored)
         self.reward_error = scored.messages[0] if scored.failed else None
         if scored.errors or scored.timeouts:
             logger.warning(
@@ -170,14 +175,16 @@ class Trainer:
 
     def update(self, batch: Batch, timer: Timer, totals: StepMetrics) -> float:
         """ppo_epochs passes of token-budget micro-batches, one optimizer step per pass; the last gradient norm."""
-        from rlad_ds.microbatches import microbatch_slices, synced_microbatch_count
+        from rlad_ds.microbatches import synced_microbatch_count
 
-        engine, device = self.models.student, self.models.device
-        # Global normalisers, divided by the world size because DeepSpeed averages gradients over ranks: the
-        # micro-batch losses of all ranks then add up to the loss of the whole batch exactly.
+        engine, device, long_context = self.models.student, self.models.device, self.models.long_context
+        # Global normalisers, divided by the world size because DeepSpeed averages gradients over data-parallel
+        # ranks: the micro-batch losses of all ranks then add up to the loss of the whole batch exactly. With
+        # sequence parallelism each of a group's N ranks adds its batch once more and DeepSpeed divides by world / N
+        # only (it sums the group's shards), so the same ratio holds.
         n_rows, n_tokens = all_reduce_sum([batch.loss_mask.shape[0], float(batch.loss_mask.sum())], device)
         loss_norm = (n_tokens if self.cfg.loss.loss_agg == "token-mean" else n_rows) / self.world_size
-        slices = microbatch_slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.models.packed)
+        slices = long_context.slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.models.packed)
         n_micro = synced_microbatch_count(len(slices))
         grad_norm = 0.0
         for _ in range(self.cfg.train.ppo_epochs):
@@ -185,9 +192,10 @@ class Trainer:
                 # A rank with fewer micro-batches than another repeats its first one with zero weight.
                 piece = slices[min(i, len(slices) - 1)]
                 engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-                self.micro_step(
-                    batch.micro(piece.rows, piece.cols), piece.spans, loss_norm, i < len(slices), timer, totals
-                )
+                with long_context.compute(), long_context.activation_offload():
+                    self.micro_step(
+                        batch.micro(piece.rows, piece.cols), piece.spans, loss_norm, i < len(slices), timer, totals
+                    )
             with timer("optimizer"):
                 engine.step()
             norm = engine.get_global_grad_norm()
@@ -203,11 +211,9 @@ class Trainer:
         """Forward, loss and backward of one micro-batch (`spans`: its rows' real tokens, for packing); its metrics
         into `totals` unless it is a filler (a rank's repeat, with zero weight, to run as many forwards as the other
         ranks)."""
-        from rlad_ds.microbatches import microbatch_logprobs
-
         cfg = self.cfg
         with timer("train_forward"):
-            out = microbatch_logprobs(
+            out = self.models.long_context.logprobs(
                 self.models.student,
                 micro.input_ids,
                 micro.attention_mask,
@@ -272,14 +278,15 @@ class Trainer:
         )
 
     def trainer_state(self) -> dict:
-        per_rank = self.cfg.train.prompts_per_step // self.world_size
+        data_size = self.models.long_context.group.data_size
+        per_rank = self.cfg.train.prompts_per_step // data_size
         # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
         return {
             "step": self.step,
             "controls": self.controls,
             "bad_steps": self.health.bad_steps,
             "world_size": self.world_size,
-            "samples_seen": self.step * per_rank * self.world_size,
+            "samples_seen": self.step * per_rank * data_size,
             "identity": run_identity(self.cfg),
         }
 

@@ -135,6 +135,7 @@ _RESUMABLE = {
         "signal_grace_s",
         "max_bad_steps",
         "max_failed_reward_steps",
+        "sequence_parallel_size",  # how the ranks share the work, not what is computed
     },
     "rollout": {
         "rollout",
@@ -142,7 +143,7 @@ _RESUMABLE = {
         "vllm_kv_cache_gb",
         "kv_cache_budget_gb",
     },  # how samples are made
-    "model": {"cache_dir"},
+    "model": {"cache_dir", "tiled_mlp_shards", "offload_activations"},
     "eval": {
         "eval_size",
         "eval_steps",

@@ -54,6 +54,11 @@ class ModelConfig:
         default="auto",
     )
     gradient_checkpointing: bool = _help("recompute activations in backward (long responses)", default=False)
+    offload_activations: bool = _help(
+        "with --gradient_checkpointing: each layer's checkpointed input waits in host memory until backward",
+        default=False,
+    )
+    tiled_mlp_shards: int = _help("MLPs of training and scoring passes run in this many sequence tiles", default=1)
     pack_sequences: Switch = _help(
         "auto (on with flash_attention_2), on, off (true / false read as on / off): run "
         "micro-batches padding-free, sequences packed into one row",
@@ -94,6 +99,13 @@ class ModelConfig:
         _check(self.pack_sequences in ("auto", "on", "off"), "--pack_sequences must be auto, on or off")
         _check(self.teacher_offload in ("auto", "on", "off"), "--teacher_offload must be auto, on or off")
         _check(self.logprob_chunk_size >= 0, "--logprob_chunk_size must be >= 0 (0 = automatic)")
+        _check(
+            self.tiled_mlp_shards >= 1, f"--tiled_mlp_shards must be >= 1 (1: no tiling), got {self.tiled_mlp_shards}"
+        )
+        _check(
+            self.gradient_checkpointing or not self.offload_activations,
+            "--offload_activations offloads the inputs gradient checkpointing keeps: add --gradient_checkpointing",
+        )
         _check(
             self.param_persistence_threshold is None or self.param_persistence_threshold >= 0,
             "--param_persistence_threshold must be >= 0, or none",
@@ -208,6 +220,9 @@ class TrainConfig:
     prompts_per_step: int = _help("prompts per optimizer step, all ranks together", default=32)
     ppo_epochs: int = _help("passes over each batch of rollouts", default=1)
     micro_batch_tokens: int = _help("token budget of one forward/backward micro-batch per rank", default=16384)
+    sequence_parallel_size: int = _help(
+        "ranks sharing each sequence (Ulysses): the data-parallel size is world / this", default=1
+    )
     lr: float = _help('learning rate (fills the DeepSpeed config\'s "auto")', default=1e-6)
     weight_decay: float = _help('AdamW weight decay (fills the DeepSpeed config\'s "auto")', default=0.0)
     grad_clip: float = _help('gradient norm clipping (fills "auto")', default=1.0)
@@ -242,6 +257,7 @@ class TrainConfig:
             "prompts_per_step",
             "ppo_epochs",
             "micro_batch_tokens",
+            "sequence_parallel_size",
             "max_steps",
             "keep_last",
             "collective_timeout_s",
