@@ -13,8 +13,11 @@ take a micro-batch's log-probs; with none of the options on it does exactly what
   as many tiles: the tile count is fixed per run (`--tiled_mlp_shards`), never derived from a micro-batch's
   length (RL batches have variable lengths), and a micro-batch is padded to a multiple of it so that
   `torch.chunk` always yields exactly that many tiles.
-- Activation offload: one context per micro-batch (forward and backward), because DeepSpeed's context keeps the
-  tensors it brought back until it exits.
+- Activation offload: DeepSpeed's `CheckpointHiddenStatesOffload`, one context per micro-batch, except that a layer
+  input brought back in backward goes to its one consumer instead of a cache held until the context exits: with
+  the cache every layer's input is back on the device by the end of backward, the very peak offloading is meant
+  to remove (torch's non-reentrant checkpoint unpacks each saved input once). DeepSpeed offloads nothing on a CPU
+  (the tensors are in host memory already).
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import contextlib
 import functools
 
 import torch
+from deepspeed.runtime.activation_checkpointing.offload_activations import (
+    CheckpointHiddenStatesOffload,
+    _OffloadedTensorRef,
+)
 
 from rlad_ds.logprobs import TokenLogProbs, token_logprobs
 from rlad_ds.microbatches import microbatch_logprobs, microbatch_slices, pack_rows, row_spans, unpack_logprobs
@@ -80,13 +87,8 @@ class LongContext:
         if not self.offload_activations:
             return contextlib.nullcontext()
         from deepspeed.accelerator import get_accelerator
-        from deepspeed.runtime.activation_checkpointing.offload_activations import (
-            get_checkpoint_hidden_states_offloading_ctx_manager,
-        )
 
-        self._offload = get_checkpoint_hidden_states_offloading_ctx_manager(
-            use_pin_memory=get_accelerator().device_name() == "cuda"
-        )
+        self._offload = SingleUseOffload(use_pin_memory=get_accelerator().device_name() == "cuda")
         return self._offload
 
     def same_in_group(self, value):
@@ -128,6 +130,15 @@ class LongContext:
             return full
 
         return TokenLogProbs(placed(logp), None if entropy is None else placed(entropy))
+
+
+class SingleUseOffload(CheckpointHiddenStatesOffload):
+    """DeepSpeed's offload of checkpointed layer inputs, each restored input handed over once, not cached."""
+
+    def _unpack_tensor(self, maybe_ref):
+        if isinstance(maybe_ref, _OffloadedTensorRef):
+            return self.restore_input(maybe_ref.tensor_id)
+        return maybe_ref
 
 
 def tile_mlps(model, shards: int) -> None:

@@ -104,6 +104,7 @@ def _student(cfg, path: Path, device: str, world_size: int, attn: str, long_cont
         config={**student_ds, **copy.deepcopy(rollout.ds_config)},
         mpu=long_context.group.mpu,
     )
+    engine.train()  # from_pretrained leaves a model in eval mode, where transformers skips gradient checkpointing
     return engine, rollout
 
 
