@@ -230,6 +230,13 @@ def check_config(cfg, world_size: int) -> None:
             f"--sequence_parallel_size {size} runs with sdpa or flash_attention_2 (DeepSpeed's Ulysses drops the "
             f"4D mask {model.attn_implementation} needs); pass --attn_implementation auto"
         )
+    from rlad_ds.ds_config import load_ds_config
+
+    if load_ds_config(cfg.deepspeed).get("zero_optimization", {}).get("reduce_scatter", True) not in (True, "auto"):
+        raise ConfigError(
+            f"--sequence_parallel_size {size} needs zero_optimization.reduce_scatter true in {cfg.deepspeed} (the "
+            f"gradient averaging the sequence shards are scaled for); set it to true or remove it"
+        )
     if model.pack_sequences == "on" and model.attn_implementation != "flash_attention_2":
         raise ConfigError(
             "--pack_sequences on with --sequence_parallel_size > 1 needs --attn_implementation flash_attention_2 "

@@ -179,12 +179,20 @@ def test_heads_that_do_not_divide_are_refused_naming_the_divisors():
         (2, ["--sequence_parallel_size", "2", "--attn_implementation", "eager"], "runs with sdpa or flash_attention_2"),
         (2, ["--sequence_parallel_size", "2", "--pack_sequences", "on"], "needs --attn_implementation flash_attention"),
         (1, ["--offload_activations"], "add --gradient_checkpointing"),
+        (
+            2,
+            ["--sequence_parallel_size", "2", "--deepspeed", "{no_reduce_scatter}"],
+            "zero_optimization.reduce_scatter",
+        ),
         (1, ["--tiled_mlp_shards", "0"], "--tiled_mlp_shards must be >= 1"),
     ],
 )
 def test_sequence_parallel_refusals_are_one_line_before_any_model(
     world, flags, piece, tiny_models, tmp_path, no_init, monkeypatch, capsys
 ):
+    no_reduce_scatter = tmp_path / "no_reduce_scatter.json"
+    no_reduce_scatter.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_scatter": False}}))
+    flags = [f.replace("{no_reduce_scatter}", str(no_reduce_scatter)) for f in flags]
     monkeypatch.setenv("WORLD_SIZE", str(world))
     expect_one_line(train_main(base_args(tiny_models, tmp_path / "out", *flags)), capsys.readouterr(), piece)
 
@@ -281,3 +289,77 @@ def test_resume_with_another_sequence_parallel_size(tiny_models, tmp_path):
     steps = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
     assert json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["world_size"] == 2
+
+
+# ---- P8's records and the memory model of docs/long_context.md ----------------------------------------------------
+
+
+def _fake_p8(per_token: float, fixed: float, variants=()) -> dict:
+    lengths = (4096, 8192, 16384, 32768)
+    rank = [{"variant": "plain", "length": n, "peak_growth_bytes": fixed + per_token * n} for n in lengths]
+    rank += [{"variant": v, "length": 16384, "peak_growth_bytes": fixed + 0.5 * per_token * 16384} for v in variants]
+    return {"ranks": [rank, [dict(r, peak_growth_bytes=r["peak_growth_bytes"] - 1) for r in rank]]}
+
+
+def test_p8_records_from_fake_measurements():
+    from benchmarks.report import fitted_length, p8_records
+
+    records, details = p8_records(_fake_p8(16e3, 1e6), _fake_p8(8.2e3, 1e6, ["tiled"]))
+    ratio, reach = records
+    assert ratio["value"] == pytest.approx((1e6 + 8.2e3 * 32768) / (1e6 + 16e3 * 32768)) and ratio["meets"]
+    budget = 1e6 + 16e3 * 16384  # N = 1's peak at the second-longest length
+    assert reach["value"] == pytest.approx(((budget - 1e6) / 8.2e3) / 16384) and reach["meets"]
+    assert fitted_length({1: 3.0, 2: 5.0, 3: 7.0}, 9.0) == pytest.approx(4.0)
+    assert "tiled at 16K, N = 2: 0.5" in details[ratio["name"]]
+
+
+def test_saved_activations_per_token_match_the_model(tiny_tokenizer):
+    """The per-layer counts of benchmarks/memory_model.py are what autograd saves in transformers' Qwen3, in fp32
+    and bf16 (the difference between a 2-layer and a 1-layer model, each storage counted once)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from benchmarks.memory_model import Arch, layer_saved, layer_saved_bytes
+
+    def saved_bytes(arch, layers, dtype, tokens=64):
+        config = Qwen3Config(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=arch.hidden,
+            intermediate_size=arch.intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=arch.heads,
+            num_key_value_heads=arch.kv_heads,
+            head_dim=arch.head_dim,
+        )
+        config._attn_implementation = "sdpa"
+        model = AutoModelForCausalLM.from_config(config).to(dtype).train()
+        weights, storages = {p.data_ptr() for p in model.parameters()}, {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        ids = torch.randint(3, 90, (1, tokens), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            token_logprobs(model, ids, torch.ones_like(ids), with_entropy=True)
+        return sum(storages.values()) / tokens
+
+    for arch in (Arch(64, 256, 1, 4, 2, 16, 101), Arch(64, 160, 1, 4, 4, 32, 101)):
+        fp32 = saved_bytes(arch, 2, torch.float32) - saved_bytes(arch, 1, torch.float32)
+        assert fp32 == pytest.approx(4 * layer_saved(arch))
+        bf16 = saved_bytes(arch, 2, torch.bfloat16) - saved_bytes(arch, 1, torch.bfloat16)
+        assert bf16 == pytest.approx(layer_saved_bytes(arch, 2), rel=0.01)
+
+
+def test_longest_responses_grow_with_sequence_parallelism_and_offload():
+    from benchmarks.memory_model import QWEN3, Setup, device_peak, longest_response
+
+    student, teacher, memory = QWEN3["Qwen3-8B"], QWEN3["Qwen3-32B"], 126 * 2**30
+    plain, phase = longest_response(student, teacher, Setup(), memory)
+    assert phase == "train" and longest_response(student, teacher, Setup(offload=True), memory)[0] > plain
+    sharded, phase = longest_response(student, teacher, Setup(sequence_parallel=8), memory)
+    assert sharded > plain and phase == "rollout"  # generation is not sharded: one response's KV cache is the limit
+    phases = device_peak(student, teacher, 1024 + sharded, Setup(sequence_parallel=8))
+    assert max(v for k, v in phases.items() if k != "states") <= memory
+    assert QWEN3["Qwen3-8B"].params == pytest.approx(8.19e9, rel=0.01)
