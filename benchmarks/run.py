@@ -1,4 +1,4 @@
-"""rlad_ds's benchmarks P1-P4 side by side: one command, one table, one JSON list of records.
+"""rlad_ds's benchmarks side by side: one command, one table, one JSON list of records.
 
     python -m benchmarks.run [--quick] [--json FILE] [--markdown FILE] [--only P1,P3]
 
@@ -44,7 +44,8 @@ from benchmarks.report import failed_record, p1_records, p2_records, p3_records,
 
 @dataclass
 class Settings:
-    """Sizes and repeats; `--quick` must finish in under 10 minutes on 2 CPU cores."""
+    """Sizes and repeats; `--quick` must finish P1-P5 in under 10 minutes on 2 CPU cores (P8's four lengths up to 32K
+    tokens on 2 ranks took 17 more at a load average of 14)."""
 
     p1_model: dict = field(default_factory=lambda: dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024))
     p1_prompts: int = 4  # per rank
@@ -282,7 +283,11 @@ BENCHMARKS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (< 10 min on 2 cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller models and fewer repeats (P1-P5 < 10 min on 2 cores, P8 about 17 more)",
+    )
     parser.add_argument("--json", help="write the records here")
     parser.add_argument(
         "--markdown", default=str(ROOT / "docs" / "benchmarks.md"), help="write the table and methods here ('' to skip)"
