@@ -101,6 +101,60 @@ def p4_records(short: dict, long: dict) -> tuple[list[dict], dict]:
     return [record], details
 
 
+def _plain_peaks(run: dict) -> dict[int, float]:
+    """Response length -> per-rank peak growth (the largest over ranks) of the run's plain updates."""
+    peaks: dict[int, float] = {}
+    for rank in run["ranks"]:
+        for r in rank:
+            if r["variant"] == "plain":
+                peaks[r["length"]] = max(peaks.get(r["length"], 0.0), r["peak_growth_bytes"])
+    return peaks
+
+
+def fitted_length(peaks: dict[int, float], budget: float) -> float:
+    """The response length whose peak is `budget` on the least-squares line through (length, peak)."""
+    n, xs, ys = len(peaks), list(peaks), list(peaks.values())
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return (budget - (mean_y - slope * mean_x)) / slope
+
+
+def p8_records(one: dict, two: dict) -> tuple[list[dict], dict]:
+    """N = 1 and N = 2 runs (benchmarks/sequence_memory.py) on the same 2 ranks: the peak ratio at the longest length,
+    and the longest length whose per-rank peak fits a fixed budget (N = 1's peak at the second-longest length)."""
+    whole, shared = _plain_peaks(one), _plain_peaks(two)
+    lengths = sorted(whole)
+    longest, budget = lengths[-1], whole[lengths[-2]]
+    ratio = make_record(
+        f"P8 per-rank peak memory of an RLAD update at {longest // 1024}K response tokens, N = 2 / N = 1 (2 ranks)",
+        shared[longest] / whole[longest],
+        "x",
+        "<= 0.6",
+    )
+    fit = {n: fitted_length(peaks, budget) for n, peaks in ((1, whole), (2, shared))}
+    reach = make_record(
+        f"P8 longest response within a per-rank budget of {budget / GIB:.2f} GiB, N = 2 / N = 1",
+        fit[2] / fit[1],
+        "x",
+        ">= 1.8",
+    )
+    table = "; ".join(f"{n // 1024}K {whole[n] / GIB:.2f} vs {shared[n] / GIB:.2f} GiB" for n in lengths)
+    details = {
+        ratio["name"]: f"per-rank peak growth N = 1 vs N = 2: {table}",
+        reach["name"]: f"least-squares lines through the 4 peaks reach the budget at {fit[1]:.0f} (N = 1) and "
+        f"{fit[2]:.0f} (N = 2) tokens",
+    }
+    for run, n in ((one, 1), (two, 2)):
+        for r in run["ranks"][0]:
+            if r["variant"] != "plain":
+                base = (whole if n == 1 else shared)[r["length"]]
+                peak = max(rank[run["ranks"][0].index(r)]["peak_growth_bytes"] for rank in run["ranks"])
+                details[ratio["name"]] += (
+                    f"; {r['variant']} at {r['length'] // 1024}K, N = {n}: {peak / base:.2f}x plain"
+                )
+    return [ratio, reach], details
+
+
 def failed_record(name: str, unit: str, goal: str) -> dict:
     return make_record(name, float("nan"), unit, goal)
 
@@ -146,6 +200,17 @@ METHODS = """\
   Step time = median `time/step` of each run after its first step, then the median over seeds; sync share =
   median `time/weight_sync / time/step` of the vLLM runs; accuracy = held-out greedy `eval_accuracy` (200
   problems) after the last step.
+- **P8** (`benchmarks/sequence_memory.py`, deepspeed launcher, 2 ranks, `OMP_NUM_THREADS=1`, one launch with
+  `--sequence_parallel_size 1` and one with 2): the models of `rlad_ds.run_models.build_run_models` (ZeRO-3
+  student, frozen teacher, fp32, sdpa, `--logprob_chunk_size 1024`; random Qwen3s). Each data-parallel rank
+  (N = 1) or sequence-parallel group (N = 2) holds one fixed response of L tokens after a 64-token prompt; one
+  update = the teacher's and the old policy's scoring passes and `Trainer.update` (forward, TRRD loss, backward,
+  optimizer step). Per-rank peak = the highest resident set (`/proc/self/statm`, sampled every 2 ms by a thread)
+  during the update minus the resident set just before it, after a 256-token warm-up update; the larger of the
+  two ranks. Lengths run in ascending order in one process; the variants (tiled MLPs, 8 tiles; gradient
+  checkpointing; checkpointing with `--offload_activations`) run after them at one length, N = 2. Budget =
+  N = 1's peak at the second-longest length; each N's longest length within it is read off the least-squares
+  line through its four peaks.
 """
 
 

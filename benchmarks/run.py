@@ -1,4 +1,4 @@
-"""rlad_ds's benchmarks P1-P4 side by side: one command, one table, one JSON list of records.
+"""rlad_ds's benchmarks side by side: one command, one table, one JSON list of records.
 
     python -m benchmarks.run [--quick] [--json FILE] [--markdown FILE] [--only P1,P3]
 
@@ -7,6 +7,7 @@ P2  per-token log-prob peak memory and time, forward + backward, T=8192, V=15193
 P3  cost of distillation: (RLAD step - GRPO step) / teacher scoring pass alone, same batch and models
 P4  training-step peak memory, 8K vs 2K response tokens, through a ZeRO-3 student engine
 P5  the demo recipe end to end on 2 ranks, --rollout vllm vs gathered: step time, weight-sync share, accuracy
+P8  per-rank peak memory of one RLAD update at 4K-32K response tokens on 2 ranks, sequence parallelism N = 2 vs 1
 
 Each benchmark runs in its own worker process (benchmarks/*.py; P1 under the real deepspeed launcher), so
 memory is measured in fresh processes and no process group leaks between them. Every record is
@@ -38,12 +39,13 @@ from benchmarks.common import (
 )
 from benchmarks.engine_e2e import p5_records
 from benchmarks.engine_e2e import run_p5 as run_p5_worker
-from benchmarks.report import failed_record, p1_records, p2_records, p3_records, p4_records, render_markdown
+from benchmarks.report import failed_record, p1_records, p2_records, p3_records, p4_records, p8_records, render_markdown
 
 
 @dataclass
 class Settings:
-    """Sizes and repeats; `--quick` must finish in under 10 minutes on 2 CPU cores."""
+    """Sizes and repeats; `--quick` must finish P1-P5 in under 10 minutes on 2 CPU cores (P8's four lengths up to 32K
+    tokens on 2 ranks took 17 more at a load average of 14)."""
 
     p1_model: dict = field(default_factory=lambda: dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024))
     p1_prompts: int = 4  # per rank
@@ -66,6 +68,10 @@ class Settings:
     p4_checkpointing: tuple = (False,)
     p5_steps: int = 10
     p5_seeds: int = 1
+    p8_student: dict = field(default_factory=lambda: dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256))
+    p8_teacher: dict = field(default_factory=lambda: dict(hidden=128, layers=2, heads=8, kv_heads=4, intermediate=512))
+    p8_lengths: tuple = (4096, 8192, 16384, 32768)
+    p8_variants: tuple = ("tiled@16384", "checkpointing@16384", "offload@16384")  # N = 2 only
 
 
 def settings(quick: bool) -> Settings:
@@ -81,6 +87,8 @@ def settings(quick: bool) -> Settings:
         p4_checkpointing=(False, True),
         p5_steps=60,
         p5_seeds=3,
+        p8_student=dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512),
+        p8_teacher=dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=1024),
     )
 
 
@@ -233,6 +241,24 @@ def run_p4(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
     return records, details, raw
 
 
+def run_p8(s: Settings, work: Path) -> tuple[list[dict], dict, dict]:
+    from rlad_ds.tiny import char_tokenizer
+
+    tokenizer, positions = char_tokenizer(), max(s.p8_lengths) + 1024
+    student = save_model_dir(work / "p8_student", tokenizer, seed=0, max_positions=positions, **s.p8_student)
+    teacher = save_model_dir(work / "p8_teacher", tokenizer, seed=1, max_positions=positions, **s.p8_teacher)
+    runs = {}
+    for size in (1, 2):
+        out = work / f"p8_sp{size}.json"
+        args = ["--student", student, "--teacher", teacher, "--sequence_parallel_size", size, "--out", out]
+        args += ["--lengths", ",".join(map(str, s.p8_lengths)), "--workdir", work / f"p8_run{size}"]
+        args += ["--variants", ",".join(s.p8_variants)] if size == 2 else []
+        cmd = deepspeed_cmd("benchmarks.sequence_memory", args, 2, work)
+        runs[size] = run_worker(cmd, out, timeout=3600, env={**MEMORY_ENV, "OMP_NUM_THREADS": "1"})
+    records, details = p8_records(runs[1], runs[2])
+    return records, details, runs
+
+
 BENCHMARKS = {
     "P1": (run_p1, [("P1 rollout tokens/s, gathered / per-layer ZeRO-3", "x", ">= 5")]),
     "P2": (
@@ -245,17 +271,28 @@ BENCHMARKS = {
     "P3": (run_p3, [("P3 distillation cost, (RLAD - GRPO step) / teacher pass", "x", "<= 1.10")]),
     "P4": (run_p4, [("P4 training-step peak memory, 8K / 2K response tokens", "x", "<= 4.5")]),
     "P5": (run_p5, [("P5 step time, vLLM / gathered", "x", "<= 1.0")]),
+    "P8": (
+        run_p8,
+        [
+            ("P8 per-rank peak memory of an RLAD update at the longest length, N = 2 / N = 1", "x", "<= 0.6"),
+            ("P8 longest response within a per-rank budget, N = 2 / N = 1", "x", ">= 1.8"),
+        ],
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller models and fewer repeats (< 10 min on 2 cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller models and fewer repeats (P1-P5 < 10 min on 2 cores, P8 about 17 more)",
+    )
     parser.add_argument("--json", help="write the records here")
     parser.add_argument(
         "--markdown", default=str(ROOT / "docs" / "benchmarks.md"), help="write the table and methods here ('' to skip)"
     )
-    parser.add_argument("--only", default="P1,P2,P3,P4,P5", help="comma-separated subset, e.g. P2,P4")
+    parser.add_argument("--only", default="P1,P2,P3,P4,P5,P8", help="comma-separated subset, e.g. P2,P4")
     parser.add_argument("--workdir", help="keep model dirs and raw worker results here (default: a temp dir)")
     args = parser.parse_args(argv)
 

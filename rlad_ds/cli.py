@@ -183,8 +183,9 @@ def _run_training(
 
     init_process_group(cfg.train.collective_timeout_s)
     resume_from = settle_output_dir(cfg, lock, resume_from)
-    random.seed(cfg.train.seed + env_rank())
-    torch.manual_seed(cfg.train.seed + env_rank())
+    data_rank = env_rank() // cfg.train.sequence_parallel_size  # a sequence-parallel group's ranks sample alike
+    random.seed(cfg.train.seed + data_rank)
+    torch.manual_seed(cfg.train.seed + data_rank)
     # The rollout is sized by the prompts it will see (vLLM reserves KV cache per token), not by the model's context.
     context = rollout_context(cfg, tokenizer, [*train_examples, *eval_examples], len(eval_examples))
     models = build_run_models(cfg, method, *paths, tokenizer, context)

@@ -227,15 +227,31 @@ def inference_config(
     return config
 
 
+def _sequence_parallel(config: dict, size: int) -> dict:
+    """DeepSpeed's own `sequence_parallel_size`: ZeRO-3's construction (`zero.Init`, which sees no mpu) reads the
+    data-parallel size from it, so the batch sizes above are per data-parallel rank (`--sequence_parallel_size` sets
+    it; a file may leave it "auto")."""
+    if size > 1 or config.get("sequence_parallel_size", AUTO) not in (AUTO, 1):
+        _fill(config, "sequence_parallel_size", int(size), "")
+        # ZeRO-3 averages gradients over every rank on this path (its all-reduce path divides by world / N instead);
+        # the sequence gather's backward is scaled for it (`rlad_ds.sequence_parallel`), so it must be this one.
+        _fill(config.setdefault("zero_optimization", {}), "reduce_scatter", True, "zero_optimization.")
+    else:
+        config.pop("sequence_parallel_size", None)
+    return config
+
+
 def student_ds_config(cfg, world_size: int, device: str) -> dict:
     """The student engine's DeepSpeed config from the `rlad_ds.config.schema.Config` tree.
 
     Each rank's micro-batch count varies with response lengths (a token budget); DeepSpeed only needs a
-    nominal micro-batch size, and the trainer marks the accumulation boundary itself.
+    nominal micro-batch size, and the trainer marks the accumulation boundary itself. With sequence parallelism the
+    batch sizes count data-parallel ranks (world / `--sequence_parallel_size`).
     """
-    return fill_train_config(
+    size = cfg.train.sequence_parallel_size
+    config = fill_train_config(
         cfg.deepspeed,
-        world_size=world_size,
+        world_size=world_size // size,
         micro_batch_size=1,
         gradient_accumulation_steps=1,
         lr=cfg.train.lr,
@@ -245,15 +261,18 @@ def student_ds_config(cfg, world_size: int, device: str) -> dict:
         precision=cfg.model.precision,
         persistence_threshold=cfg.model.param_persistence_threshold,
     )
+    return _sequence_parallel(config, size)
 
 
 def frozen_ds_config(cfg, offload: bool, world_size: int, device: str) -> dict:
     """A frozen model's DeepSpeed config (teacher, reference, evaluated model) from the Config tree."""
-    return inference_config(
+    size = cfg.train.sequence_parallel_size
+    config = inference_config(
         offload=offload,
-        world_size=world_size,
+        world_size=world_size // size,
         micro_batch_size=1,
         device=device,
         precision=cfg.model.precision,
         persistence_threshold=cfg.model.param_persistence_threshold,
     )
+    return _sequence_parallel(config, size)

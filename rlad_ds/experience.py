@@ -45,7 +45,10 @@ class StepExperience:
         return batch
 
     def _dynamic_rounds(self, step: int, timer, totals: StepMetrics) -> Batch:
-        G, need = self.cfg.rollout.group_size, self.cfg.train.prompts_per_step // self.world_size
+        G, need = (
+            self.cfg.rollout.group_size,
+            self.cfg.train.prompts_per_step // self.models.long_context.group.data_size,
+        )
         kept, have, rounds = [], 0, 0
         while True:
             batch = self.sample_round(step, rounds, timer, totals)
@@ -93,18 +96,21 @@ class StepExperience:
                 self.models.device,
                 batch_size=self.cfg.rollout.rollout_batch_size,
             )
+            rollout = self.models.long_context.same_in_group(rollout)
         with timer("reward"):
             return self.reward(rollout, examples, totals)
 
     def prompts_for_step(self, step: int) -> list[dict]:
-        """This rank's prompts of `step`: a DistributedSampler epoch order, the same on resume."""
+        """This rank's prompts of `step`: a DistributedSampler epoch order over the data-parallel ranks (a
+        sequence-parallel group's ranks read the same prompts), the same on resume."""
         from torch.utils.data import DistributedSampler
 
-        per_rank = self.cfg.train.prompts_per_step // self.world_size
+        group = self.models.long_context.group
+        per_rank = self.cfg.train.prompts_per_step // group.data_size
         sampler = DistributedSampler(
             range(len(self.train_examples)),
-            num_replicas=self.world_size,
-            rank=self.rank,
+            num_replicas=group.data_size,
+            rank=group.data_rank,
             shuffle=True,
             seed=self.cfg.train.seed,
             drop_last=True,
@@ -121,16 +127,18 @@ class StepExperience:
 
     def extra_prompts(self, step: int, round_: int) -> list[dict]:
         """This rank's prompts of an extra sampling round: its slice of a permutation seeded by (seed, step, round)."""
-        per_rank = self.cfg.train.prompts_per_step // self.world_size
+        group = self.models.long_context.group
+        per_rank = self.cfg.train.prompts_per_step // group.data_size
         seed = int.from_bytes(hashlib.sha256(f"{self.cfg.train.seed}:{step}:{round_}".encode()).digest()[:8], "little")
         order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [self.train_examples[i] for i in order[self.rank * per_rank : (self.rank + 1) * per_rank]]
+        return [self.train_examples[i] for i in order[group.data_rank * per_rank : (group.data_rank + 1) * per_rank]]
 
     def reward(self, rollout, examples: list[dict], totals: StepMetrics) -> Batch:
         """Verifier scores of the rollouts (shaped by `--soft_overlong_tokens`), group advantages, the loss mask
         (without truncated responses under `--mask_truncated`); their totals into `totals`."""
         cfg, G, device = self.cfg, self.cfg.rollout.group_size, self.models.device
         scored = self.rewards.run(decode_responses(self.tokenizer, rollout), [e for e in examples for _ in range(G)])
+        scored = self.models.long_context.same_in_group(scored)  # a verifier's timeout must not split a group
         self.reward_error = scored.messages[0] if scored.failed else None
         if scored.errors or scored.timeouts:
             logger.warning(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from rlad_ds.logprobs import token_logprobs
-from rlad_ds.microbatches import microbatch_logprobs, microbatch_slices, synced_microbatch_count
+from rlad_ds.long_context import LongContext
+from rlad_ds.microbatches import synced_microbatch_count
 
 
 class LogProbScorer:
@@ -26,8 +26,10 @@ class LogProbScorer:
         chunk_size: int | None = None,
         max_tokens_per_microbatch: int = 16384,
         packed: bool = False,
+        long_context: LongContext | None = None,
     ):
         self.engine = engine
+        self.long_context = long_context if long_context is not None else LongContext()
         self.tokenizer = tokenizer
         self.temperature = temperature
         self.chunk_size = chunk_size
@@ -44,21 +46,23 @@ class LogProbScorer:
         device = self.engine.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         out = torch.zeros(input_ids.shape[0], max(input_ids.shape[1] - 1, 0), dtype=torch.float32, device=device)
-        micro_batches = microbatch_slices(attention_mask, self.max_tokens_per_microbatch, self.packed)
+        long_context = self.long_context
+        micro_batches = long_context.slices(attention_mask, self.max_tokens_per_microbatch, self.packed)
         # Agreed before the first forward: a count exchanged between forwards would meet another rank's gathers.
         fillers = synced_microbatch_count(len(micro_batches)) - len(micro_batches)
-        for piece in micro_batches:
-            rows, cols, inputs = piece.rows, piece.cols, slice(piece.cols.start, piece.cols.stop + 1)
-            out[rows, cols] = microbatch_logprobs(
-                self.engine,
-                input_ids[rows, inputs],
-                attention_mask[rows, inputs],
-                packed=self.packed,
-                spans=piece.spans,
-                temperature=self.temperature,
-                chunk_size=self.chunk_size,
-            ).logprobs
-        for _ in range(fillers):
-            filler = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-            token_logprobs(self.engine, filler, torch.ones_like(filler), chunk_size=self.chunk_size)
+        with long_context.compute():
+            for piece in micro_batches:
+                rows, cols, inputs = piece.rows, piece.cols, slice(piece.cols.start, piece.cols.stop + 1)
+                out[rows, cols] = long_context.logprobs(
+                    self.engine,
+                    input_ids[rows, inputs],
+                    attention_mask[rows, inputs],
+                    packed=self.packed,
+                    spans=piece.spans,
+                    temperature=self.temperature,
+                    chunk_size=self.chunk_size,
+                ).logprobs
+            for _ in range(fillers):  # the same path as a real micro-batch: the same collectives on every rank
+                filler = torch.full((1, 2), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+                long_context.logprobs(self.engine, filler, torch.ones_like(filler), chunk_size=self.chunk_size)
         return out * attention_mask[:, 1:]

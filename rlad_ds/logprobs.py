@@ -153,22 +153,26 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     with_entropy: bool = False,
+    targets: torch.Tensor | None = None,
 ) -> TokenLogProbs:
     """Per-token log-probs of `input_ids` under `model` (an HF causal LM or a DeepSpeed engine around one).
 
     Positions follow the attention mask (left padding is skipped) unless `position_ids` is given; for a
     packed row (see `pack_rows`) pass its position_ids and no attention mask. Runs under the caller's
-    grad mode: inside `torch.no_grad()` it is a pure scoring pass.
+    grad mode: inside `torch.no_grad()` it is a pure scoring pass. With `targets` ([B, T], a shard of a longer
+    sequence whose last target is the next shard's first token) every position is scored against its target,
+    and the result is [B, T].
     """
     module = getattr(model, "module", model)
     lm_head = module.get_output_embeddings()
-    targets = input_ids[:, 1:]
+    scored = slice(None) if targets is not None else slice(None, -1)
+    targets = input_ids[:, 1:] if targets is None else targets
     if position_ids is None and attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)
 
     def chunked_head(hidden):
         logp, entropy = chunked_token_logprobs(
-            hidden[:, :-1],
+            hidden[:, scored],
             lm_head.weight,
             targets,
             chunk_size=chunk_size,

@@ -45,9 +45,11 @@ def check_train_inputs(cfg) -> None:
     from rlad_ds.checkpoint.run_dir import check_output_dir
     from rlad_ds.ds_validation import check_student_file, check_with_deepspeed
     from rlad_ds.methods import get_method
-    from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget
+    from rlad_ds.models import check_model_dir, check_vocab_sizes, prompt_budget, read_model_config
+    from rlad_ds.sequence_parallel import check_config, check_heads
 
     world = env_world_size()
+    check_config(cfg, world)
     if cfg.train.prompts_per_step % world:
         raise ConfigError(
             f"--prompts_per_step {cfg.train.prompts_per_step} does not divide by the {world} ranks; "
@@ -59,10 +61,12 @@ def check_train_inputs(cfg) -> None:
         check_demo_can_write(cfg)
     else:  # the demo's models are built (or found in the cache) after these checks
         check_model_dir(cfg.model.student, "student", cfg.model.trust_remote_code)
+        check_heads(read_model_config(cfg.model.student), cfg.train.sequence_parallel_size, "student")
         prompt_budget(cfg.model.student, cfg.rollout.max_new_tokens, "student")
         method = get_method(cfg.loss.method)
         if cfg.model.teacher is not None:
             check_model_dir(cfg.model.teacher, "teacher", cfg.model.trust_remote_code)
+            check_heads(read_model_config(cfg.model.teacher), cfg.train.sequence_parallel_size, "teacher")
             if method.needs_teacher:
                 check_vocab_sizes(cfg.model.student, cfg.model.teacher, method.teacher_generates)
     check_writable(cfg.train.output_dir, "--output_dir", directory=True)

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlad_ds.distributed import world
 from rlad_ds.ds_config import frozen_ds_config, jit_built_ops, resolve_precision, student_ds_config
 from rlad_ds.hygiene import announce_op_build
 from rlad_ds.logprob_scorer import LogProbScorer
-from rlad_ds.models import check_tokenizers_match, choose_attention, load_causal_lm, load_tokenizer
+from rlad_ds.long_context import LongContext
+from rlad_ds.models import check_tokenizers_match, choose_attention, load_causal_lm, load_tokenizer, read_model_config
 from rlad_ds.rollout.registry import RolloutContext, choose_model_dir_rollout, choose_rollout
+from rlad_ds.sequence_parallel import check_heads, init_sequence_group, install_attention
 
 
 @dataclass
@@ -35,6 +37,7 @@ class RunModels:
     teacher_rollout: object = None  # samples from the teacher (sft trains on them; the demo evaluates it)
     reference_scorer: LogProbScorer | None = None
     packed: bool = False  # micro-batches run padding-free
+    long_context: LongContext = field(default_factory=LongContext)  # sequence parallelism, tiled MLPs, offload
 
     @property
     def device(self):
@@ -88,7 +91,12 @@ def _attention(cfg, device: str) -> str:
 
 
 def load_frozen(
-    path: str | Path, ds_config: dict, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+    path: str | Path,
+    ds_config: dict,
+    *,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    long_context: LongContext | None = None,
 ):
     """A frozen model as a ZeRO-3 inference engine (no optimizer), built partitioned, in eval mode; `ds_config`
     comes from `rlad_ds.ds_config.frozen_ds_config`."""
@@ -97,7 +105,11 @@ def load_frozen(
     model = load_causal_lm(
         path, ds_config, attn_implementation=attn_implementation, trainable=False, trust_remote_code=trust_remote_code
     )
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    mpu = None
+    if long_context is not None:
+        long_context.prepare(model)
+        mpu = long_context.group.mpu
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu)
     engine.eval()
     return engine
 
@@ -107,7 +119,7 @@ def _frozen_rollout(cfg, engine, tokenizer, device: str, role: str):
     return rollout.from_run(engine, tokenizer, None, cfg.rollout, cfg.train.seed)
 
 
-def _student(cfg, path: Path, device: str, world_size: int, attn: str):
+def _student(cfg, path: Path, device: str, world_size: int, attn: str, long_context: LongContext):
     """The student's ZeRO-3 training engine, built with the DeepSpeed-config patch of the rollout it will use, and
     that rollout's class (chosen before `deepspeed.initialize`: the patch changes how the engine is built)."""
     import deepspeed
@@ -123,11 +135,29 @@ def _student(cfg, path: Path, device: str, world_size: int, attn: str):
     rollout = choose_rollout(cfg.rollout.rollout, model, device, cfg.rollout)
     for builder, why in jit_built_ops(student_ds):  # compiled inside deepspeed.initialize, silently otherwise
         announce_op_build(builder, why)
+    long_context.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=params, config={**student_ds, **copy.deepcopy(rollout.ds_config)}
+        model=model,
+        model_parameters=params,
+        config={**student_ds, **copy.deepcopy(rollout.ds_config)},
+        mpu=long_context.group.mpu,
     )
+    engine.train()  # from_pretrained leaves a model in eval mode, where transformers skips gradient checkpointing
     return engine, rollout
+
+
+def _long_context(cfg, attn: str, tokenizer, paths) -> LongContext:
+    """The run's sequence-parallel groups (DeepSpeed's, before any engine), attention wrapped for them, tiles and
+    offload; head counts checked first (the demo's models are only known here)."""
+    size = cfg.train.sequence_parallel_size
+    for role, path in zip(("student", "teacher"), paths):
+        if path is not None:
+            check_heads(read_model_config(path, role), size, role)
+    group = init_sequence_group(size)
+    if size > 1:
+        install_attention(attn, group)
+    return LongContext(group, cfg.model.tiled_mlp_shards, cfg.model.offload_activations, tokenizer.pad_token_id)
 
 
 def build_run_models(
@@ -139,7 +169,8 @@ def build_run_models(
         check_tokenizers_match(tokenizer, load_tokenizer(teacher_path, trust_remote_code=cfg.model.trust_remote_code))
     device, world_size = _device(), world()[1]
     attn = _attention(cfg, device)
-    student, rollout = _student(cfg, student_path, device, world_size, attn)
+    long_context = _long_context(cfg, attn, tokenizer, [student_path, teacher_path if method.needs_teacher else None])
+    student, rollout = _student(cfg, student_path, device, world_size, attn, long_context)
     # Padding-free packing needs attention that honours per-sequence position ids: flash-attention's varlen
     # kernels on GPU (transformers' sdpa/eager masks also do, which is how CPU tests cover it).
     packed = cfg.model.pack_sequences == "on" or (cfg.model.pack_sequences == "auto" and attn == "flash_attention_2")
@@ -148,6 +179,7 @@ def build_run_models(
         chunk_size=cfg.model.logprob_chunk_size or None,
         max_tokens_per_microbatch=cfg.train.micro_batch_tokens,
         packed=packed,
+        long_context=long_context,
     )
     models = RunModels(
         student,
@@ -156,6 +188,7 @@ def build_run_models(
         ),
         LogProbScorer(student, tokenizer, **scoring),
         packed=packed,
+        long_context=long_context,
     )
 
     def frozen(path: Path, offload: bool) -> object:
@@ -164,6 +197,7 @@ def build_run_models(
             frozen_ds_config(cfg, offload, world_size, device),
             attn_implementation=attn,
             trust_remote_code=cfg.model.trust_remote_code,
+            long_context=long_context,
         )
 
     if method.needs_teacher:

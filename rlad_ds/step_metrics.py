@@ -6,7 +6,10 @@ Kinds:
   token count, over all micro-batches (of every PPO epoch) and ranks.
 - `LOSS_SHARE`: a micro-batch's share of the batch loss (normalised by the whole batch, over the world size, see
   `Trainer.update`): summed over micro-batches and ranks, divided by the world size and averaged over PPO epochs.
-- `SUM`: summed over everything (counts, totals).
+- `SUM`: summed over everything (counts, totals); divided by `copies` when each value is added alike by that many
+  ranks (the ranks of a sequence-parallel group hold the same samples).
+(`LOSS_SHARE` needs no such division: a group's ranks add the same share, and the trainer's normaliser counts each of
+them, see `Trainer.update`.)
 - `MAX`: the largest value anywhere.
 """
 
@@ -19,8 +22,8 @@ TOKEN_MEAN, LOSS_SHARE, SUM, MAX = "token_mean", "loss_share", "sum", "max"
 
 
 class StepMetrics:
-    def __init__(self, device, world_size: int = 1, epochs: int = 1):
-        self.device, self.loss_divisor = device, float(world_size * epochs)
+    def __init__(self, device, world_size: int = 1, epochs: int = 1, copies: int = 1):
+        self.device, self.loss_divisor, self.copies = device, float(world_size * epochs), float(copies)
         self.kinds: dict[str, str] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}
@@ -70,6 +73,6 @@ class StepMetrics:
                 if kind == LOSS_SHARE
                 else top[i]
                 if kind == MAX
-                else summed[i]
+                else summed[i] / self.copies
             )
         return result

@@ -63,7 +63,8 @@ class Trainer(StepExperience):
     def train_step(self, step: int) -> dict:
         """Rollout, reward, teacher (and reference, old-policy) log-probs, update: one optimizer step."""
         timer, start = Timer(), time.perf_counter()
-        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs)
+        group = self.models.long_context.group  # its ranks hold the same samples: their sums count once
+        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs, copies=group.size)
         batch = self.make_batch(step, timer, totals)
         self.score(batch, timer)
         for callback in self.callbacks:
@@ -96,16 +97,18 @@ class Trainer(StepExperience):
 
     def update(self, batch: Batch, timer: Timer, totals: StepMetrics) -> float:
         """ppo_epochs passes of token-budget micro-batches, one optimizer step per pass; the last gradient norm."""
-        from rlad_ds.microbatches import microbatch_slices, synced_microbatch_count
+        from rlad_ds.microbatches import synced_microbatch_count
 
-        engine, device = self.models.student, self.models.device
+        engine, device, long_context = self.models.student, self.models.device, self.models.long_context
         # Global normaliser (loss tokens, or rows with a loss token), divided by the world size because DeepSpeed
-        # averages gradients over ranks: the micro-batch losses of all ranks then add up to the loss of the whole
-        # batch exactly. Rows the rollout correction drops are counted out already (`correction_keep`).
+        # averages gradients over data-parallel ranks: the micro-batch losses of all ranks then add up to the loss of
+        # the whole batch exactly. With sequence parallelism each of a group's N ranks adds its batch once more and
+        # DeepSpeed divides by world / N only (it sums the group's shards), so the same ratio holds. Rows the rollout
+        # correction drops are counted out already (`correction_keep`).
         mask = batch.loss_mask if batch.correction_keep is None else batch.correction_keep
         (count,) = all_reduce_sum([float(loss_denominator(mask, self.cfg.loss.loss_agg))], device)
         loss_norm = max(count, 1.0) / self.world_size
-        slices = microbatch_slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.models.packed)
+        slices = long_context.slices(batch.attention_mask, self.cfg.train.micro_batch_tokens, self.models.packed)
         n_micro = synced_microbatch_count(len(slices))
         grad_norm = 0.0
         for _ in range(self.cfg.train.ppo_epochs):
@@ -113,9 +116,10 @@ class Trainer(StepExperience):
                 # A rank with fewer micro-batches than another repeats its first one with zero weight.
                 piece = slices[min(i, len(slices) - 1)]
                 engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-                self.micro_step(
-                    batch.micro(piece.rows, piece.cols), piece.spans, loss_norm, i < len(slices), timer, totals
-                )
+                with long_context.compute(), long_context.activation_offload():
+                    self.micro_step(
+                        batch.micro(piece.rows, piece.cols), piece.spans, loss_norm, i < len(slices), timer, totals
+                    )
             with timer("optimizer"):
                 engine.step()
             norm = engine.get_global_grad_norm()
@@ -131,11 +135,9 @@ class Trainer(StepExperience):
         """Forward, loss and backward of one micro-batch (`spans`: its rows' real tokens, for packing); its metrics
         into `totals` unless it is a filler (a rank's repeat, with zero weight, to run as many forwards as the other
         ranks)."""
-        from rlad_ds.microbatches import microbatch_logprobs
-
         cfg = self.cfg
         with timer("train_forward"):
-            out = microbatch_logprobs(
+            out = self.models.long_context.logprobs(
                 self.models.student,
                 micro.input_ids,
                 micro.attention_mask,
@@ -206,14 +208,15 @@ class Trainer(StepExperience):
         )
 
     def trainer_state(self) -> dict:
-        per_rank = self.cfg.train.prompts_per_step // self.world_size
+        data_size = self.models.long_context.group.data_size
+        per_rank = self.cfg.train.prompts_per_step // data_size
         # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
         return {
             "step": self.step,
             "controls": self.controls,
             "bad_steps": self.health.bad_steps,
             "world_size": self.world_size,
-            "samples_seen": self.step * per_rank * self.world_size,
+            "samples_seen": self.step * per_rank * data_size,
             "identity": run_identity(self.cfg),
         }
 

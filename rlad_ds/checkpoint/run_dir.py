@@ -197,6 +197,7 @@ _RESUMABLE = {
         "max_bad_steps",
         "max_failed_reward_steps",
         "checkpoint_verify",
+        "sequence_parallel_size",  # how the ranks share the work, not what is computed
     },
     "rollout": {
         "rollout",
@@ -205,7 +206,7 @@ _RESUMABLE = {
         "vllm_sleep_level",
         "kv_cache_budget_gb",
     },  # how samples are made
-    "model": {"cache_dir"},
+    "model": {"cache_dir", "tiled_mlp_shards", "offload_activations"},
     "eval": {
         "eval_size",
         "eval_steps",

@@ -47,6 +47,11 @@ class ModelConfig:
         default="auto",
     )
     gradient_checkpointing: bool = _help("recompute activations in backward (long responses)", default=False)
+    offload_activations: bool = _help(
+        "with --gradient_checkpointing: each layer's checkpointed input waits in host memory until backward",
+        default=False,
+    )
+    tiled_mlp_shards: int = _help("MLPs of training and scoring passes run in this many sequence tiles", default=1)
     pack_sequences: Switch = _help(
         "auto (on with flash_attention_2), on, off (true / false read as on / off): run "
         "micro-batches padding-free, sequences packed into one row",
@@ -95,6 +100,13 @@ class ModelConfig:
         _check(
             not self.demo_build or self.student is None,
             "--demo_build trains the built-in demo's models; with --student there is no demo: drop it",
+        )
+        _check(
+            self.tiled_mlp_shards >= 1, f"--tiled_mlp_shards must be >= 1 (1: no tiling), got {self.tiled_mlp_shards}"
+        )
+        _check(
+            self.gradient_checkpointing or not self.offload_activations,
+            "--offload_activations offloads the inputs gradient checkpointing keeps: add --gradient_checkpointing",
         )
         _check(
             self.param_persistence_threshold is None or self.param_persistence_threshold >= 0,
@@ -244,6 +256,9 @@ class TrainConfig:
     prompts_per_step: int = _help("prompts per optimizer step, all ranks together", default=32)
     ppo_epochs: int = _help("passes over each batch of rollouts", default=1)
     micro_batch_tokens: int = _help("token budget of one forward/backward micro-batch per rank", default=16384)
+    sequence_parallel_size: int = _help(
+        "ranks sharing each sequence (Ulysses): the data-parallel size is world / this", default=1
+    )
     lr: float = _help('learning rate (fills the DeepSpeed config\'s "auto")', default=1e-6)
     weight_decay: float = _help('AdamW weight decay (fills the DeepSpeed config\'s "auto")', default=0.0)
     grad_clip: float = _help('gradient norm clipping (fills "auto")', default=1.0)
@@ -290,6 +305,7 @@ class TrainConfig:
             "prompts_per_step",
             "ppo_epochs",
             "micro_batch_tokens",
+            "sequence_parallel_size",
             "max_steps",
             "keep_last",
             "collective_timeout_s",
