@@ -281,6 +281,28 @@ BENCHMARKS = {
 }
 
 
+def run_benchmarks(chosen: list[str], s: Settings, workdir: str | None) -> tuple[list[dict], dict, list[str]]:
+    """Each chosen benchmark in turn: (records, details, errors); one that fails leaves the others' numbers."""
+    records, details, errors = [], {}, []
+    with tempfile.TemporaryDirectory(prefix="rlad_bench_") as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in chosen:
+            run, fallbacks = BENCHMARKS[name]
+            t0 = time.perf_counter()
+            print(f"[bench] {name} ...", flush=True)
+            try:
+                r, d, _ = run(s, work)
+            except Exception as error:
+                r, d = [failed_record(*f) for f in fallbacks], {}
+                errors.append(f"{name}: {str(error).splitlines()[0]}")
+                print(f"[bench] {name} failed: {error}", file=sys.stderr, flush=True)
+            records += r
+            details.update(d)
+            print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return records, details, errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -304,23 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
     machine_start = machine_info()
     start = time.perf_counter()
-    records, details, errors = [], {}, []
-    with tempfile.TemporaryDirectory(prefix="rlad_bench_") as tmp:
-        work = Path(args.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for name in chosen:
-            run, fallbacks = BENCHMARKS[name]
-            t0 = time.perf_counter()
-            print(f"[bench] {name} ...", flush=True)
-            try:
-                r, d, _ = run(s, work)
-            except Exception as error:  # one failing benchmark still leaves the others' numbers
-                r, d = [failed_record(*f) for f in fallbacks], {}
-                errors.append(f"{name}: {str(error).splitlines()[0]}")
-                print(f"[bench] {name} failed: {error}", file=sys.stderr, flush=True)
-            records += r
-            details.update(d)
-            print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    records, details, errors = run_benchmarks(chosen, s, args.workdir)
     seconds = time.perf_counter() - start
     table = markdown_table(records, details)
     print(table)

@@ -172,12 +172,9 @@ def _run_training(
 
     import torch
 
-    from rlad_ds.checkpoint.export import ExportHF
     from rlad_ds.checkpoint.manifest import write_json_atomic
-    from rlad_ds.checkpoint.run_dir import EXPORT_DIR, RUN_RECORD, run_identity, settle_output_dir
-    from rlad_ds.demo.summary import DemoSummary
+    from rlad_ds.checkpoint.run_dir import RUN_RECORD, run_identity, settle_output_dir
     from rlad_ds.distributed import init_process_group
-    from rlad_ds.metrics import MetricsLogger
     from rlad_ds.run_models import build_run_models, rollout_context
     from rlad_ds.trainer import Trainer
 
@@ -197,6 +194,20 @@ def _run_training(
     trainer = Trainer(cfg, method, models, tokenizer, task, rewards, train_examples, eval_examples)
     if resume_from is not None:
         trainer.resume(resume_from)
+    history = _fit(cfg, trainer, output_dir)
+    end_process_group()
+    if env_rank() == 0:
+        print(_final_line(cfg, trainer, history), flush=True)
+    return 0
+
+
+def _fit(cfg, trainer, output_dir: Path) -> dict:
+    """The training loop with the run's outputs as its callbacks: metrics, the exported student, the demo's summary."""
+    from rlad_ds.checkpoint.export import ExportHF
+    from rlad_ds.checkpoint.run_dir import EXPORT_DIR
+    from rlad_ds.demo.summary import DemoSummary
+    from rlad_ds.metrics import MetricsLogger
+
     metrics = MetricsLogger(
         output_dir,
         rank=env_rank(),
@@ -209,13 +220,9 @@ def _run_training(
     if cfg.is_demo:
         callbacks.append(DemoSummary(output_dir))
     try:
-        history = trainer.fit(callbacks)
+        return trainer.fit(callbacks)
     finally:
         metrics.close()
-    end_process_group()
-    if env_rank() == 0:
-        print(_final_line(cfg, trainer, history), flush=True)
-    return 0
 
 
 def _export(argv: list[str]) -> int:

@@ -34,6 +34,12 @@ logger = logging.getLogger("rlad_ds")
 class StepExperience:
     """Mixed into `Trainer`: reads its cfg, method, models, tokenizer, rewards, train_examples, rank, world_size."""
 
+    def data_parallel(self) -> tuple[int, int]:
+        """This rank's index among the data-parallel ranks, and their number: the N consecutive ranks of a
+        sequence-parallel group (DeepSpeed's groups) read the same prompts."""
+        n = self.cfg.train.sequence_parallel_size
+        return self.rank // n, self.world_size // n
+
     def make_batch(self, step: int, timer, totals: StepMetrics) -> Batch:
         """The step's batch on this rank (one round, or the rounds of `--dynamic_sampling`); its statistics into
         `totals`."""
@@ -45,10 +51,7 @@ class StepExperience:
         return batch
 
     def _dynamic_rounds(self, step: int, timer, totals: StepMetrics) -> Batch:
-        G, need = (
-            self.cfg.rollout.group_size,
-            self.cfg.train.prompts_per_step // self.models.long_context.group.data_size,
-        )
+        G, need = self.cfg.rollout.group_size, self.cfg.train.prompts_per_step // self.data_parallel()[1]
         kept, have, rounds = [], 0, 0
         while True:
             batch = self.sample_round(step, rounds, timer, totals)
@@ -105,12 +108,12 @@ class StepExperience:
         sequence-parallel group's ranks read the same prompts), the same on resume."""
         from torch.utils.data import DistributedSampler
 
-        group = self.models.long_context.group
-        per_rank = self.cfg.train.prompts_per_step // group.data_size
+        data_rank, data_size = self.data_parallel()
+        per_rank = self.cfg.train.prompts_per_step // data_size
         sampler = DistributedSampler(
             range(len(self.train_examples)),
-            num_replicas=group.data_size,
-            rank=group.data_rank,
+            num_replicas=data_size,
+            rank=data_rank,
             shuffle=True,
             seed=self.cfg.train.seed,
             drop_last=True,
@@ -127,11 +130,11 @@ class StepExperience:
 
     def extra_prompts(self, step: int, round_: int) -> list[dict]:
         """This rank's prompts of an extra sampling round: its slice of a permutation seeded by (seed, step, round)."""
-        group = self.models.long_context.group
-        per_rank = self.cfg.train.prompts_per_step // group.data_size
+        data_rank, data_size = self.data_parallel()
+        per_rank = self.cfg.train.prompts_per_step // data_size
         seed = int.from_bytes(hashlib.sha256(f"{self.cfg.train.seed}:{step}:{round_}".encode()).digest()[:8], "little")
         order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [self.train_examples[i] for i in order[group.data_rank * per_rank : (group.data_rank + 1) * per_rank]]
+        return [self.train_examples[i] for i in order[data_rank * per_rank : (data_rank + 1) * per_rank]]
 
     def reward(self, rollout, examples: list[dict], totals: StepMetrics) -> Batch:
         """Verifier scores of the rollouts (shaped by `--soft_overlong_tokens`), group advantages, the loss mask

@@ -63,8 +63,9 @@ class Trainer(StepExperience):
     def train_step(self, step: int) -> dict:
         """Rollout, reward, teacher (and reference, old-policy) log-probs, update: one optimizer step."""
         timer, start = Timer(), time.perf_counter()
-        group = self.models.long_context.group  # its ranks hold the same samples: their sums count once
-        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs, copies=group.size)
+        # A sequence-parallel group's ranks hold the same samples: their sums count once.
+        copies = self.cfg.train.sequence_parallel_size
+        totals = StepMetrics(self.models.device, self.world_size, self.cfg.train.ppo_epochs, copies=copies)
         batch = self.make_batch(step, timer, totals)
         self.score(batch, timer)
         for callback in self.callbacks:
@@ -208,7 +209,7 @@ class Trainer(StepExperience):
         )
 
     def trainer_state(self) -> dict:
-        data_size = self.models.long_context.group.data_size
+        data_size = self.data_parallel()[1]
         per_rank = self.cfg.train.prompts_per_step // data_size
         # The identity lets --resume auto refuse another run's checkpoint (e.g. after --group_size changed).
         return {

@@ -390,7 +390,7 @@ def test_one_command_makes_a_student_vllm_runs_and_says_how_to_train_it(tmp_path
     from transformers import AutoConfig
 
     from rlad_ds.cli import train_main
-    from rlad_ds.rollout.vllm import CPU_HEAD_SIZES, head_dim
+    from rlad_ds.rollout.vllm_engine import CPU_HEAD_SIZES, head_dim
 
     spec = recipe.VLLM_RECIPE.student
     assert spec.hidden // spec.heads in CPU_HEAD_SIZES and recipe.DEFAULT_RECIPE.student.hidden == spec.hidden

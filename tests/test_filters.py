@@ -119,7 +119,9 @@ class Rounds(StepExperience):
     def __init__(self, rounds, max_rounds=4, dynamic=True):
         self.cfg = SimpleNamespace(
             rollout=SimpleNamespace(group_size=2),
-            train=SimpleNamespace(prompts_per_step=2, dynamic_sampling=dynamic, max_sampling_rounds=max_rounds),
+            train=SimpleNamespace(
+                prompts_per_step=2, dynamic_sampling=dynamic, max_sampling_rounds=max_rounds, sequence_parallel_size=1
+            ),
         )
         self.method, self.models = get_method("grpo"), SimpleNamespace(device="cpu")
         self.rank, self.world_size, self.rounds, self.drawn = 0, 1, list(rounds), 0

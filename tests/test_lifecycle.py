@@ -495,12 +495,15 @@ def test_the_offloaded_optimizers_build_is_announced(tmp_path, monkeypatch, capl
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
 
-    def ops_of(ds_config: str, device: str = "cpu"):
+    def ops_of(ds_config, device: str = "cpu"):
         cfg, _ = parse_config(["--deepspeed", str(ROOT / "ds_configs" / ds_config)])
         return jit_built_ops(student_ds_config(cfg, 1, device))
 
-    assert ops_of("zero3.json") == []  # torch's AdamW on CPU: nothing to compile
-    assert [builder for builder, _ in ops_of("zero3.json", "cuda")] == ["FusedAdamBuilder"]
+    assert ops_of("zero3.json") == ops_of("zero3.json", "cuda") == []  # torch's AdamW (fused on CUDA): no build
+    fused = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    fused["optimizer"].setdefault("params", {})["torch_adam"] = False  # DeepSpeed's own FusedAdam, asked for
+    (tmp_path / "fused.json").write_text(json.dumps(fused))
+    assert [builder for builder, _ in ops_of(tmp_path / "fused.json", "cuda")] == ["FusedAdamBuilder"]
     ops = ops_of("zero3_offload.json")
     assert [builder for builder, _ in ops] == ["CPUAdamBuilder"]
     with caplog.at_level(logging.INFO, logger="rlad_ds"):
