@@ -89,6 +89,9 @@ def run_one(
         "step_s": statistics.median(r["time/step"] for r in steps_),
         "rollout_s": statistics.median(r["time/rollout"] for r in steps_),
         "sync_share": statistics.median(r["time/weight_sync"] / r["time/step"] for r in steps_),
+        # The student's training passes after the rollout: a rollout that loses ZeRO-3's prefetch trace slows them.
+        "train_forward_s": statistics.median(r["time/train_forward"] for r in steps_),
+        "train_backward_s": statistics.median(r["time/train_backward"] for r in steps_),
         "eval_before": evals[0] if evals else None,
         "eval_after": evals[-1] if evals else None,
     }
@@ -113,6 +116,10 @@ def p5_records(m: dict) -> tuple[list[dict], dict]:
     by = {engine: [r for r in m["runs"] if r["engine"] == engine] for engine in ("gathered", "vllm")}
     step = {e: statistics.median(r["step_s"] for r in rs) for e, rs in by.items()}
     rollout = {e: statistics.median(r["rollout_s"] for r in rs) for e, rs in by.items()}
+    passes = {
+        e: {k: statistics.median(r[k] for r in rs) for k in ("train_forward_s", "train_backward_s")}
+        for e, rs in by.items()
+    }
     share = statistics.median(r["sync_share"] for r in by["vllm"])
     where = f"demo recipe, head_dim-32 student, 2 ranks x 1 thread, {m['steps']} steps x {m['seeds']} seeds"
     ratio = make_record(f"P5 step time, vLLM / gathered ({where})", step["vllm"] / step["gathered"], "x", "<= 1.0")
@@ -120,7 +127,9 @@ def p5_records(m: dict) -> tuple[list[dict], dict]:
     acc = {e: [r["eval_after"] for r in rs] for e, rs in by.items()}
     details = {
         ratio["name"]: f"step {step['vllm']:.2f} s vs {step['gathered']:.2f} s; rollout {rollout['vllm']:.2f} s "
-        f"vs {rollout['gathered']:.2f} s (medians)",
+        f"vs {rollout['gathered']:.2f} s; training forward {passes['vllm']['train_forward_s']:.3f} s vs "
+        f"{passes['gathered']['train_forward_s']:.3f} s, backward {passes['vllm']['train_backward_s']:.3f} s vs "
+        f"{passes['gathered']['train_backward_s']:.3f} s (medians)",
         sync["name"]: "held-out greedy accuracy after training, per seed: "
         + "; ".join(f"{e} {', '.join(f'{a:.3f}' for a in acc[e] if a is not None)}" for e in acc),
     }

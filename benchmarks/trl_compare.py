@@ -124,11 +124,11 @@ def run_rlad(steps: int, work: Path, timeout: float) -> dict:
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step" in r]
-    engine = next(
+    engine = next(  # the trainer's own line: "student rollout: gathered (auto)"
         (
-            line.split("rollout engine:", 1)[1].strip()
+            line.split("student rollout:", 1)[1].strip()
             for line in log.read_text().splitlines()
-            if "rollout engine:" in line
+            if "student rollout:" in line and " not used " not in line
         ),
         "unknown",
     )
@@ -181,7 +181,7 @@ def format_table(result: dict) -> str:
         f"{'generation share':24}{r['generation_share']:>12.1%}{t['generation_share']:>16.1%}",
         f"{'mean reward':24}{r['mean_reward']:>12.3f}{t['mean_reward']:>16.3f}",
         f"ratio rlad_ds / TRL (median step): {result['ratio']:.2f}   "
-        f"({result['steps']} steps each, step 1 excluded; rlad_ds rollout engine: "
+        f"({result['steps']} steps each, step 1 excluded; rlad_ds rollout: "
         f"{result['rlad_ds']['rollout_engine']}; TRL threads: {result['trl']['threads']})",
     ]
     return "\n".join(lines)

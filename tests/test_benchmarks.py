@@ -127,6 +127,8 @@ def test_vllm_records_when_vllm_ran_and_a_note_when_not():
             "step_s": t,
             "rollout_s": t / 2,
             "sync_share": 0.04 if e == "vllm" else 0.0,
+            "train_forward_s": t / 10,
+            "train_backward_s": t / 5,
             "eval_before": 0.5,
             "eval_after": a,
         }
@@ -136,6 +138,7 @@ def test_vllm_records_when_vllm_ran_and_a_note_when_not():
     p5, details = p5_records({"steps": 60, "seeds": 2, "runs": runs})
     assert [r["value"] for r in p5] == [0.75, 0.04] and all(r["meets"] for r in p5)
     assert "vllm 0.790, 0.790" in details[p5[1]["name"]]
+    assert "training forward 0.150 s vs 0.200 s, backward 0.300 s vs 0.400 s" in details[p5[0]["name"]]
     for record in records + p5:
         check_record(record)
     assert p5_records({"skipped": "vLLM not installed"}) == ([], {})

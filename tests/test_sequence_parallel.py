@@ -269,25 +269,22 @@ def test_two_ranks_sharing_sequences_train_as_one_rank(sp_models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three launches
+@pytest.mark.timeout(1200)  # two launches
 def test_resume_with_another_sequence_parallel_size(tiny_models, tmp_path):
     """launchers/train.py: step 1 on 2 data-parallel ranks with tiled MLPs (the ranks' lengths differ, the tile count
     does not), step 2 resumed on the same 2 ranks sharing sequences (N = 2: ZeRO-3 partitions over all ranks alike,
-    so the checkpoint loads as it is), step 3 on 1 rank (DeepSpeed's universal checkpoint)."""
+    so the checkpoint loads as it is). Another number of ranks goes through DeepSpeed's universal checkpoint like
+    any resume (tests/test_checkpoints.py)."""
     from test_train import check_ok, read_metrics, train_args
 
     out = tmp_path / "run"
     common = ["--save_steps", "1", "--eval_size", "0", "--max_new_tokens", "20"]
-    for nprocs, steps, flags in (
-        (2, 1, ["--tiled_mlp_shards", "3"]),
-        (2, 2, ["--sequence_parallel_size", "2"]),
-        (1, 3, []),
-    ):
-        proc = run_deepspeed(train_args(tiny_models, out, *common, "--max_steps", steps, *flags), nprocs, timeout=900)
+    for steps, flags in ((1, ["--tiled_mlp_shards", "3"]), (2, ["--sequence_parallel_size", "2"])):
+        proc = run_deepspeed(train_args(tiny_models, out, *common, "--max_steps", steps, *flags), 2, timeout=900)
         check_ok(proc)
-    assert "universal checkpoint" in proc.stdout
+    assert "universal checkpoint" not in proc.stdout
     steps = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) for r in steps)
     assert json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["world_size"] == 2
 
 

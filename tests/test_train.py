@@ -63,16 +63,25 @@ def check_ok(proc):
     assert proc.returncode == 0, proc.stdout[-6000:]
 
 
-# rlad also covers PPO epochs > 1 (an old-policy pass) and adaptive alpha; kdrl padding-free packed micro-batches;
-# kd two PPO epochs without an old-policy pass (no ratio), on a reasoning-gym export loaded with --dataset (its
-# golds checked in the reward workers of both ranks as it loads); sft prompts from reasoning-gym's generator
-# with --task_args; rlad-bf16 the precision GPU users get (bf16 student and teacher, fp32 log-probs
-# and loss) on DeepSpeed's CPU accelerator.
+DAPO_FILTERS = [
+    "--task",
+    "toy_task:binary_task",
+    "--dynamic_sampling",
+    "--mask_truncated",
+    "--soft_overlong_tokens",
+    "4",
+]
+
+# rlad also covers PPO epochs > 1 (an old-policy pass), adaptive alpha and DAPO's filters on a 0/1 task whose groups
+# are often all equal (the ranks agree on every extra sampling round: a disagreement would hang a collective);
+# kdrl padding-free packed micro-batches with the same filters; kd two PPO epochs without an old-policy pass (no
+# ratio), on a reasoning-gym export loaded with --dataset (its golds checked in the reward workers of both ranks as
+# it loads); sft prompts from reasoning-gym's generator with --task_args. bf16 runs in the two-node test below.
 RG_EXPORT = "{reasoning-gym export}"
 TWO_RANK_CASES = {
-    "rlad": ["--ppo_epochs", "2", "--adaptive_alpha"],
+    "rlad": ["--ppo_epochs", "2", "--adaptive_alpha", *DAPO_FILTERS],
     "grpo": [],
-    "kdrl": ["--pack_sequences", "on"],
+    "kdrl": ["--pack_sequences", "on", *DAPO_FILTERS],
     "kd": [
         "--ppo_epochs",
         "2",
@@ -86,7 +95,6 @@ TWO_RANK_CASES = {
         "1",
     ],
     "sft": ["--task", "rg:basic_arithmetic", "--task_args", "max_terms=3,max_digits=2", "--reward_workers", "1"],
-    "rlad-bf16": ["--precision", "bf16"],
 }
 
 
@@ -102,7 +110,7 @@ def write_rg_export(path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(TWO_RANK_CASES))
 def test_each_method_two_ranks(tiny_models, tmp_path, case):
-    method = case.split("-")[0]
+    method = case
     out = tmp_path / case
     extra = [str(write_rg_export(tmp_path / "rg.jsonl")) if arg == RG_EXPORT else arg for arg in TWO_RANK_CASES[case]]
     proc = run_deepspeed(train_args(tiny_models, out, "--max_steps", "2", *extra, method=method), nprocs=2)
@@ -112,6 +120,8 @@ def test_each_method_two_ranks(tiny_models, tmp_path, case):
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         check_method_metrics(method, r)
+    if "--dynamic_sampling" in extra:
+        check_filtered_run(records)
     if case == "rlad":  # step 2 trains with the alpha adapted from step 1's KL to the teacher
         from rlad_ds.methods import adapt_alpha
 
@@ -122,23 +132,15 @@ def test_each_method_two_ranks(tiny_models, tmp_path, case):
     assert records[0]["step"] == 0 and records[-1].get("eval_accuracy") is not None
     if case == "kd":  # reasoning-gym's per-problem difficulty knobs are the evaluation subsets
         assert any(key.startswith("eval_accuracy/num_terms=2,num_digits=") for key in records[0]), records[0]
-    export = out / "student_hf"
-    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    check_export(out / "student_hf", "torch.float32")
+
+
+def check_export(export: Path, dtype: str) -> None:
     from safetensors import safe_open
 
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
     with safe_open(str(export / "model.safetensors"), "pt") as f:
-        dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    assert str(dtype) == ("torch.bfloat16" if case.endswith("bf16") else "torch.float32")
-
-
-DAPO_FILTERS = [
-    "--task",
-    "toy_task:binary_task",
-    "--dynamic_sampling",
-    "--mask_truncated",
-    "--soft_overlong_tokens",
-    "4",
-]
+        assert str(f.get_tensor(next(iter(f.keys()))).dtype) == dtype
 
 
 def check_filtered_run(records: list[dict]) -> None:
@@ -151,15 +153,6 @@ def check_filtered_run(records: list[dict]) -> None:
         for key in ("loss", "grad_norm", "reward_mean", "entropy", "sampling_rounds", "discarded_group_frac"):
             assert math.isfinite(r[key]), (key, r)
         assert r["zero_std_frac"] == 0 and 1 <= r["sampling_rounds"] <= 4 and 0 <= r["discarded_group_frac"] < 1
-
-
-@pytest.mark.slow
-def test_dapo_filters_two_ranks(tiny_models, tmp_path):
-    """rlad with --dynamic_sampling, --mask_truncated and --soft_overlong_tokens on a 0/1 task whose groups are often
-    all equal: the ranks agree on every extra round (a disagreement would hang a collective), and finish."""
-    out = tmp_path / "dapo"
-    check_ok(run_deepspeed(train_args(tiny_models, out, "--max_steps", "2", "--eval_size", "0", *DAPO_FILTERS)))
-    check_filtered_run(read_metrics(out))
 
 
 def check_method_metrics(method: str, r: dict) -> None:
@@ -243,7 +236,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_two_emulated_nodes_from_a_hostfile(tiny_models, tmp_path):
-    """Two launchers, one per "node" of a hostfile, as on a cluster (here both on localhost, gloo, no ssh)."""
+    """Two launchers, one per "node" of a hostfile, as on a cluster (here both on localhost, gloo, no ssh), in the
+    precision GPU users get: bf16 student and teacher, fp32 log-probs and loss, on DeepSpeed's CPU accelerator."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port, out = free_port(), tmp_path / "multinode"
@@ -263,7 +257,7 @@ def test_two_emulated_nodes_from_a_hostfile(tiny_models, tmp_path):
                 "127.0.0.1",
                 "--master_port",
                 str(port),
-                *map(str, train_args(tiny_models, out, "--max_steps", "2", "--eval_size", "0")),
+                *map(str, train_args(tiny_models, out, "--max_steps", "2", "--eval_size", "0", "--precision", "bf16")),
             ],
             cwd=ROOT,
             env=env,
@@ -281,6 +275,10 @@ def test_two_emulated_nodes_from_a_hostfile(tiny_models, tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        check_method_metrics("rlad", r)
+    check_export(out / "student_hf", "torch.bfloat16")
     state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
