@@ -70,6 +70,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_rank_env(**overrides) -> dict:
+    """The environment of a one-process distributed run started without the launcher: rank 0 of 1 on a free port,
+    one thread, the repository and tests/ importable; `overrides` last."""
+    return {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        **overrides,
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from rlad_ds.tiny import char_tokenizer

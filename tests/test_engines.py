@@ -7,13 +7,12 @@ without, chunked log-prob gradients under ZeRO-3 (tied and untied), teacher log-
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, free_port, run_deepspeed
+from conftest import ROOT, one_rank_env, run_deepspeed
 
 from rlad_ds.rollout.hf import generation_config
 from rlad_ds.rollout.output import RolloutOutput, finish_rollout
@@ -43,16 +42,7 @@ def read_results(out_dir, world):
 
 def test_engines_single_process(small_vocab_models, tmp_path):
     # A subprocess, so the distributed environment deepspeed.initialize needs never leaks into other tests.
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = one_rank_env(PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *small_vocab_models, tmp_path],
         env=env,

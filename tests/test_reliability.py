@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, ReachedInit, free_port, run_deepspeed
+from conftest import ROOT, ReachedInit, free_port, one_rank_env, run_deepspeed
 
 from rlad_ds import trainer as trainer_module
 from rlad_ds.callbacks import Callback
@@ -538,14 +538,7 @@ def test_non_finite_inputs_reach_the_loss_and_the_gradient(method, where):
 
 @pytest.mark.slow
 def test_zero3_discards_a_step_with_non_finite_gradients(tmp_path):
-    env = {
-        **_script_env(),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
+    env = one_rank_env(DS_ACCELERATOR="cpu")
     proc = subprocess.run(
         [sys.executable, "tests/dist/nan_step_check.py", str(tmp_path / "out.json")],
         cwd=ROOT,

@@ -4,11 +4,10 @@ micro-batches: teacher scoring, old-policy scoring, and the update with a ratio 
 by the rollout correction (icepop) of rollouts that carry sampler log-probs."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import ROOT, free_port
+from conftest import ROOT, one_rank_env
 from test_train import TINY_RUN
 
 
@@ -33,16 +32,7 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tiny_models, tmp_pat
         "--rollout_correction",
         "icepop",
     ]
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-    }
+    env = one_rank_env()
     proc = subprocess.run(
         [sys.executable, "tests/dist/host_sync_check.py", out, *map(str, flags)],
         cwd=ROOT,
