@@ -80,25 +80,32 @@ def gathered_for_generation(engine):
     """The whole ZeRO-3 model gathered, its hooks off while it decodes (no collectives: each rank stops at its own
     EOS), then the hooks back, also when generation raises.
 
-    As DeepSpeed's `unwrap_model_for_generation`, except that the hooks come back under the module ids they had
-    and the coordinator's recorded fetch order is kept. DeepSpeed re-registers them under new ids and so discards
-    the trace: every training pass after a rollout then ran without prefetching while it recorded the trace again.
+    As DeepSpeed's `unwrap_model_for_generation`, except that the coordinator's recorded fetch order survives.
+    DeepSpeed re-registers the hooks under new module ids, which discards the trace; and its start-of-forward hook,
+    left on, lets every decoding forward reset the coordinator's step (with a cross-rank check while no trace is
+    complete: a collective that ranks stopping at different lengths do not all reach). Without a kept trace ZeRO-3
+    releases even its persistent parameters after each use and never prefetches: the training passes after a
+    rollout ran about 2x slower. So the trace the last training pass recorded is completed before the hooks come
+    off (what the next forward's hook would do), that hook is off too while decoding, and the module hooks come
+    back under the ids they had.
     """
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     offload = _parameter_offload(engine)
-    coordinator, first_id = offload.get_param_coordinator(), offload.module.ds_id
-    # Only a complete trace is kept: one still being recorded needs the per-step bookkeeping that the decoding
-    # forwards reset, and is dropped (as DeepSpeed drops every trace) to be recorded again.
+    coordinator, root, first_id = offload.get_param_coordinator(), offload.module, offload.module.ds_id
+    if coordinator.is_record_trace():  # every rank is here: the rollout session starts on all ranks alike
+        coordinator.reset_step()
     kept = {name: getattr(coordinator, name) for name in _TRACE} if coordinator.is_complete_trace() else {}
+    start_of_forward = root._forward_pre_hooks[offload.fwd_pre_hook.id]
     with GatheredParameters(list(engine.module.parameters())):
-        for hook in offload.forward_hooks + offload.backward_hooks:
+        for hook in offload.forward_hooks + offload.backward_hooks + [offload.fwd_pre_hook]:
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
         try:
             yield engine
         finally:
-            offload._register_deepspeed_module(offload.module, count=[first_id])
+            offload._register_deepspeed_module(root, count=[first_id])
+            offload.fwd_pre_hook = root.register_forward_pre_hook(start_of_forward, prepend=True)
             for name, value in kept.items():
                 setattr(coordinator, name, value)
 
