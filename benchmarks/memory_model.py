@@ -201,12 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p8", help="dir with p8_sp1.json and p8_sp2.json")
     parser.add_argument("--memory_gib", type=float, default=126.0, help="usable memory of one device")
     args = parser.parse_args(argv)
-    if args.p8:
-        from benchmarks.run import Settings
-
-        settings, vocab = Settings(), 101  # the character tokenizer's
-        student = Arch(**_arch(settings.p8_student), vocab=vocab, tied=False)
-        teacher = Arch(**_arch(settings.p8_teacher), vocab=vocab, tied=False)
+    if args.p8:  # the models P8 built and measured, whichever sizes it ran (--quick or full)
+        student, teacher = (_arch_of(Path(args.p8) / f"p8_{role}") for role in ("student", "teacher"))
         print(
             "| N | variant | tokens | measured MiB | predicted MiB | predicted / measured |\n|---|---|---|---|---|---|"
         )
@@ -236,15 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _arch(size: dict) -> dict:
-    heads = size["heads"]
-    return dict(
-        hidden=size["hidden"],
-        intermediate=size["intermediate"],
-        layers=size["layers"],
-        heads=heads,
-        kv_heads=size["kv_heads"],
-        head_dim=size["hidden"] // heads,
+def _arch_of(model_dir: Path) -> Arch:
+    config = json.loads((model_dir / "config.json").read_text())
+    return Arch(
+        hidden=config["hidden_size"],
+        intermediate=config["intermediate_size"],
+        layers=config["num_hidden_layers"],
+        heads=config["num_attention_heads"],
+        kv_heads=config["num_key_value_heads"],
+        head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        vocab=config["vocab_size"],
+        tied=config.get("tie_word_embeddings", False),
     )
 
 

@@ -310,6 +310,18 @@ def test_p8_records_from_fake_measurements():
     assert "tiled at 16K, N = 2: 0.5" in details[ratio["name"]]
 
 
+def test_the_memory_model_checks_p8_against_the_models_p8_built(tmp_path):
+    """`benchmarks.memory_model --p8 DIR` predicts from the config of the models in DIR: the full sizes as well as
+    --quick's."""
+    from benchmarks.memory_model import Arch, _arch_of
+    from rlad_ds.tiny import tiny_config
+
+    tiny_config("qwen3", 101, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512).save_pretrained(tmp_path)
+    assert _arch_of(tmp_path) == Arch(
+        hidden=128, intermediate=512, layers=4, heads=4, kv_heads=2, head_dim=32, vocab=101, tied=False
+    )
+
+
 def test_saved_activations_per_token_match_the_model(tiny_tokenizer):
     """The per-layer counts of benchmarks/memory_model.py are what autograd saves in transformers' Qwen3, in fp32
     and bf16 (the difference between a 2-layer and a 1-layer model, each storage counted once)."""
