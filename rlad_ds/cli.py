@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,10 +22,14 @@ from rlad_ds.signals import guard_signals
 
 logger = logging.getLogger("rlad_ds")
 
+# How long a rank other than 0 waits, after an error, for rank 0 to report it and end the job.
+RANK0_REPORT_GRACE_S = 10.0
+
 
 def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     """Run an entry point: a user mistake (ConfigError) is one line on stderr from rank 0 and exit code 2, a
-    run that cannot go on (TrainingError) one line and exit code 1; `--debug` shows the traceback instead."""
+    run that cannot go on (TrainingError) one line and exit code 1 (from another rank only if rank 0 did not meet
+    it); `--debug` shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # torch deprecates the collectives DeepSpeed 0.19 calls; the warning is not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -39,9 +44,16 @@ def run_main(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> in
     except (ConfigError, TrainingError) as error:
         if "--debug" in argv:
             raise
-        if env_rank() == 0:
-            kind = "" if hasattr(error, "exit_code") else "error: "  # a stop that was asked for is no error
-            print(f"rlad_ds: {kind}{error}", file=sys.stderr)
+        asked_stop = hasattr(error, "exit_code")  # a stop that was asked for is no error
+        if env_rank() != 0 and not asked_stop:
+            # Only rank 0 reports, and DeepSpeed's launcher ends every rank as soon as one exits with an error: a
+            # rank that met bad input before rank 0 did took rank 0 down before it said why. Every rank reads the
+            # same input, so this one waits for rank 0 to report and end the job (whose SIGTERM then ends this rank
+            # silently); an error rank 0 did not meet is still this rank's to report when the wait is over.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(RANK0_REPORT_GRACE_S)
+        if env_rank() == 0 or not asked_stop:
+            print(f"rlad_ds: {'' if asked_stop else 'error: '}{error}", file=sys.stderr)
         end_process_group(barrier=False)
         return 2 if isinstance(error, ConfigError) else getattr(error, "exit_code", 1)
     finally:  # an entry point called in-process (tests, notebooks) leaves the caller's handlers as they were

@@ -263,6 +263,45 @@ def test_two_ranks_report_bad_input_once(tiny_models, bad_inputs, tmp_path):
     assert time.perf_counter() - start < 90
 
 
+# A rank other than 0 that meets an error first (here: the script's rank 1) waits for rank 0 to report it; rank 0's
+# exit makes the launcher end it with SIGTERM, silently. An error rank 0 never meets is reported by the rank after
+# its wait; a stop that was asked for is rank 0's alone to report.
+RANK1_ERROR = """
+import sys
+import rlad_ds.cli as cli
+from rlad_ds.errors import ConfigError, Interrupted
+cli.RANK0_REPORT_GRACE_S = float(sys.argv[1])
+def main(argv):
+    print("failing", flush=True)
+    raise ConfigError("bad input") if argv[0] == "config" else Interrupted("stopped", 143)
+sys.exit(cli.run_main(main, sys.argv[2:]))
+"""
+
+
+def _rank1(grace_s: float, error: str, **popen):
+    env = {**os.environ, "RANK": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", RANK1_ERROR, str(grace_s), error], env=env, **popen)
+
+
+def test_a_rank_other_than_0_gives_rank_0_time_to_report_an_error():
+    start = time.perf_counter()
+    out, err = _rank1(0.5, "config", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).communicate(timeout=60)
+    assert err.strip() == "rlad_ds: error: bad input" and time.perf_counter() - start >= 0.5  # rank 0 never did
+    waiting = _rank1(60, "config", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert waiting.stdout.readline() == b"failing\n"
+    time.sleep(1.0)
+    waiting.send_signal(signal.SIGTERM)  # the launcher's, once rank 0 has reported and exited
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == -signal.SIGTERM and err == b"", err
+
+
+def test_a_stop_that_was_asked_for_is_rank_0s_to_report_and_ends_other_ranks_at_once():
+    start = time.perf_counter()
+    proc = _rank1(60, "stop", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err == "" and time.perf_counter() - start < 30
+
+
 # ---- crashes and stalls of one rank -------------------------------------------------------------------------------
 
 
