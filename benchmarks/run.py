@@ -45,7 +45,7 @@ from benchmarks.report import failed_record, p1_records, p2_records, p3_records,
 @dataclass
 class Settings:
     """Sizes and repeats; `--quick` must finish P1-P5 in under 10 minutes on 2 CPU cores (P8's four lengths up to 32K
-    tokens on 2 ranks took 17 more at a load average of 14)."""
+    tokens on 2 ranks took 3 more on an idle machine, 17 at a load average of 14)."""
 
     p1_model: dict = field(default_factory=lambda: dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024))
     p1_prompts: int = 4  # per rank
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller models and fewer repeats (P1-P5 < 10 min on 2 cores, P8 about 17 more)",
+        help="smaller models and fewer repeats (P1-P5 < 10 min on 2 cores, P8 3-17 more)",
     )
     parser.add_argument("--json", help="write the records here")
     parser.add_argument(
