@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory_gib", type=float, default=126.0, help="usable memory of one device")
     args = parser.parse_args(argv)
     if args.p8:  # the models P8 built and measured, whichever sizes it ran (--quick or full)
+        needed = ["p8_sp1.json", "p8_sp2.json", "p8_student/config.json", "p8_teacher/config.json"]
+        missing = [name for name in needed if not (Path(args.p8) / name).is_file()]
+        if missing:
+            parser.error(f"--p8 {args.p8} lacks {', '.join(missing)}: give the --workdir of a benchmarks.run P8 run")
         student, teacher = (_arch_of(Path(args.p8) / f"p8_{role}") for role in ("student", "teacher"))
         print(
             "| N | variant | tokens | measured MiB | predicted MiB | predicted / measured |\n|---|---|---|---|---|---|"
@@ -233,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _arch_of(model_dir: Path) -> Arch:
-    config = json.loads((model_dir / "config.json").read_text())
+    from rlad_ds.models import read_model_config
+
+    config = read_model_config(model_dir)
     return Arch(
         hidden=config["hidden_size"],
         intermediate=config["intermediate_size"],

@@ -285,7 +285,7 @@ def _rank1(grace_s: float, error: str, **popen):
 
 def test_a_rank_other_than_0_gives_rank_0_time_to_report_an_error():
     start = time.perf_counter()
-    out, err = _rank1(0.5, "config", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).communicate(timeout=60)
+    _, err = _rank1(0.5, "config", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).communicate(timeout=60)
     assert err.strip() == "rlad_ds: error: bad input" and time.perf_counter() - start >= 0.5  # rank 0 never did
     waiting = _rank1(60, "config", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert waiting.stdout.readline() == b"failing\n"

@@ -310,16 +310,20 @@ def test_p8_records_from_fake_measurements():
     assert "tiled at 16K, N = 2: 0.5" in details[ratio["name"]]
 
 
-def test_the_memory_model_checks_p8_against_the_models_p8_built(tmp_path):
+def test_the_memory_model_checks_p8_against_the_models_p8_built(tmp_path, capsys):
     """`benchmarks.memory_model --p8 DIR` predicts from the config of the models in DIR: the full sizes as well as
-    --quick's."""
-    from benchmarks.memory_model import Arch, _arch_of
+    --quick's; a DIR that is not a P8 workdir is refused in one line naming what it lacks."""
+    from benchmarks.memory_model import Arch, _arch_of, main
     from rlad_ds.tiny import tiny_config
 
     tiny_config("qwen3", 101, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512).save_pretrained(tmp_path)
     assert _arch_of(tmp_path) == Arch(
         hidden=128, intermediate=512, layers=4, heads=4, kv_heads=2, head_dim=32, vocab=101, tied=False
     )
+    with pytest.raises(SystemExit) as stopped:
+        main(["--p8", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "lacks p8_sp1.json, p8_sp2.json, p8_student/config.json, p8_teacher/config.json" in capsys.readouterr().err
 
 
 def test_saved_activations_per_token_match_the_model(tiny_tokenizer):
