@@ -88,8 +88,9 @@ def _left_padded(tokenizer, texts: list[str]):
 
 def decode_responses(tokenizer, output: RolloutOutput) -> list[str]:
     """Every row's response text (its tokens up to and including the first EOS), from one copy to the host."""
-    ids, masks = output.input_ids.cpu(), output.response_mask.cpu()
-    return [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(ids, masks)]
+    ids, masks = output.input_ids.tolist(), output.response_mask.tolist()
+    rows = [[token for token, keep in zip(row, mask) if keep] for row, mask in zip(ids, masks)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def evaluate_examples(

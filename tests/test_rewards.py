@@ -134,6 +134,17 @@ def test_runner_counts_timeouts_errors_and_crashes_and_keeps_going(user_module):
         assert (again.scores, again.errors, again.timeouts) == ([1.0, 1.0], 0, 0)
 
 
+def test_calls_queued_behind_a_crash_or_a_hang_are_scored_by_the_restarted_worker(user_module):
+    """One worker holds several calls at once (`PIPELINE_DEPTH`): the fault is charged to the call that caused it
+    only, and the calls sent behind it are scored as if nothing happened."""
+    completions = ["die", "a", "a", "hang", "a", "b"]
+    with rewards.RewardRunner(f"{user_module}:make", timeout_s=1.0, workers=1) as runner:
+        result = runner.run(completions, [{"answer": "a"}] * len(completions))
+    assert result.scores == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert (result.errors, result.timeouts) == (1, 1)
+    assert sorted(result.failed) == [0, 3]
+
+
 def test_runner_scores_math_with_its_own_deadline():
     examples = [{"prompt": "p", "answer": "5"}] * 3
     with rewards.RewardRunner("math", timeout_s=2.0, workers=1) as runner:
