@@ -194,8 +194,23 @@ looped_rollout, looped_coordinator = (
     GatheredRollout(looped, tokenizer),
     _parameter_offload(looped).get_param_coordinator(),
 )
+
+
+def hook_layout(e):
+    """The root's forward hooks in the order they run, and the modules whose parameters ZeRO-3 watches."""
+    root = e.module
+    names = [
+        getattr(fn, "__qualname__", "?") for fn in [*root._forward_pre_hooks.values(), *root._forward_hooks.values()]
+    ]
+    return names, sum(type(m._parameters).__name__ == "ZeROOrderedDict" for m in root.modules())
+
+
+initial_layout = hook_layout(looped)
+with gathered_for_generation(looped):  # decoding runs with no hook on the root and plain parameter dicts
+    assert hook_layout(looped) == ([], 0), hook_layout(looped)
 for step in range(4):
     looped_rollout.generate(request, sampling)
+    assert hook_layout(looped) == initial_layout, (hook_layout(looped), initial_layout)
     assert looped_coordinator.is_complete_trace() == (step > 0), f"trace after the rollout of step {step}"
     looped.backward(-token_logprobs(looped, train_ids, train_mask).logprobs.mean())
     looped.step()
