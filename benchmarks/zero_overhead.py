@@ -78,16 +78,46 @@ def build(student: Path):
     return engine, plain, optimizer
 
 
-def measure(rounds: int) -> dict:
+def demo_rollout_request(tokenizer):
+    """The demo's first 16 training problems and their left-padded prompts, as a rollout request."""
+    from deepspeed.runtime.rollout import RolloutRequest
+
+    from rlad_ds.tasks import arith
+
+    examples = arith.generate("train", PROMPTS, seed=0)
+    enc = tokenizer([arith.prompt(e) for e in examples], return_tensors="pt", padding=True, padding_side="left")
+    return examples, RolloutRequest(prompt_ids=enc["input_ids"], prompt_attention_mask=enc["attention_mask"])
+
+
+def time_round(round_: int, rollouts: dict, request, sampling, train: dict, score, times: dict):
+    """One round of the three pairs into `times`; the ZeRO-3 side's rollout."""
     import torch
-    from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
+
+    outputs = {}
+    for side, rollout in rollouts.items():
+        torch.manual_seed(round_)
+        ms, outputs[side] = _timed(rollout.generate, request, sampling)
+        times[f"generate {side}"].append(ms)
+    if not torch.equal(outputs["zero3"].input_ids, outputs["plain"].input_ids):
+        raise RuntimeError("the ZeRO-3 and the plain student sampled different tokens from the same seed")
+    for side, step in train.items():
+        times[f"step {side}"].append(_timed(step, outputs["zero3"].input_ids)[0])
+    for side, ms in score(outputs["zero3"]).items():
+        times[f"rewards {side}"].append(ms)
+    return outputs["zero3"]
+
+
+def measure(rounds: int) -> dict:
+    import functools
+
+    import torch
+    from deepspeed.runtime.rollout import SamplingConfig
 
     from rlad_ds import rewards
     from rlad_ds.demo.cache import shipped_build
     from rlad_ds.demo.recipe import demo_tokenizer
     from rlad_ds.generation import decode_responses
     from rlad_ds.rollout.hf import GatheredRollout, ModuleRollout
-    from rlad_ds.tasks import arith
 
     torch.set_num_threads(1)
     build_dir = shipped_build()
@@ -95,46 +125,41 @@ def measure(rounds: int) -> dict:
         raise SystemExit("the demo's shipped models are missing from rlad_ds/demo/models; reinstall rlad_ds")
     engine, plain, optimizer = build(build_dir / "student")
     tokenizer = demo_tokenizer()
-    examples = arith.generate("train", PROMPTS, seed=0)
-    enc = tokenizer([arith.prompt(e) for e in examples], return_tensors="pt", padding=True, padding_side="left")
-    request = RolloutRequest(prompt_ids=enc["input_ids"], prompt_attention_mask=enc["attention_mask"])
+    examples, request = demo_rollout_request(tokenizer)
     sampling = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, n_samples_per_prompt=SAMPLES)
-    gathered, module = GatheredRollout(engine, tokenizer), ModuleRollout(plain, tokenizer)
-    per_row = [e for e in examples for _ in range(SAMPLES)]
-    sides = ("generate zero3", "generate plain", "step zero3", "step plain", "rewards pipelined", "rewards single")
-    times = {key: [] for key in sides}
-    depth = rewards.PIPELINE_DEPTH
+    rollouts = {"zero3": GatheredRollout(engine, tokenizer), "plain": ModuleRollout(plain, tokenizer)}
+    train = {"zero3": functools.partial(engine_step, engine), "plain": functools.partial(plain_step, plain, optimizer)}
+    per_row, depth = [e for e in examples for _ in range(SAMPLES)], rewards.PIPELINE_DEPTH
+    times = {f"{kind} {side}": [] for kind in ("generate", "step") for side in ("zero3", "plain")}
+    times.update({"rewards pipelined": [], "rewards single": []})
     with rewards.RewardRunner("arith", timeout_s=10.0, workers=2) as runner:
-        for round_ in range(rounds):
-            outputs = {}
-            for side, rollout in (("zero3", gathered), ("plain", module)):
-                torch.manual_seed(round_)
-                ms, outputs[side] = _timed(rollout.generate, request, sampling)
-                times[f"generate {side}"].append(ms)
-            if not torch.equal(outputs["zero3"].input_ids, outputs["plain"].input_ids):
-                raise RuntimeError("the ZeRO-3 and the plain student sampled different tokens from the same seed")
-            rows = outputs["zero3"].input_ids
-            times["step zero3"].append(_timed(engine_step, engine, rows)[0])
-            times["step plain"].append(_timed(plain_step, plain, optimizer, rows)[0])
-            texts = decode_responses(tokenizer, outputs["zero3"])
+
+        def score(output) -> dict:
+            texts, seconds = decode_responses(tokenizer, output), {}
             for side, calls in (("pipelined", depth), ("single", 1)):
                 rewards.PIPELINE_DEPTH = calls
-                times[f"rewards {side}"].append(_timed(runner.run, texts, per_row)[0])
+                seconds[side] = _timed(runner.run, texts, per_row)[0]
             rewards.PIPELINE_DEPTH = depth
+            return seconds
+
+        for round_ in range(rounds):
+            last = time_round(round_, rollouts, request, sampling, train, score, times)
+    return summary(times, rounds, depth, int(last.response_lengths.sum()))
+
+
+def summary(times: dict, rounds: int, depth: int, tokens: int) -> dict:
+    """The three pairs' medians over the rounds after the first, and every round's times."""
     medians = {key: statistics.median(values[1:]) for key, values in times.items()}
+    rows = [
+        ("generate 16 x 8 (gathered ZeRO-3 / plain module)", "generate zero3", "generate plain"),
+        ("forward + backward + step (ZeRO-3 / plain)", "step zero3", "step plain"),
+        (f"128 rewards (pipelined x{depth} / one at a time)", "rewards pipelined", "rewards single"),
+    ]
     return {
         "rounds": rounds,
         "pipeline_depth": depth,
-        "tokens_per_rollout": int(outputs["zero3"].response_lengths.sum()),
-        "rows": [
-            ("generate 16 x 8 (gathered ZeRO-3 / plain module)", medians["generate zero3"], medians["generate plain"]),
-            ("forward + backward + step (ZeRO-3 / plain)", medians["step zero3"], medians["step plain"]),
-            (
-                f"128 rewards (pipelined x{depth} / one at a time)",
-                medians["rewards pipelined"],
-                medians["rewards single"],
-            ),
-        ],
+        "tokens_per_rollout": tokens,
+        "rows": [(name, medians[first], medians[second]) for name, first, second in rows],
         "times_ms": times,
     }
 
