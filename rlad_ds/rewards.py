@@ -28,6 +28,7 @@ from rlad_ds.tasks import get_task
 MAX_MESSAGES = 20  # error messages kept per batch, for the log
 # Calls sent to a worker ahead of its results: it starts the next as soon as it sends one back, so a batch costs
 # about one pipe round trip per worker instead of one per call. A few suffice; each waits in the socket's buffer.
+# The price: the calls queued behind a hung one wait out its timeout before they are sent again.
 PIPELINE_DEPTH = 4
 
 
