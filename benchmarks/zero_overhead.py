@@ -15,7 +15,7 @@ ds_configs/zero3.json and as a plain module. Each round times, in this order:
                the weights stay equal): the engine against the plain module with gradient clipping and torch's
                AdamW, as the engine's config has them
   rewards      the 128 responses scored by `RewardRunner` (the demo's task, 2 processes): with its pipelining
-               (`rlad_ds.rewards.PIPELINE_DEPTH` calls per process at once) against one call at a time
+               (`RewardRunner.pipeline_depth` calls per process at once) against one call at a time
 
 The table gives the median milliseconds of each side over the rounds after the first (warm-up) and their ratio.
 """
@@ -25,16 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
+
+from benchmarks.common import Stopwatch
 
 PROMPTS, SAMPLES, MAX_NEW_TOKENS = 16, 8, 48
 
 
 def _timed(fn, *args) -> tuple[float, object]:
-    start = time.perf_counter()
-    value = fn(*args)
-    return (time.perf_counter() - start) * 1000.0, value
+    """Milliseconds of `fn(*args)`, and its value."""
+    with Stopwatch() as watch:
+        value = fn(*args)
+    return watch.seconds * 1000.0, value
 
 
 def engine_step(engine, rows) -> None:
@@ -129,17 +131,18 @@ def measure(rounds: int) -> dict:
     sampling = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, n_samples_per_prompt=SAMPLES)
     rollouts = {"zero3": GatheredRollout(engine, tokenizer), "plain": ModuleRollout(plain, tokenizer)}
     train = {"zero3": functools.partial(engine_step, engine), "plain": functools.partial(plain_step, plain, optimizer)}
-    per_row, depth = [e for e in examples for _ in range(SAMPLES)], rewards.PIPELINE_DEPTH
+    per_row = [e for e in examples for _ in range(SAMPLES)]
     times = {f"{kind} {side}": [] for kind in ("generate", "step") for side in ("zero3", "plain")}
     times.update({"rewards pipelined": [], "rewards single": []})
     with rewards.RewardRunner("arith", timeout_s=10.0, workers=2) as runner:
+        depth = runner.pipeline_depth
 
         def score(output) -> dict:
             texts, seconds = decode_responses(tokenizer, output), {}
             for side, calls in (("pipelined", depth), ("single", 1)):
-                rewards.PIPELINE_DEPTH = calls
+                runner.pipeline_depth = calls
                 seconds[side] = _timed(runner.run, texts, per_row)[0]
-            rewards.PIPELINE_DEPTH = depth
+            runner.pipeline_depth = depth
             return seconds
 
         for round_ in range(rounds):

@@ -76,6 +76,7 @@ class RewardRunner:
         if timeout_s <= 0 or workers < 1:
             raise ValueError(f"need timeout_s > 0 and workers >= 1, got {timeout_s}, {workers}")
         self.task, self.task_args, self.timeout_s = task, task_args, timeout_s
+        self.pipeline_depth = PIPELINE_DEPTH  # calls each worker holds at once
         warm_up = (task, task_args, None, None)  # the task made and its verifier imported as each worker starts
         self.workers = [IsolatedWorker("rlad_ds.rewards:score_one", warm_up) for _ in range(workers)]
 
@@ -95,7 +96,7 @@ class RewardRunner:
         started = {}  # worker -> when its first queued call could start (its deadline is that + timeout_s)
         while todo or any(queued.values()):
             for worker in self.workers:
-                while todo and len(queued[worker]) < PIPELINE_DEPTH:
+                while todo and len(queued[worker]) < self.pipeline_depth:
                     index = todo.popleft()
                     worker.send((self.task, self.task_args, completions[index], examples[index]))
                     if not queued[worker]:
@@ -103,13 +104,12 @@ class RewardRunner:
                     queued[worker].append(index)
             busy = [worker for worker in self.workers if queued[worker]]
             first_deadline = min(started[worker] for worker in busy) + self.timeout_s
-            ready = wait([worker.conn for worker in busy], timeout=max(0.0, first_deadline - time.monotonic()))
+            wait([worker.conn for worker in busy], timeout=max(0.0, first_deadline - time.monotonic()))
             for worker in busy:
-                if worker.conn in ready or worker.conn.poll():
-                    while queued[worker] and worker.conn is not None and worker.conn.poll():
-                        self._collect(worker, queued[worker].popleft(), result)
-                        started[worker] = time.monotonic()
-                elif time.monotonic() >= started[worker] + self.timeout_s:
+                while queued[worker] and worker.conn is not None and worker.conn.poll():
+                    self._collect(worker, queued[worker].popleft(), result)
+                    started[worker] = time.monotonic()
+                if queued[worker] and worker.conn is not None and time.monotonic() >= started[worker] + self.timeout_s:
                     worker.kill()  # restarted by the next send
                     self._count(result, "timeouts", queued[worker].popleft(), f"no score within {self.timeout_s}s")
                 if worker.conn is None:  # killed: the calls queued behind the one to blame are sent again

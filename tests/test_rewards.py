@@ -135,7 +135,7 @@ def test_runner_counts_timeouts_errors_and_crashes_and_keeps_going(user_module):
 
 
 def test_calls_queued_behind_a_crash_or_a_hang_are_scored_by_the_restarted_worker(user_module):
-    """One worker holds several calls at once (`PIPELINE_DEPTH`): the fault is charged to the call that caused it
+    """One worker holds several calls at once (`pipeline_depth`): the fault is charged to the call that caused it
     only, and the calls sent behind it are scored as if nothing happened."""
     completions = ["die", "a", "a", "hang", "a", "b"]
     with rewards.RewardRunner(f"{user_module}:make", timeout_s=1.0, workers=1) as runner:
